@@ -1,0 +1,66 @@
+# Two commands do all set-up on a fresh machine: `make up` and `make test`.
+# Everything heavy is cached outside the clone (pip's wheel cache, ~/.cache/llmstream for
+# Kafka jars) or in ignored folders (.venv), so a second run is fast.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+# protoc plugins (mypy-protobuf) and buf live in the venv.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+PROTOS := $(shell find proto -name '*.proto')
+# llama.cpp builds from source here (no binary wheel): these flags skip what we don't use.
+export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+
+.PHONY: up test down status deps proto lint typecheck buflint unit integration bench clean
+
+up: deps proto
+	$(BIN)/llmstream up
+
+test: deps proto
+	$(BIN)/llmstream infra up
+	$(MAKE) --no-print-directory lint typecheck buflint
+	$(BIN)/pytest -q -p no:cacheprovider
+
+down:
+	$(BIN)/llmstream infra down
+
+status:
+	$(BIN)/llmstream infra status
+
+deps: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v python3 >/dev/null || { echo "python3 not found: install Python 3.11+" >&2; exit 1; }
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,llamacpp]' || { echo "pip install failed: PyPI must be reachable (llama-cpp-python builds from source, ~7 min cold)" >&2; exit 1; }
+	touch $@
+
+proto: llmstream/v1/.generated
+
+# Generated code goes to llmstream/v1/ (git-ignored): never edit it by hand.
+llmstream/v1/.generated: $(PROTOS) $(VENV)/.installed
+	rm -rf llmstream/v1
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTOS)
+	touch llmstream/v1/__init__.py $@
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck:
+	$(BIN)/mypy
+
+buflint:
+	$(BIN)/buf lint
+
+unit: deps proto
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit
+
+bench: deps proto
+	$(BIN)/llmstream infra up
+	$(BIN)/llmstream bench
+
+clean:
+	rm -rf llmstream/v1 .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,149 @@
+"""Configuration: every knob is an ``LLMSTREAM_*`` environment variable.
+
+``SETTINGS`` is the single list of variables; the README table and ``llmstream config``
+are printed from it, so documentation cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PREFIX = "LLMSTREAM_"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # without the prefix
+    default: str
+    help: str
+
+    @property
+    def env(self) -> str:
+        return PREFIX + self.name
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "llmstream")
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "llmstream")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("KAFKA_BOOTSTRAP", "127.0.0.1:9092", "Kafka bootstrap servers (comma-separated)."),
+    Setting(
+        "DATABASE_URL",
+        "",
+        "PostgreSQL URL. Empty: `llmstream infra up` starts a private server and records its URL "
+        "in the state dir.",
+    ),
+    Setting(
+        "REDIS_URL",
+        "",
+        "Redis URL. Empty: `llmstream infra up` starts a private server and records its URL "
+        "in the state dir.",
+    ),
+    Setting(
+        "MODEL_SERVERS",
+        "127.0.0.1:50051",
+        "Model server replicas the workers use (comma-separated host:port).",
+    ),
+    Setting("TOPIC_PROMPTS", "llmstream.prompts", "Topic of prompt/cancel events (key: request id)."),
+    Setting("TOPIC_TOKENS", "llmstream.tokens", "Topic of generation events (key: request id)."),
+    Setting("TOPIC_DLQ", "llmstream.dlq", "Dead-letter topic for undecodable records."),
+    Setting("PROMPTS_PARTITIONS", "12", "Partitions of the prompts topic (caps worker replicas)."),
+    Setting("TOKENS_PARTITIONS", "12", "Partitions of the tokens topic (caps gateway replicas)."),
+    Setting("TOPIC_RETENTION_MS", "604800000", "Retention of the event topics (default 7 days)."),
+    Setting("KAFKA_PORT", "9092", "Port of the local Kafka broker started by `infra up`."),
+    Setting("KAFKA_VERSION", "4.1.1", "Apache Kafka version fetched from Maven Central."),
+    Setting("GATEWAY_HOST", "127.0.0.1", "Gateway HTTP/WebSocket bind address."),
+    Setting("GATEWAY_PORT", "8000", "Gateway HTTP/WebSocket port."),
+    Setting("MODEL_SERVER_HOST", "127.0.0.1", "Model server gRPC bind address."),
+    Setting("MODEL_SERVER_PORT", "50051", "Model server gRPC port."),
+    Setting("ENGINE", "llamacpp", "Model server engine: llamacpp, synthetic or vllm."),
+    Setting("STATE_DIR", _default_state_dir(), "Data, logs and pid files of local infrastructure."),
+    Setting("CACHE_DIR", _default_cache_dir(), "Downloaded jars and other caches."),
+    Setting("LOG_LEVEL", "INFO", "Log level of every service (JSON lines on stderr)."),
+    Setting("STARTUP_TIMEOUT_S", "60", "How long `infra up` waits for each component."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def get(name: str) -> str:
+    """Value of ``LLMSTREAM_<name>`` or its documented default."""
+    setting = _BY_NAME[name]
+    return os.environ.get(setting.env, setting.default)
+
+
+def get_int(name: str) -> int:
+    raw = get(name)
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{PREFIX}{name}={raw!r} is not an integer") from None
+
+
+class ConfigError(RuntimeError):
+    """A configuration value is unusable; the message names the variable."""
+
+
+def state_dir() -> Path:
+    return Path(get("STATE_DIR"))
+
+
+def cache_dir() -> Path:
+    return Path(get("CACHE_DIR"))
+
+
+def _infra_record() -> dict[str, str]:
+    """Addresses recorded by `llmstream infra up` for servers it started itself."""
+    path = state_dir() / "infra.json"
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str)}
+
+
+def database_url() -> str:
+    url = get("DATABASE_URL") or _infra_record().get("database_url", "")
+    if not url:
+        raise ConfigError(
+            f"no PostgreSQL: set {PREFIX}DATABASE_URL or run `llmstream infra up` first"
+        )
+    return url
+
+
+def redis_url() -> str:
+    url = get("REDIS_URL") or _infra_record().get("redis_url", "")
+    if not url:
+        raise ConfigError(f"no Redis: set {PREFIX}REDIS_URL or run `llmstream infra up` first")
+    return url
+
+
+def kafka_bootstrap() -> str:
+    return get("KAFKA_BOOTSTRAP")
+
+
+def model_servers() -> list[str]:
+    return [s.strip() for s in get("MODEL_SERVERS").split(",") if s.strip()]
+
+
+def markdown_table() -> str:
+    """The configuration table that README.md embeds (a test keeps them in sync)."""
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for s in SETTINGS:
+        default = s.default
+        if s.name == "STATE_DIR":
+            default = "$XDG_STATE_HOME/llmstream (~/.local/state/llmstream)"
+        elif s.name == "CACHE_DIR":
+            default = "$XDG_CACHE_HOME/llmstream (~/.cache/llmstream)"
+        rows.append(f"| `{s.env}` | `{default}` | {s.help} |" if default else f"| `{s.env}` | (empty) | {s.help} |")
+    return "\n".join(rows)
