@@ -1,0 +1,156 @@
+"""The shared fold: every property its callers rely on (see llmstream/fold.py)."""
+
+from __future__ import annotations
+
+import itertools
+
+from llmstream import codec
+from llmstream.fold import RequestState, Status, fold, fold_all
+from llmstream.v1 import common_pb2, events_pb2
+
+RID = "req-1"
+
+
+def ev(**body: object) -> events_pb2.Event:
+    event = codec.new_event(RID, "tenant-a", "test")
+    ((kind, value),) = body.items()
+    getattr(event, kind).CopyFrom(value)
+    return event
+
+
+def submitted() -> events_pb2.Event:
+    return ev(
+        submitted=events_pb2.RequestSubmitted(
+            model="m",
+            max_tokens=8,
+            reserved_tokens=12,
+            reply=events_pb2.ReplyRoute(topic="t", partition=3, gateway_id="g0"),
+        )
+    )
+
+
+def started(attempt: int = 1) -> events_pb2.Event:
+    return ev(started=events_pb2.GenerationStarted(worker_id="w", attempt=attempt))
+
+
+def delta(seq: int, text: str) -> events_pb2.Event:
+    return ev(token_delta=events_pb2.TokenDelta(seq=seq, text=text, token_ids=[seq]))
+
+
+def completed(
+    last_seq: int, reason: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_STOP
+) -> events_pb2.Event:
+    return ev(
+        completed=events_pb2.RequestCompleted(
+            finish_reason=reason,
+            last_seq=last_seq,
+            usage=common_pb2.Usage(prompt_tokens=4, completion_tokens=last_seq),
+        )
+    )
+
+
+def run(events: list[events_pb2.Event]) -> RequestState:
+    return fold_all(events)[RID]
+
+
+def test_happy_path() -> None:
+    s = run([submitted(), started(), delta(1, "Hel"), delta(2, "lo"), completed(2)])
+    assert s.status is Status.COMPLETED
+    assert s.text == "Hello"
+    assert s.token_ids == [1, 2]
+    assert (s.prompt_tokens, s.completion_tokens) == (4, 2)
+    assert s.reply_partition == 3
+    assert s.finish_reason == "stop"
+    assert (s.duplicates, s.missing_seqs, s.extra_terminals) == (0, 0, 0)
+
+
+def test_redelivered_delta_is_dropped_and_counted() -> None:
+    s = run(
+        [submitted(), delta(1, "a"), delta(2, "b"), delta(2, "b"), delta(1, "a"), delta(3, "c")]
+    )
+    assert s.text == "abc"
+    assert s.duplicates == 2
+    assert s.missing_seqs == 0
+
+
+def test_gap_is_counted_not_hidden() -> None:
+    s = run([submitted(), delta(1, "a"), delta(4, "d"), completed(6)])
+    assert s.missing_seqs == 2 + 2  # seq 2-3 missing, and 5-6 promised by the terminal event
+    assert s.text == "ad"
+
+
+def test_second_terminal_never_rebills() -> None:
+    s = run(
+        [
+            submitted(),
+            delta(1, "a"),
+            completed(1),
+            completed(1),
+            ev(failed=events_pb2.RequestFailed(code="internal")),
+        ]
+    )
+    assert s.status is Status.COMPLETED
+    assert s.extra_terminals == 2
+    assert s.completion_tokens == 1
+
+
+def test_status_never_moves_back_across_topics() -> None:
+    # A reader of both topics may see the tokens topic first.
+    s = run([started(), delta(1, "x"), completed(1), submitted()])
+    assert s.status is Status.COMPLETED
+    assert s.model == "m"
+
+
+def test_order_of_interleaving_topics_does_not_change_the_result() -> None:
+    prompt_events = [submitted(), ev(cancel_requested=events_pb2.CancelRequested(reason="client"))]
+    token_events = [
+        started(),
+        delta(1, "a"),
+        delta(2, "b"),
+        completed(2, common_pb2.FINISH_REASON_CANCELLED),
+    ]
+    results = set()
+    # Every interleaving that keeps each topic's own order.
+    for positions in itertools.combinations(range(6), 2):
+        merged, p, t = [], iter(prompt_events), iter(token_events)
+        for i in range(6):
+            merged.append(next(p) if i in positions else next(t))
+        s = run(merged)
+        results.add((s.status, s.text, s.cancel_requested, s.finish_reason, s.model))
+    assert results == {(Status.CANCELLED, "ab", True, "cancelled", "m")}
+
+
+def test_takeover_attempts_continue_seq() -> None:
+    s = run([submitted(), started(1), delta(1, "a"), started(2), delta(2, "b"), completed(2)])
+    assert s.attempts == 2
+    assert s.text == "ab"
+    assert s.status is Status.COMPLETED
+
+
+def test_failed_is_terminal_with_code() -> None:
+    s = run(
+        [submitted(), ev(failed=events_pb2.RequestFailed(code="model_not_found", message="no m"))]
+    )
+    assert s.status is Status.FAILED
+    assert s.error_code == "model_not_found"
+
+
+def test_fold_refuses_foreign_event() -> None:
+    other = codec.new_event("req-2", "tenant-a")
+    other.submitted.model = "m"
+    state = fold(None, submitted())
+    try:
+        fold(state, other)
+    except ValueError as exc:
+        assert "req-2" in str(exc)
+    else:
+        raise AssertionError("fold accepted another request's event")
+
+
+def test_as_dict_is_json_ready() -> None:
+    import json
+
+    s = run([submitted(), delta(1, 'é\n"🙂'), completed(1)])
+    data = json.loads(json.dumps(s.as_dict()))
+    assert data["text"] == 'é\n"🙂'
+    assert data["status"] == "completed"
