@@ -54,7 +54,9 @@ SETTINGS: tuple[Setting, ...] = (
         "127.0.0.1:50051",
         "Model server replicas the workers use (comma-separated host:port).",
     ),
-    Setting("TOPIC_PROMPTS", "llmstream.prompts", "Topic of prompt/cancel events (key: request id)."),
+    Setting(
+        "TOPIC_PROMPTS", "llmstream.prompts", "Topic of prompt/cancel events (key: request id)."
+    ),
     Setting("TOPIC_TOKENS", "llmstream.tokens", "Topic of generation events (key: request id)."),
     Setting("TOPIC_DLQ", "llmstream.dlq", "Dead-letter topic for undecodable records."),
     Setting("PROMPTS_PARTITIONS", "12", "Partitions of the prompts topic (caps worker replicas)."),
@@ -145,5 +147,9 @@ def markdown_table() -> str:
             default = "$XDG_STATE_HOME/llmstream (~/.local/state/llmstream)"
         elif s.name == "CACHE_DIR":
             default = "$XDG_CACHE_HOME/llmstream (~/.cache/llmstream)"
-        rows.append(f"| `{s.env}` | `{default}` | {s.help} |" if default else f"| `{s.env}` | (empty) | {s.help} |")
+        rows.append(
+            f"| `{s.env}` | `{default}` | {s.help} |"
+            if default
+            else f"| `{s.env}` | (empty) | {s.help} |"
+        )
     return "\n".join(rows)
