@@ -12,7 +12,7 @@ PROTOS := $(shell find proto -name '*.proto')
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: up test down status deps proto lint typecheck buflint unit integration bench clean
+.PHONY: up test down status deps proto lint typecheck buflint unit bench clean readme-config
 
 up: deps proto
 	$(BIN)/llmstream up
@@ -64,3 +64,7 @@ bench: deps proto
 
 clean:
 	rm -rf llmstream/v1 .mypy_cache .ruff_cache .pytest_cache
+
+# Rewrites README's configuration table from llmstream/config.py (a unit test checks they match).
+readme-config: deps
+	$(BIN)/llmstream config --update-readme README.md

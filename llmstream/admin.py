@@ -66,6 +66,18 @@ async def revoke_key(key_or_id: str) -> None:
             raise AdminError(f"no API key with id {key_id!r}")
 
 
+async def key_is_active(key: str) -> bool:
+    key_id = apikeys.key_id_of(key)
+    if key_id is None:
+        return False
+    async with await _connect() as conn:
+        cur = await conn.execute(
+            "SELECT key_sha256 FROM api_keys WHERE id = %s AND revoked_at IS NULL", (key_id,)
+        )
+        row = await cur.fetchone()
+    return row is not None and apikeys.matches(key, bytes(row[0]))
+
+
 async def list_rows(query: str) -> list[tuple[object, ...]]:
     async with await _connect() as conn:
         cur = await conn.execute(query.encode())

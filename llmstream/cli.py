@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from llmstream import config
 
@@ -29,8 +30,15 @@ DELEGATED: dict[str, tuple[str, str]] = {
 }
 
 
-def _print_config(_argv: Sequence[str]) -> int:
-    print(config.markdown_table())
+def _print_config(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="llmstream config", description=LOCAL["config"][1])
+    parser.add_argument("--update-readme", metavar="README", help="rewrite the table in README")
+    args = parser.parse_args(list(argv))
+    if args.update_readme:
+        path = Path(args.update_readme)
+        path.write_text(config.with_readme_table(path.read_text()))
+    else:
+        print(config.markdown_table())
     return 0
 
 

@@ -64,6 +64,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TOPIC_RETENTION_MS", "604800000", "Retention of the event topics (default 7 days)."),
     Setting("KAFKA_PORT", "9092", "Port of the local Kafka broker started by `infra up`."),
     Setting("KAFKA_VERSION", "4.1.1", "Apache Kafka version fetched from Maven Central."),
+    Setting("KAFKA_HEAP", "512m", "Maximum Java heap (-Xmx) of the local Kafka broker."),
+    Setting(
+        "KAFKA_EXTRA_PROPERTIES",
+        "",
+        "Extra server.properties lines for the local broker (`key=value;key=value`; they override "
+        "deploy/local/server.properties).",
+    ),
+    Setting("DLQ_PARTITIONS", "1", "Partitions of the dead-letter topic."),
     Setting("GATEWAY_HOST", "127.0.0.1", "Gateway HTTP/WebSocket bind address."),
     Setting("GATEWAY_PORT", "8000", "Gateway HTTP/WebSocket port."),
     Setting("MODEL_SERVER_HOST", "127.0.0.1", "Model server gRPC bind address."),
@@ -153,3 +161,19 @@ def markdown_table() -> str:
             else f"| `{s.env}` | (empty) | {s.help} |"
         )
     return "\n".join(rows)
+
+
+README_START = "<!-- config-table:start -->\n"
+README_END = "<!-- config-table:end -->"
+
+
+def readme_table(readme: str) -> str:
+    """The configuration table as it stands in README text."""
+    start = readme.index(README_START) + len(README_START)
+    return readme[start : readme.index(README_END)].strip()
+
+
+def with_readme_table(readme: str) -> str:
+    """README text with its configuration table replaced by the current one."""
+    start = readme.index(README_START) + len(README_START)
+    return readme[:start] + markdown_table() + "\n" + readme[readme.index(README_END) :]
