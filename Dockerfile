@@ -1,0 +1,36 @@
+# One image runs any llmstream service: `docker run IMAGE gateway|worker|model-server|...`.
+# Build stage compiles llama-cpp-python and generates the protobuf code from proto/.
+FROM python:3.11-slim-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential cmake ninja-build git \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proto ./proto
+COPY llmstream ./llmstream
+COPY gateway ./gateway
+COPY worker ./worker
+COPY model_server ./model_server
+COPY aggregator ./aggregator
+ENV CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF"
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir grpcio-tools==1.85.1 \
+ && /opt/venv/bin/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. \
+      $(find proto -name '*.proto') \
+ && touch llmstream/v1/__init__.py \
+ && /opt/venv/bin/pip install --no-cache-dir '.[llamacpp]' \
+ && /opt/venv/bin/pip uninstall -y grpcio-tools
+
+FROM python:3.11-slim-bookworm
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgomp1 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 10001 llmstream
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    LLMSTREAM_STATE_DIR=/home/llmstream/state
+USER llmstream
+WORKDIR /home/llmstream
+ENTRYPOINT ["llmstream"]
+CMD ["--help"]
