@@ -75,7 +75,7 @@ async def key_is_active(key: str) -> bool:
             "SELECT key_sha256 FROM api_keys WHERE id = %s AND revoked_at IS NULL", (key_id,)
         )
         row = await cur.fetchone()
-    return row is not None and apikeys.matches(key, bytes(row[0]))
+    return row is not None and isinstance(row[0], bytes) and apikeys.matches(key, row[0])
 
 
 async def list_rows(query: str) -> list[tuple[object, ...]]:

@@ -36,7 +36,12 @@ def _default_cache_dir() -> str:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("KAFKA_BOOTSTRAP", "127.0.0.1:9092", "Kafka bootstrap servers (comma-separated)."),
+    Setting(
+        "KAFKA_BOOTSTRAP",
+        "127.0.0.1:9092",
+        "Kafka bootstrap servers (comma-separated). Unset: the local broker on "
+        "127.0.0.1:`LLMSTREAM_KAFKA_PORT`.",
+    ),
     Setting(
         "DATABASE_URL",
         "",
@@ -81,6 +86,30 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CACHE_DIR", _default_cache_dir(), "Downloaded jars and other caches."),
     Setting("LOG_LEVEL", "INFO", "Log level of every service (JSON lines on stderr)."),
     Setting("STARTUP_TIMEOUT_S", "60", "How long `infra up` waits for each component."),
+    Setting(
+        "AGGREGATOR_GROUP",
+        "llmstream-aggregator",
+        "Consumer group of the aggregator; its offsets are stored in PostgreSQL under this name.",
+    ),
+    Setting(
+        "AGGREGATOR_BATCH_MAX",
+        "2000",
+        "Most records the aggregator projects in one PostgreSQL transaction.",
+    ),
+    Setting(
+        "AGGREGATOR_INSTANCE_ID",
+        "",
+        "Kafka static group membership id of an aggregator replica (e.g. the pod name): a "
+        "restart keeps its partitions without a rebalance. Empty: dynamic membership.",
+    ),
+    Setting(
+        "AGGREGATOR_METRICS_PORT", "9102", "Aggregator Prometheus `/metrics` port (0: off)."
+    ),
+    Setting(
+        "STORE_TEXT",
+        "1",
+        "1: the aggregator stores each request's generated text in PostgreSQL; 0: it does not.",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -139,7 +168,8 @@ def redis_url() -> str:
 
 
 def kafka_bootstrap() -> str:
-    return get("KAFKA_BOOTSTRAP")
+    explicit = os.environ.get(PREFIX + "KAFKA_BOOTSTRAP", "").strip()
+    return explicit or f"127.0.0.1:{get_int('KAFKA_PORT')}"
 
 
 def model_servers() -> list[str]:

@@ -11,7 +11,7 @@ from llmstream import config
 class TopicSpec:
     name: str
     partitions: int
-    retention_ms: int
+    partitions_setting: str  # the LLMSTREAM_* variable that sets `partitions`
     carries: str
 
 
@@ -29,19 +29,16 @@ def dlq() -> str:
 
 def specs() -> list[TopicSpec]:
     """The topics `llmstream infra up` creates, as configured by LLMSTREAM_* variables."""
-    retention = config.get_int("TOPIC_RETENTION_MS")
-    return [
-        TopicSpec(
-            prompts(),
-            config.get_int("PROMPTS_PARTITIONS"),
-            retention,
-            "submitted, cancel_requested",
-        ),
-        TopicSpec(
-            tokens(),
-            config.get_int("TOKENS_PARTITIONS"),
-            retention,
-            "started, token_delta, completed, failed",
-        ),
-        TopicSpec(dlq(), 3, retention, "records no consumer could decode, reason in headers"),
-    ]
+    result = []
+    for name, setting, carries in (
+        (prompts(), "PROMPTS_PARTITIONS", "submitted, cancel_requested"),
+        (tokens(), "TOKENS_PARTITIONS", "started, token_delta, completed, failed"),
+        (dlq(), "DLQ_PARTITIONS", "records no consumer could decode, reason in headers"),
+    ):
+        partitions = config.get_int(setting)
+        if partitions < 1:
+            raise config.ConfigError(
+                f"{config.PREFIX}{setting}={partitions} is not a partition count (use 1 or more)"
+            )
+        result.append(TopicSpec(name, partitions, setting, carries))
+    return result

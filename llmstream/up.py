@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import os
 import signal
@@ -54,10 +55,8 @@ async def _dev_key() -> str:
         key = path.read_text().strip()
         if await admin.key_is_active(key):
             return key
-    try:
+    with contextlib.suppress(admin.AdminError):  # the dev tenant exists already
         await admin.create_tenant("dev", "standard")
-    except admin.AdminError:
-        pass  # exists already
     new = await admin.create_key("dev")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new.key + "\n")

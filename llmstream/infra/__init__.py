@@ -1,0 +1,121 @@
+"""Local infrastructure for development and tests: Kafka, PostgreSQL, Redis.
+
+`up()` starts what is missing (or reuses what runs), `down()` stops only what llmstream
+started, `status()` reports. Servers pointed to by LLMSTREAM_KAFKA_BOOTSTRAP (other than the
+local port), LLMSTREAM_DATABASE_URL or LLMSTREAM_REDIS_URL are external: checked, never started.
+State (data, logs, pid files, chosen ports, infra.json) lives in LLMSTREAM_STATE_DIR; Kafka
+jars in LLMSTREAM_CACHE_DIR. Every error is an `InfraError` whose message is one line:
+component, cause, what to do. Everything is synchronous and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from . import _kafka, _postgres, _redis
+from ._common import ComponentStatus, InfraError, record, state_lock
+from ._topics import ensure_topics
+
+__all__ = [
+    "COMPONENTS",
+    "ComponentStatus",
+    "InfraError",
+    "down",
+    "ensure_topics",
+    "kafka_bootstrap",
+    "kafka_pid",
+    "start_component",
+    "status",
+    "stop_component",
+    "up",
+]
+
+COMPONENTS: tuple[str, ...] = ("kafka", "postgres", "redis")
+
+_STATUS: dict[str, Callable[[], ComponentStatus]] = {
+    "kafka": _kafka.status,
+    "postgres": _postgres.status,
+    "redis": _redis.status,
+}
+_STOP: dict[str, Callable[[bool], bool]] = {
+    "kafka": _kafka.stop,
+    "postgres": _postgres.stop,
+    "redis": _redis.stop,
+}
+
+
+def _check_names(components: Sequence[str]) -> list[str]:
+    if isinstance(components, str):
+        components = [components]
+    names = []
+    for name in components:
+        if name not in COMPONENTS:
+            raise InfraError(
+                "infra", f"unknown component {name!r}", f"use one of {', '.join(COMPONENTS)}"
+            )
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def up(components: Sequence[str] = COMPONENTS) -> list[ComponentStatus]:
+    """Start (or reuse) the components; returns their status in the order asked.
+
+    The Kafka JVM boots while PostgreSQL and Redis are started, then Kafka's readiness is
+    awaited (a real Metadata request). Raises InfraError on the first failure.
+    """
+    names = _check_names(components)
+    results: dict[str, ComponentStatus] = {}
+    with state_lock():
+        kafka_wait = _kafka.begin_up() if "kafka" in names else None
+        if "postgres" in names:
+            results["postgres"] = _postgres.up()
+        if "redis" in names:
+            results["redis"] = _redis.up()
+        if kafka_wait is not None:
+            results["kafka"] = kafka_wait()
+            record(kafka_bootstrap=results["kafka"].address)
+    return [results[name] for name in names]
+
+
+def down(components: Sequence[str] = COMPONENTS) -> list[str]:
+    """Stop what llmstream started (per the pid files); data is kept. Returns what stopped.
+
+    External servers and servers started by anything else are never touched.
+    """
+    names = _check_names(components)
+    stopped: list[str] = []
+    with state_lock():
+        for name in ("kafka", "redis", "postgres"):
+            if name in names and _STOP[name](False):
+                stopped.append(name)
+    return stopped
+
+
+def status() -> list[ComponentStatus]:
+    return [_STATUS[name]() for name in COMPONENTS]
+
+
+def stop_component(name: str, kill: bool = False) -> bool:
+    """Stop one component llmstream started: graceful by default, SIGKILL with kill=True.
+
+    Returns False if it was not running under llmstream (external servers are never touched).
+    """
+    (checked,) = _check_names([name])
+    with state_lock():
+        return _STOP[checked](kill)
+
+
+def start_component(name: str) -> ComponentStatus:
+    """Start (or reuse) one component; same rules as up()."""
+    return up([name])[0]
+
+
+def kafka_pid() -> int | None:
+    """Pid of the Kafka broker started by llmstream (None if not running or external)."""
+    return _kafka.pid()
+
+
+def kafka_bootstrap() -> str:
+    """Bootstrap servers infra uses: LLMSTREAM_KAFKA_BOOTSTRAP, else 127.0.0.1:KAFKA_PORT."""
+    return _kafka.bootstrap()
