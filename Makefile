@@ -12,15 +12,15 @@ PROTOS := $(shell find proto -name '*.proto')
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: up test down status deps proto lint typecheck buflint unit bench clean readme-config
+.PHONY: up test down status deps proto lint typecheck buflint pytest unit bench clean readme-config
 
 up: deps proto
 	$(BIN)/llmstream up
 
 test: deps proto
 	$(BIN)/llmstream infra up
-	$(MAKE) --no-print-directory lint typecheck buflint
-	$(BIN)/pytest -q -p no:cacheprovider
+	@# -k: report every failing check in one run, not just the first.
+	$(MAKE) --no-print-directory -k lint typecheck buflint pytest
 
 down:
 	$(BIN)/llmstream infra down
@@ -54,6 +54,9 @@ typecheck:
 
 buflint:
 	$(BIN)/buf lint
+
+pytest:
+	$(BIN)/pytest -q -p no:cacheprovider -rxs
 
 unit: deps proto
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit

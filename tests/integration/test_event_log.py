@@ -87,7 +87,9 @@ async def test_events_round_trip_through_kafka_and_fold(
                 for record in records:
                     event = codec.decode(record.value)
                     assert record.key == event.request_id.encode()
-                    assert dict(record.headers)["event-type"] == str(event.WhichOneof("body")).encode()
+                    assert (
+                        dict(record.headers)["event-type"] == str(event.WhichOneof("body")).encode()
+                    )
                     partitions_by_request.setdefault(event.request_id, set()).add(tp.partition)
                     received.append(event)
     finally:
