@@ -12,7 +12,7 @@ PROTOS := $(shell find proto -name '*.proto')
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: up test down status deps proto lint typecheck buflint pytest unit bench clean readme-config
+.PHONY: system-deps up test down status deps proto lint typecheck buflint pytest unit bench clean readme-config
 
 up: deps proto
 	$(BIN)/llmstream up
@@ -28,7 +28,10 @@ down:
 status:
 	$(BIN)/llmstream infra status
 
-deps: $(VENV)/.installed
+deps: $(VENV)/.installed system-deps
+
+system-deps:
+	@deploy/local/system-deps.sh
 
 $(VENV)/.installed: pyproject.toml
 	@command -v python3 >/dev/null || { echo "python3 not found: install Python 3.11+" >&2; exit 1; }
