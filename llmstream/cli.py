@@ -22,7 +22,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "model-server": ("model_server.cli", "Run a model server (gRPC ModelService)."),
     "aggregator": ("aggregator.cli", "Run the aggregator (events -> PostgreSQL/Redis)."),
     "replay": ("aggregator.replay_cli", "Fold a topic's events into request state."),
-    "bench": ("llmstream.bench.cli", "Run the benchmarks (results in bench/results/)."),
+    "bench": ("llmstream.bench", "Run the benchmarks (results in bench/results/)."),
     "infra": ("llmstream.infra.cli", "Local Kafka/PostgreSQL/Redis: up | down | status."),
     "tenants": ("llmstream.admin", "Manage tenants: create NAME [--tier T] | list."),
     "keys": ("llmstream.admin", "Manage API keys: create --tenant NAME | revoke KEY_ID | list."),
