@@ -5,14 +5,15 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
-# protoc plugins (mypy-protobuf) and buf live in the venv.
-export PATH := $(abspath $(VENV))/bin:$(PATH)
+TOOLS_BIN := $(or $(LLMSTREAM_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmstream)/bin
+# protoc plugins (mypy-protobuf) and buf live in the venv; kustomize and grpcurl in TOOLS_BIN.
+export PATH := $(abspath $(VENV))/bin:$(TOOLS_BIN):$(PATH)
 PROTOS := $(shell find proto -name '*.proto')
 # llama.cpp builds from source here (no binary wheel): these flags skip what we don't use.
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: system-deps up test down status deps proto lint typecheck buflint pytest unit bench clean readme-config
+.PHONY: system-deps tools up test down status deps proto lint typecheck buflint pytest unit bench clean readme-config
 
 up: deps proto
 	$(BIN)/llmstream up
@@ -28,10 +29,13 @@ down:
 status:
 	$(BIN)/llmstream infra status
 
-deps: $(VENV)/.installed system-deps
+deps: $(VENV)/.installed system-deps tools
 
 system-deps:
 	@deploy/local/system-deps.sh
+
+tools:
+	@deploy/local/tools.sh
 
 $(VENV)/.installed: pyproject.toml
 	@command -v python3 >/dev/null || { echo "python3 not found: install Python 3.11+" >&2; exit 1; }
