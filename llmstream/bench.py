@@ -23,6 +23,7 @@ from typing import Any
 SUITES: dict[str, str] = {
     "model-server": "model_server.bench",
     "worker": "worker.bench",
+    "gateway": "gateway.bench",
     "aggregator": "aggregator.bench",
 }
 

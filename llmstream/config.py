@@ -79,6 +79,79 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DLQ_PARTITIONS", "1", "Partitions of the dead-letter topic."),
     Setting("GATEWAY_HOST", "127.0.0.1", "Gateway HTTP/WebSocket bind address."),
     Setting("GATEWAY_PORT", "8000", "Gateway HTTP/WebSocket port."),
+    Setting(
+        "GATEWAY_ID",
+        "",
+        "Id of a gateway replica (events, reply routes, logs). Empty: gateway-<host>-<pid>.",
+    ),
+    Setting(
+        "GATEWAY_PARTITIONS",
+        "",
+        "Tokens partitions this gateway replica owns, e.g. `0-5` or `0,2,4`. Empty: split by "
+        "`GATEWAY_REPLICA_INDEX` of `GATEWAY_REPLICAS`.",
+    ),
+    Setting(
+        "GATEWAY_REPLICA_INDEX",
+        "0",
+        "This replica's index (0-based) when partitions are split evenly (a StatefulSet ordinal).",
+    ),
+    Setting("GATEWAY_REPLICAS", "1", "Gateway replicas sharing the tokens topic evenly."),
+    Setting(
+        "GATEWAY_ORIGINS",
+        "",
+        "Allowed `Origin` values of browser upgrades (comma-separated; `*` any). Empty: only "
+        "the gateway's own host. Requests without Origin (non-browser clients) are allowed.",
+    ),
+    Setting(
+        "GATEWAY_GRACE_S",
+        "30",
+        "After a disconnect, how long a request keeps running waiting for a resume before the "
+        "gateway cancels it.",
+    ),
+    Setting(
+        "GATEWAY_SEND_BUFFER",
+        "1024",
+        "Frames queued per socket at most; a socket that falls further behind is closed with "
+        "code 4008 (it may reconnect and resume).",
+    ),
+    Setting(
+        "GATEWAY_MAX_FRAME_BYTES",
+        "65536",
+        "Largest client frame the protocol accepts (larger: `invalid_request`).",
+    ),
+    Setting("GATEWAY_MAX_SOCKETS", "10000", "Open WebSockets per gateway process at most."),
+    Setting(
+        "GATEWAY_MAX_INFLIGHT",
+        "5000",
+        "Requests in flight on this replica at which new submits are refused `overloaded`.",
+    ),
+    Setting(
+        "GATEWAY_MAX_PROMPT_LAG",
+        "0",
+        "Prompts not yet finished by the workers (lag of WORKER_GROUP on the prompts topic) at "
+        "which new submits are refused `overloaded`; above half, max_tokens is capped by "
+        "GATEWAY_SHED_MAX_TOKENS (0: off).",
+    ),
+    Setting(
+        "GATEWAY_SHED_MAX_TOKENS",
+        "0",
+        "Under load (in flight above half of GATEWAY_MAX_INFLIGHT or prompt lag above half of "
+        "GATEWAY_MAX_PROMPT_LAG), cap max_tokens of new requests to this (0: no cap).",
+    ),
+    Setting(
+        "GATEWAY_MAX_RESUMES",
+        "256",
+        "Concurrent Kafka catch-up readers (resumes) per gateway process at most.",
+    ),
+    Setting("GATEWAY_HEARTBEAT_S", "15", "Heartbeat frame interval on idle sockets."),
+    Setting("GATEWAY_AUTH_CACHE_S", "5", "How long a verified API key is cached (revocation lag)."),
+    Setting("GATEWAY_SESSION_TTL_S", "3600", "Browser session lifetime, sliding on every use."),
+    Setting(
+        "GATEWAY_COOKIE_SECURE",
+        "0",
+        "1: the session cookie gets the `Secure` attribute (set it behind HTTPS).",
+    ),
+    Setting("GATEWAY_DRAIN_S", "5", "On SIGTERM, how long sockets get to close (code 1012)."),
     Setting("MODEL_SERVER_HOST", "127.0.0.1", "Model server gRPC bind address."),
     Setting("MODEL_SERVER_PORT", "50051", "Model server gRPC port."),
     Setting("ENGINE", "llamacpp", "Model server engine: llamacpp, synthetic or vllm."),
@@ -141,6 +214,48 @@ SETTINGS: tuple[Setting, ...] = (
         "restart keeps its partitions without a rebalance. Empty: dynamic membership.",
     ),
     Setting("AGGREGATOR_METRICS_PORT", "9102", "Aggregator Prometheus `/metrics` port (0: off)."),
+    Setting(
+        "WORKER_ID", "", "Id of a worker replica in events and logs. Empty: worker-<host>-<pid>."
+    ),
+    Setting("WORKER_GROUP", "llmstream-workers", "Consumer group of the workers (prompts topic)."),
+    Setting(
+        "WORKER_MAX_INFLIGHT",
+        "256",
+        "Requests a worker runs at once; at the bound it pauses its prompt partitions.",
+    ),
+    Setting(
+        "WORKER_COALESCE_MS",
+        "5",
+        "Longest a model delta waits to be merged with the next ones while Kafka acknowledges "
+        "the request's previous event.",
+    ),
+    Setting("WORKER_COALESCE_BYTES", "4096", "Largest text of one merged token event (bytes)."),
+    Setting(
+        "WORKER_MAX_TOKENS", "0", "Worker-side cap on max_tokens per request (0: the request's)."
+    ),
+    Setting(
+        "WORKER_TIMEOUT_MS",
+        "300000",
+        "Wall-time limit of a request when its prompt sets none (finish reason `timeout`).",
+    ),
+    Setting(
+        "WORKER_RETRIES",
+        "6",
+        "Retries on another model server after UNAVAILABLE, then `failed` model_unavailable.",
+    ),
+    Setting("WORKER_BACKOFF_MS", "100", "First retry delay; doubles per retry, with jitter."),
+    Setting("WORKER_DRAIN_TIMEOUT_S", "20", "On SIGTERM, how long in-flight requests may finish."),
+    Setting(
+        "WORKER_SESSION_TIMEOUT_MS",
+        "10000",
+        "Kafka group session timeout: a dead worker's partitions move after it.",
+    ),
+    Setting("WORKER_METRICS_PORT", "9103", "Worker Prometheus `/metrics` port (0: off)."),
+    Setting(
+        "WORKER_BLOCKLIST",
+        "",
+        "Output filter: comma-separated terms; a stream producing one ends `content_filter`.",
+    ),
     Setting(
         "STORE_TEXT",
         "1",

@@ -61,6 +61,9 @@ class RequestState:
     reserved_tokens: int = 0
     estimated_prompt_tokens: int = 0
     idempotency_key: str = ""
+    # True once the request's `submitted` event was folded (model, tenant and reservation are
+    # known): the aggregator bills a terminal request only then.
+    submitted_seen: bool = False
     reply_topic: str = ""
     reply_partition: int = -1
     gateway_id: str = ""
@@ -117,6 +120,29 @@ class RequestState:
             out["text"] = self.text
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RequestState:
+        """Rebuild a state persisted with `as_dict` so folding can continue where it stopped.
+
+        Derived keys (`ttft_ms`, `tokens_folded`) are ignored and unknown keys are skipped, so
+        rows written by an older or newer version still load; missing keys take the defaults.
+        `text` becomes the first text part. Token ids are not part of `as_dict` and restart
+        empty: the fold's dedup uses `last_seq`, so folding goes on correctly without them.
+        """
+        kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in _PERSISTED_FIELDS}
+        if "status" in kwargs:
+            kwargs["status"] = Status(kwargs["status"])
+        state = cls(**kwargs)
+        text = data.get("text")
+        if text:
+            state.text_parts = [str(text)]
+        return state
+
+
+_PERSISTED_FIELDS = frozenset(
+    f for f in RequestState.__dataclass_fields__ if f not in ("text_parts", "token_ids")
+)
+
 
 def _advance(state: RequestState, status: Status) -> None:
     if _RANK[status] > _RANK[state.status]:
@@ -142,6 +168,7 @@ def fold(state: RequestState | None, event: events_pb2.Event) -> RequestState:
         _fold_delta(state, event.token_delta, at_ms)
     elif kind == "submitted":
         s = event.submitted
+        state.submitted_seen = True
         state.model = s.model
         state.max_tokens = s.max_tokens
         state.reserved_tokens = s.reserved_tokens

@@ -154,3 +154,57 @@ def test_as_dict_is_json_ready() -> None:
     data = json.loads(json.dumps(s.as_dict()))
     assert data["text"] == 'é\n"🙂'
     assert data["status"] == "completed"
+
+
+def test_submitted_seen_marks_the_submit_event_only() -> None:
+    assert not run([started(), delta(1, "a"), completed(1)]).submitted_seen
+    assert run([started(), completed(0), submitted()]).submitted_seen
+
+
+def test_from_dict_round_trips_as_dict() -> None:
+    import json
+
+    s = run([submitted(), started(), delta(1, "Hel"), delta(3, "lo"), completed(3)])
+    data = json.loads(json.dumps(s.as_dict()))
+    back = RequestState.from_dict(data)
+    assert back.as_dict() == {**s.as_dict(), "tokens_folded": 0}
+    assert back.text == "Hello" and back.token_ids == []
+
+
+def test_from_dict_tolerates_unknown_and_missing_keys() -> None:
+    back = RequestState.from_dict({"request_id": RID, "status": "running", "future_field": 1})
+    assert back.status is Status.RUNNING
+    assert back.model == "" and back.text == ""
+
+
+def test_persist_and_resume_anywhere_equals_one_fold() -> None:
+    # The aggregator persists state between batches (as_dict without token ids) and resumes
+    # with from_dict: the result must not depend on where the log was cut.
+    events = [
+        started(),
+        delta(1, "a"),
+        submitted(),
+        delta(2, "b"),
+        delta(2, "b"),
+        ev(cancel_requested=events_pb2.CancelRequested(reason="client")),
+        delta(4, "d"),
+        completed(4, common_pb2.FINISH_REASON_CANCELLED),
+        completed(4),
+    ]
+    whole = run(events).as_dict()
+    whole.pop("tokens_folded")
+    for cuts in itertools.chain.from_iterable(
+        itertools.combinations(range(1, len(events)), k) for k in (1, 2, 3)
+    ):
+        state: RequestState | None = None
+        start = 0
+        for end in (*cuts, len(events)):
+            for event in events[start:end]:
+                state = fold(state, event)
+            assert state is not None
+            state = RequestState.from_dict(state.as_dict())
+            start = end
+        assert state is not None
+        resumed = state.as_dict()
+        resumed.pop("tokens_folded")
+        assert resumed == whole, cuts

@@ -1,0 +1,55 @@
+"""Quota key layout (shared with the gateway) and the settlement script's arguments."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from aggregator.quota_settlement import settle_args
+from aggregator.store import Settlement
+from llmstream import quota_keys
+
+
+def ms(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> int:
+    t = dt.datetime(year, month, day, hour, minute, second, tzinfo=dt.UTC)
+    return int(t.timestamp() * 1000)
+
+
+def test_keys_share_the_tenant_hash_tag_and_utc_windows() -> None:
+    at = ms(2026, 12, 31, 23, 59, 59)
+    assert quota_keys.tokens_day("t1", at) == "quota:{t1}:tokens:day:20261231"
+    assert quota_keys.tokens_month("t1", at) == "quota:{t1}:tokens:month:202612"
+    assert quota_keys.requests_minute("t1", at) == "quota:{t1}:requests:minute:202612312359"
+    assert quota_keys.streams("t1") == "quota:{t1}:streams"
+    assert quota_keys.settled("t1", at) == "quota:{t1}:settled:20261231"
+
+
+def test_window_bounds_roll_over_months_and_years() -> None:
+    at = ms(2026, 12, 31, 12)
+    assert quota_keys.day_start_ms(at) == ms(2026, 12, 31)
+    assert quota_keys.day_end_ms(at) == ms(2027, 1, 1)
+    assert quota_keys.month_start_ms(at) == ms(2026, 12, 1)
+    assert quota_keys.month_end_ms(at) == ms(2027, 1, 1)
+    assert quota_keys.month_end_ms(ms(2028, 2, 29)) == ms(2028, 3, 1)
+    assert quota_keys.expire_day_at_ms(at) == ms(2027, 1, 2)
+    assert quota_keys.minute_start_ms(ms(2026, 1, 1, 0, 0, 59)) == ms(2026, 1, 1)
+
+
+def test_unusable_tenant_ids_are_refused() -> None:
+    for bad in ("", "a{b", "x}"):
+        with pytest.raises(ValueError):
+            quota_keys.tokens_day(bad, 0)
+
+
+def test_settlement_targets_the_windows_of_the_submit_time() -> None:
+    submitted = ms(2026, 3, 31, 23, 59)  # finished after midnight: still March's windows
+    keys, args = settle_args(Settlement("r1", "t1", submitted, reserved_tokens=100, used_tokens=37))
+    assert keys == [
+        "quota:{t1}:settled:20260331",
+        "quota:{t1}:tokens:day:20260331",
+        "quota:{t1}:tokens:month:202603",
+        "quota:{t1}:streams",
+    ]
+    assert args[:2] == ["r1", -63]
+    assert args[2] == ms(2026, 4, 2) and args[3] == ms(2026, 4, 2)
