@@ -1,0 +1,141 @@
+"""deploy/k8s renders and validates offline (no cluster here):
+
+- every overlay renders with the pinned kustomize (`make tools` builds it);
+- Kubernetes kinds validate strictly against kubernetes-validate's bundled schemas;
+- KEDA objects validate against the openAPIV3Schema of KEDA's own CRDs (`make tools` fetches
+  them from the kedacore/keda Go module);
+- every container runs an existing `llmstream` command with flags it knows, and every
+  LLMSTREAM_* variable set is a real setting;
+- KEDA never asks for more workers than prompts partitions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from llmstream import cli, config
+
+REPO = Path(__file__).resolve().parents[2]
+OVERLAYS = sorted(p.name for p in (REPO / "deploy" / "k8s" / "overlays").iterdir())
+K8S_VERSION = "1.33.0"
+KEDA_CRDS = config.cache_dir() / "keda-v2.21.0" / "crd"
+
+
+def kustomize() -> str:
+    found = shutil.which("kustomize") or str(config.cache_dir() / "bin" / "kustomize")
+    if not os.access(found, os.X_OK):
+        pytest.fail("kustomize not found: run `make tools` (deploy/local/tools.sh)")
+    return found
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [kustomize(), "build", str(REPO / "deploy" / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def keda_schema(kind: str) -> dict[str, Any]:
+    files = {"ScaledObject": "keda.sh_scaledobjects.yaml", "ScaledJob": "keda.sh_scaledjobs.yaml"}
+    path = KEDA_CRDS / files[kind]
+    if not path.exists():
+        pytest.fail(f"{path} missing: run `make tools` (deploy/local/tools.sh)")
+    crd = yaml.safe_load(path.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_validates(overlay: str) -> None:
+    docs = render(overlay)
+    assert docs
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["apiVersion"].startswith("keda.sh/"):
+            jsonschema.validate(doc, keda_schema(doc["kind"]))
+        else:
+            try:
+                kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{overlay}: {name}: {exc.message} at {list(exc.path)}")
+
+
+def containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for doc in docs:
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        out.extend((doc["metadata"]["name"], c) for c in spec.get("containers", []))
+    return out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_commands_flags_and_variables_exist(overlay: str) -> None:
+    docs = render(overlay)
+    known = {s.env for s in config.SETTINGS}
+    for doc in docs:
+        if doc["kind"] in ("ConfigMap", "Secret"):
+            data = doc.get("data", {})
+            assert set(data) <= known, f"{doc['metadata']['name']}: {set(data) - known}"
+    for owner, container in containers(docs):
+        args = container["args"]
+        assert args[0] in cli.DELEGATED, f"{owner}: no `llmstream {args[0]}`"
+        for env in container.get("env", []):
+            assert env["name"] in known, f"{owner}: {env['name']} is not a setting"
+        help_text = io.StringIO()
+        prefix = [args[1]] if args[0] == "infra" else []
+        with contextlib.redirect_stdout(help_text), pytest.raises(SystemExit):
+            cli.main([args[0], *prefix, "--help"])
+        for arg in args[1:]:
+            if arg.startswith("--"):
+                assert arg in help_text.getvalue(), f"{owner}: `llmstream {args[0]}` has no {arg}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_keda_worker_replicas_never_exceed_partitions(overlay: str) -> None:
+    docs = render(overlay)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    partitions = int(cm["data"]["LLMSTREAM_PROMPTS_PARTITIONS"])
+    (worker,) = [
+        d for d in docs if d["kind"] == "ScaledObject" and "worker" in d["metadata"]["name"]
+    ]
+    assert worker["spec"]["maxReplicaCount"] <= partitions
+    (trigger,) = worker["spec"]["triggers"]
+    assert trigger["metadata"]["topic"] == cm["data"]["LLMSTREAM_TOPIC_PROMPTS"]
+    assert trigger["metadata"]["bootstrapServers"] == cm["data"]["LLMSTREAM_KAFKA_BOOTSTRAP"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_partition_split_is_sized_for_the_hpa_maximum(overlay: str) -> None:
+    docs = render(overlay)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    (gateway,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == gateway["metadata"]["name"]
+    slots = int(cm["data"]["LLMSTREAM_GATEWAY_REPLICAS"])
+    assert slots == hpa["spec"]["maxReplicas"]
+    assert hpa["spec"]["minReplicas"] <= gateway["spec"]["replicas"] <= slots
+    assert slots <= int(cm["data"]["LLMSTREAM_TOKENS_PARTITIONS"])
+
+
+def test_gpu_overlay_requests_a_gpu_for_vllm() -> None:
+    docs = render("gpu")
+    ((_, model_server),) = [(o, c) for o, c in containers(docs) if o == "llmstream-model-server"]
+    assert "vllm" in model_server["args"]
+    assert model_server["resources"]["limits"]["nvidia.com/gpu"] == "1"
