@@ -78,7 +78,7 @@ def test_every_object_validates(overlay: str) -> None:
 
 
 def containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    out = []
+    out: list[tuple[str, dict[str, Any]]] = []
     for doc in docs:
         spec = doc.get("spec", {}).get("template", {}).get("spec", {})
         out.extend((doc["metadata"]["name"], c) for c in spec.get("containers", []))
