@@ -1,5 +1,7 @@
 # One image runs any llmstream service: `docker run IMAGE gateway|worker|model-server|...`.
 # Build stage compiles llama-cpp-python and generates the protobuf code from proto/.
+#   docker build -t llmstream .                      CPU image (llama.cpp, synthetic), default
+#   docker build --target gpu -t llmstream:gpu .     model server on vLLM (CUDA base image)
 FROM python:3.11-slim-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential cmake ninja-build git \
@@ -21,7 +23,7 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir '.[llamacpp]' \
  && /opt/venv/bin/pip uninstall -y grpcio-tools
 
-FROM python:3.11-slim-bookworm
+FROM python:3.11-slim-bookworm AS cpu
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libgomp1 \
  && rm -rf /var/lib/apt/lists/* \
@@ -34,3 +36,18 @@ USER llmstream
 WORKDIR /home/llmstream
 ENTRYPOINT ["llmstream"]
 CMD ["--help"]
+
+# GPU variant for the model server: vLLM's own CUDA image (torch + vLLM preinstalled) plus
+# llmstream without the llama.cpp extra. Run with `model-server --engine vllm`.
+FROM vllm/vllm-openai:v0.11.0 AS gpu
+COPY --from=build /src /src
+RUN pip install --no-cache-dir /src \
+ && useradd --create-home --uid 10001 llmstream
+ENV PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 LLMSTREAM_STATE_DIR=/home/llmstream/state
+USER llmstream
+WORKDIR /home/llmstream
+ENTRYPOINT ["llmstream"]
+CMD ["model-server", "--engine", "vllm", "--host", "0.0.0.0"]
+
+# The last stage is what a plain `docker build` produces: the CPU image.
+FROM cpu

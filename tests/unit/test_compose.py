@@ -34,8 +34,10 @@ def llmstream_services() -> dict[str, dict[str, Any]]:
 def test_compose_has_infrastructure_and_every_component() -> None:
     services = compose()["services"]
     assert {"kafka", "postgres", "redis", "init"} <= set(services)
-    commands = {svc["command"][0] for svc in llmstream_services().values()}
-    assert {"gateway", "worker", "model-server", "aggregator", "infra"} <= commands
+    commands = [svc["command"][0] for svc in llmstream_services().values()]
+    assert {"gateway", "worker", "model-server", "aggregator", "infra"} <= set(commands)
+    assert commands.count("gateway") == 2
+    assert services["worker"]["deploy"]["replicas"] == 2
     assert services["kafka"]["image"].startswith("apache/kafka:4.")
 
 
