@@ -1,0 +1,194 @@
+"""`llmstream model-server`: run the gRPC model server.
+
+Examples::
+
+    llmstream model-server --engine llamacpp            # SmolLM2-135M-Instruct on CPU
+    llmstream model-server --engine synthetic --synthetic-itl-ms 5
+    llmstream model-server --models models.yaml        # several named models
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from llmstream import config, telemetry
+from model_server.engines import ENGINES
+from model_server.registry import ModelSpec
+from model_server.settings import ModelsConfigError, load_models_file
+from model_server.types import ModelLimits
+
+log = logging.getLogger("model_server")
+
+DEFAULT_NAMES = {"llamacpp": "smollm2", "synthetic": "synthetic"}
+
+
+def _env_bool(name: str) -> bool:
+    return config.get(name).strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llmstream model-server",
+        description="gRPC model server (ModelService): bidirectional token streaming over "
+        "llama.cpp, vLLM or a synthetic engine. Defaults come from LLMSTREAM_* variables.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--engine",
+        choices=sorted(ENGINES),
+        default=config.get("ENGINE"),
+        help="engine of the single model served when --models is not given",
+    )
+    p.add_argument(
+        "--models",
+        default=config.get("MODEL_SERVER_MODELS") or None,
+        help="YAML file with several named models (overrides --engine)",
+    )
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="name of the single model (default: smollm2 / synthetic / vLLM model)",
+    )
+    p.add_argument("--host", default=config.get("MODEL_SERVER_HOST"))
+    p.add_argument("--port", type=int, default=config.get_int("MODEL_SERVER_PORT"))
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=config.get_int("MODEL_SERVER_METRICS_PORT"),
+        help="Prometheus /metrics port; 0 disables it",
+    )
+    p.add_argument(
+        "--metrics-host", default=None, help="bind address of /metrics (default: --host)"
+    )
+    limits = p.add_argument_group("limits (per model; the models file can override them)")
+    limits.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="sequences decoded at once (default: llamacpp instances; synthetic 256; vLLM 64)",
+    )
+    limits.add_argument("--max-queue", type=int, default=config.get_int("MODEL_SERVER_MAX_QUEUE"))
+    limits.add_argument("--max-context", type=int, default=2048)
+    limits.add_argument("--max-tokens", type=int, default=1024)
+    limits.add_argument("--default-max-tokens", type=int, default=256)
+    limits.add_argument("--queue-timeout-s", type=float, default=30.0)
+    limits.add_argument("--request-timeout-s", type=float, default=600.0)
+    srv = p.add_argument_group("server")
+    srv.add_argument(
+        "--drain-timeout-s", type=float, default=float(config.get("MODEL_SERVER_DRAIN_TIMEOUT_S"))
+    )
+    srv.add_argument(
+        "--max-message-bytes", type=int, default=config.get_int("MODEL_SERVER_MAX_MESSAGE_BYTES")
+    )
+    srv.add_argument(
+        "--start-timeout-s",
+        type=float,
+        default=10.0,
+        help="longest wait for the start message of a Generate stream",
+    )
+    srv.add_argument(
+        "--admin",
+        action=argparse.BooleanOptionalAction,
+        default=_env_bool("MODEL_SERVER_ADMIN"),
+        help="serve ModelAdminService (LoadModel/UnloadModel)",
+    )
+    srv.add_argument(
+        "--uvloop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run on uvloop when installed",
+    )
+    srv.add_argument("--log-level", default=config.get("LOG_LEVEL"))
+    lc = p.add_argument_group("llamacpp engine")
+    lc.add_argument("--llamacpp-model-path", default=config.get("LLAMACPP_MODEL_PATH") or None)
+    lc.add_argument("--llamacpp-instances", type=int, default=config.get_int("LLAMACPP_INSTANCES"))
+    lc.add_argument("--llamacpp-threads", type=int, default=config.get_int("LLAMACPP_THREADS"))
+    syn = p.add_argument_group("synthetic engine (not a model)")
+    syn.add_argument(
+        "--synthetic-ttft-ms", type=float, default=float(config.get("SYNTHETIC_TTFT_MS"))
+    )
+    syn.add_argument(
+        "--synthetic-itl-ms", type=float, default=float(config.get("SYNTHETIC_ITL_MS"))
+    )
+    vl = p.add_argument_group("vllm engine")
+    vl.add_argument("--vllm-model", default=config.get("VLLM_MODEL") or None)
+    return p
+
+
+def single_model_spec(args: argparse.Namespace, base: ModelLimits) -> ModelSpec:
+    engine: str = args.engine
+    options: dict[str, object] = {}
+    concurrency = args.max_concurrency
+    if engine == "llamacpp":
+        options = {"instances": args.llamacpp_instances, "n_threads": args.llamacpp_threads}
+        if args.llamacpp_model_path:
+            options["model_path"] = args.llamacpp_model_path
+        concurrency = concurrency or args.llamacpp_instances
+    elif engine == "synthetic":
+        options = {"ttft_ms": args.synthetic_ttft_ms, "itl_ms": args.synthetic_itl_ms}
+        concurrency = concurrency or 256
+    elif engine == "vllm":
+        if not args.vllm_model:
+            raise ModelsConfigError("--engine vllm needs --vllm-model (or LLMSTREAM_VLLM_MODEL)")
+        options = {"model": args.vllm_model}
+        concurrency = concurrency or 64
+    name = (
+        args.model_name
+        or DEFAULT_NAMES.get(engine)
+        or os.path.basename(str(args.vllm_model).rstrip("/"))
+    )
+    limits = dataclasses.replace(base, max_concurrency=int(concurrency))
+    return ModelSpec(name=name, engine=engine, limits=limits, options=options)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    telemetry.setup_logging("model-server", args.log_level)
+    base = ModelLimits(
+        max_concurrency=args.max_concurrency or 4,
+        max_queue=args.max_queue,
+        max_context=args.max_context,
+        max_tokens=args.max_tokens,
+        default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+        queue_timeout_s=args.queue_timeout_s,
+        request_timeout_s=args.request_timeout_s,
+    )
+    try:
+        if args.models:
+            specs = load_models_file(args.models, base)
+        else:
+            specs = [single_model_spec(args, base)]
+    except ModelsConfigError as exc:
+        print(f"llmstream model-server: {exc}", file=sys.stderr)
+        return 2
+    if args.metrics_port:
+        telemetry.setup_metrics(
+            "model-server", args.metrics_port, host=args.metrics_host or args.host
+        )
+
+    from model_server.server import ServerConfig, serve
+
+    cfg = ServerConfig(
+        host=args.host,
+        port=args.port,
+        models=specs,
+        max_message_bytes=args.max_message_bytes,
+        drain_timeout_s=args.drain_timeout_s,
+        start_timeout_s=args.start_timeout_s,
+        admin=args.admin,
+        default_limits=base,
+    )
+    if args.uvloop:
+        try:
+            import uvloop
+
+            return int(uvloop.run(serve(cfg)))
+        except ImportError:
+            pass
+    return asyncio.run(serve(cfg))

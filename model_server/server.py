@@ -1,0 +1,243 @@
+"""The gRPC server: services, health, reflection, limits, drain and signals.
+
+Lifecycle: bind the port (health NOT_SERVING) -> load and warm up every configured model ->
+SERVING. On SIGTERM (or ``drain()``): NOT_SERVING, new streams are refused with UNAVAILABLE,
+in-flight streams get ``drain_timeout_s`` to finish, then are cancelled (finish reason
+CANCELLED, message "shutdown"), then the server stops. A second SIGTERM/SIGINT skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from llmstream.v1 import (
+    model_admin_pb2,
+    model_admin_pb2_grpc,
+    model_service_pb2,
+    model_service_pb2_grpc,
+)
+from model_server.metrics import ServerMetrics
+from model_server.registry import EngineFactory, ModelRegistry, ModelSpec, default_factory
+from model_server.service import ModelAdminService, ModelService, ServerState
+from model_server.types import ModelLimits
+
+log = logging.getLogger(__name__)
+
+MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+ADMIN_SERVICE = model_admin_pb2.DESCRIPTOR.services_by_name["ModelAdminService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    models: Sequence[ModelSpec] = ()
+    # Largest gRPC message accepted or sent; larger ones fail with RESOURCE_EXHAUSTED.
+    max_message_bytes: int = 4 * 1024 * 1024
+    # Concurrent RPCs of all kinds; more are refused by gRPC with RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 4096
+    drain_timeout_s: float = 30.0
+    start_timeout_s: float = 10.0
+    health_interval_s: float = 5.0
+    admin: bool = True
+    reflection: bool = True
+    default_limits: ModelLimits = field(default_factory=ModelLimits)
+    # Keepalive: notice dead clients (a crashed worker) so that their sequences are aborted.
+    keepalive_time_ms: int = 20_000
+    keepalive_timeout_ms: int = 10_000
+
+
+class ModelServer:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        metrics: ServerMetrics | None = None,
+        engine_factory: EngineFactory = default_factory,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or ServerMetrics()
+        self.state = ServerState(start_timeout_s=config.start_timeout_s)
+        self._health_dirty = asyncio.Event()
+        self.registry = ModelRegistry(engine_factory, on_change=self._health_dirty.set)
+        self.metrics.bind(self._load_stats, self._model_infos)
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
+        self._signals = 0
+        self.port = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> int:
+        """Bind and start serving (NOT_SERVING until the models are loaded); returns the port."""
+        cfg = self.config
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.keepalive_time_ms", cfg.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", cfg.keepalive_timeout_ms),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelService(self.registry, self.metrics, self.state), server
+        )
+        names = [MODEL_SERVICE, HEALTH_SERVICE]
+        if cfg.admin:
+            model_admin_pb2_grpc.add_ModelAdminServiceServicer_to_server(
+                ModelAdminService(self.registry, self.state, cfg.default_limits), server
+            )
+            names.append(ADMIN_SERVICE)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if cfg.reflection:
+            names.append(reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, server)
+        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {cfg.host}:{cfg.port}")
+        await self._set_health(NOT_SERVING)
+        await server.start()
+        self._server = server
+        log.info("model server listening on %s:%d", cfg.host, self.port)
+        self._tasks.append(asyncio.create_task(self._health_updater()))
+        return self.port
+
+    async def load_models(self) -> None:
+        for spec in self.config.models:
+            await self.registry.load(spec)
+        self._health_dirty.set()
+        if self.config.health_interval_s > 0:
+            self._tasks.append(asyncio.create_task(self._health_monitor()))
+
+    async def drain(self, timeout_s: float | None = None) -> int:
+        """Refuse new streams, let in-flight ones finish up to the timeout, cancel the rest.
+        Returns how many were cancelled."""
+        self.state.draining = True
+        await self._set_health(NOT_SERVING)
+        timeout = self.config.drain_timeout_s if timeout_s is None else timeout_s
+        in_flight = sum(h.in_flight for h in self.registry.handles())
+        log.info("draining: %d streams in flight, timeout %.1fs", in_flight, timeout)
+        cancelled = await self.registry.drain(timeout, "shutdown")
+        if cancelled:
+            log.warning("drain timeout: cancelled %d streams", cancelled)
+        return cancelled
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        if self._stopped.is_set():
+            return
+        self.state.draining = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        await self.registry.close()
+        self._stopped.set()
+        log.info("model server stopped")
+
+    async def shutdown(self) -> None:
+        """Drain, then stop (what SIGTERM does)."""
+        started = time.monotonic()
+        await self.drain()
+        await self.stop()
+        log.info("shutdown took %.2fs", time.monotonic() - started)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("%s: draining", sig.name)
+            self._drain_task = asyncio.ensure_future(self.shutdown())
+        else:
+            log.warning("%s again: cancelling in-flight streams now", sig.name)
+            for h in self.registry.handles():
+                h.cancel_all("shutdown")
+
+    # -- health ----------------------------------------------------------------------------
+    def serving_status(self) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+        if self.state.draining or not self.registry.serving:
+            return NOT_SERVING
+        return SERVING
+
+    async def _set_health(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        for name in ("", MODEL_SERVICE):
+            await self.health.set(name, status)
+
+    async def _health_updater(self) -> None:
+        while True:
+            await self._health_dirty.wait()
+            self._health_dirty.clear()
+            await self._set_health(self.serving_status())
+
+    async def _health_monitor(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            try:
+                await self.registry.check_health()
+            except Exception:
+                log.exception("health check failed")
+
+    # -- metrics sources -------------------------------------------------------------------
+    def _load_stats(self) -> list[tuple[str, int, int]]:
+        out = []
+        for h in self.registry.handles():
+            try:
+                out.append((h.name, h.engine.running, h.engine.waiting))
+            except Exception:  # an engine being torn down
+                continue
+        return out
+
+    def _model_infos(self) -> list[tuple[str, str, str, str]]:
+        return [(h.name, h.version, h.spec.engine, h.state.value) for h in self.registry.handles()]
+
+
+async def serve(config: ServerConfig, metrics: ServerMetrics | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    server = ModelServer(config, metrics=metrics)
+    server.install_signal_handlers()
+    await server.start()
+    loading = asyncio.create_task(server.load_models())
+    stopped = asyncio.create_task(server.wait_stopped())
+    await asyncio.wait({loading, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():  # a signal arrived while the models were loading
+        loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await loading
+        await server.stop(0)
+        return 0
+    if loading.exception() is not None:
+        log.error("loading models failed: %s", loading.exception())
+        stopped.cancel()
+        await server.stop(0)
+        return 1
+    log.info("serving models: %s", ", ".join(h.name for h in server.registry.current()))
+    await stopped
+    return 0

@@ -1,0 +1,368 @@
+"""gRPC servicers: the thin async shell around the registry and ``Generation``.
+
+Status codes: INVALID_ARGUMENT (field named), NOT_FOUND (unknown model), RESOURCE_EXHAUSTED
+(queue full or no slot within the queue timeout), UNAVAILABLE (draining, model loading or
+unhealthy), INTERNAL (engine failure: sent after the final message). A rejected call gets
+no message; a call that started gets exactly one ``finish`` as its last message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import json_format
+
+from llmstream import telemetry
+from llmstream.v1 import (
+    common_pb2,
+    model_admin_pb2,
+    model_admin_pb2_grpc,
+    model_service_pb2,
+    model_service_pb2_grpc,
+)
+from model_server.engines import ENGINES
+from model_server.errors import (
+    InvalidArgument,
+    ModelServerError,
+    Overloaded,
+    Unavailable,
+)
+from model_server.generation import Delta, Finished, Generation
+from model_server.metrics import ServerMetrics
+from model_server.registry import ModelHandle, ModelRegistry, ModelSpec, ModelState
+from model_server.types import Finish, ModelLimits, TokenLogprobs
+from model_server.validation import parse_prompt, parse_start, prepare, tokenize_prompt
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS: dict[Finish, int] = {
+    Finish.STOP: common_pb2.FINISH_REASON_STOP,
+    Finish.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    Finish.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+    Finish.ERROR: common_pb2.FINISH_REASON_ERROR,
+    Finish.TIMEOUT: common_pb2.FINISH_REASON_TIMEOUT,
+}
+
+
+@dataclass
+class ServerState:
+    """Flags shared by the servicers and the server wiring."""
+
+    draining: bool = False
+    # Longest wait for the first (start) message of a Generate stream.
+    start_timeout_s: float = 10.0
+
+
+def status_code(err: ModelServerError) -> grpc.StatusCode:
+    code: grpc.StatusCode = getattr(grpc.StatusCode, err.code)
+    return code
+
+
+def model_info(handle: ModelHandle) -> model_service_pb2.ModelInfo:
+    return model_service_pb2.ModelInfo(
+        name=handle.name,
+        version=handle.version,
+        engine=handle.spec.engine,
+        max_context=handle.max_context,
+        max_tokens=handle.limits.max_tokens,
+        max_concurrency=handle.max_concurrency,
+    )
+
+
+def _logprobs_pb(lps: list[TokenLogprobs]) -> list[common_pb2.TokenLogprob]:
+    return [
+        common_pb2.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+        )
+        for lp in lps
+    ]
+
+
+def delta_message(d: Delta) -> model_service_pb2.GenerateResponse:
+    delta = model_service_pb2.GenerateDelta(seq=d.seq, text=d.text, token_ids=d.token_ids)
+    if d.logprobs:
+        delta.logprobs.extend(_logprobs_pb(d.logprobs))
+    return model_service_pb2.GenerateResponse(delta=delta)
+
+
+def finish_message(f: Finished) -> model_service_pb2.GenerateResponse:
+    return model_service_pb2.GenerateResponse(
+        finish=model_service_pb2.GenerateFinish(
+            finish_reason=FINISH_REASONS[f.reason],  # type: ignore[arg-type]
+            usage=common_pb2.Usage(
+                prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens
+            ),
+            timings=common_pb2.Timings(
+                queue_us=f.queue_us,
+                time_to_first_token_us=f.time_to_first_token_us,
+                total_us=f.total_us,
+            ),
+            message=f.message,
+            last_seq=f.last_seq,
+        )
+    )
+
+
+QUIET_CODES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE"})
+
+
+def trace_id_of(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The trace id of a W3C `traceparent` in the call's metadata (for log lines)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent" and isinstance(value, str):
+            parts = value.split("-")
+            if len(parts) == 4 and len(parts[1]) == 32:
+                return parts[1]
+    return None
+
+
+def log_finished(gen: Generation, handle: ModelHandle) -> None:
+    fin = gen.finished
+    if fin is None:
+        return
+    log.info(
+        "generate finished: %s",
+        fin.reason.value,
+        extra=telemetry.fields(
+            model=handle.name,
+            version=handle.version,
+            finish_reason=fin.reason.value,
+            prompt_tokens=fin.prompt_tokens,
+            completion_tokens=fin.completion_tokens,
+            continuation_tokens=len(gen.req.continuation_token_ids),
+            queue_ms=fin.queue_us / 1000,
+            ttft_ms=fin.time_to_first_token_us / 1000,
+            total_ms=fin.total_us / 1000,
+            message=fin.message,
+        ),
+    )
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, registry: ModelRegistry, metrics: ServerMetrics, state: ServerState) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.state = state
+
+    async def _reject(
+        self, context: grpc.aio.ServicerContext[Any, Any], err: ModelServerError, model: str
+    ) -> NoReturn:
+        self.metrics.rejected.add(1, {"code": err.code, "model_name": model})
+        # Overload and draining are counted by the metric; logging each would flood the log.
+        level = logging.DEBUG if err.code in QUIET_CODES else logging.INFO
+        log.log(level, "generate rejected: %s %s", err.code, err)
+        await context.abort(status_code(err), str(err))
+        raise AssertionError("unreachable")  # context.abort raises
+
+    async def Generate(  # type: ignore[override]  # writes with context.write()
+        self,
+        request_iterator: Any,
+        context: grpc.aio.ServicerContext[
+            model_service_pb2.GenerateRequest, model_service_pb2.GenerateResponse
+        ],
+    ) -> None:
+        try:
+            first = await asyncio.wait_for(context.read(), self.state.start_timeout_s)
+        except TimeoutError:
+            err = InvalidArgument(
+                "start", f"no start message within {self.state.start_timeout_s:g}s"
+            )
+            await self._reject(context, err, "")
+        if first is grpc.aio.EOF:
+            await self._reject(
+                context, InvalidArgument("start", "stream closed before a start message"), ""
+            )
+        assert isinstance(first, model_service_pb2.GenerateRequest)
+        if first.WhichOneof("kind") != "start":
+            await self._reject(
+                context, InvalidArgument("start", "the first message must be `start`"), ""
+            )
+        start = first.start
+        model = start.model
+        try:
+            if self.state.draining:
+                raise Unavailable("the server is draining; retry on another replica")
+            if not model:
+                raise InvalidArgument("start.model", "must not be empty")
+            handle = self.registry.get(model)
+            parsed = parse_start(start, handle.limits)
+            handle.admit()
+        except ModelServerError as err:
+            await self._reject(context, err, model)
+        try:
+            prepared = await prepare(parsed, handle)
+        except ModelServerError as err:
+            handle.release()
+            await self._reject(context, err, model)
+        except BaseException:
+            handle.release()
+            raise
+
+        gen = Generation(
+            handle.engine,
+            prepared.request,
+            model_name=handle.name,
+            metrics=self.metrics,
+            request_timeout_s=handle.limits.request_timeout_s,
+            length_message=prepared.length_message,
+        )
+        handle.generations.add(gen)
+        protocol_error: list[str] = []
+        reader = asyncio.create_task(self._read_control(context, gen, protocol_error))
+        overloaded: Overloaded | None = None
+        trace_id = trace_id_of(context)
+        with telemetry.log_context(request_id=parsed.request_id, trace_id=trace_id):
+            try:
+                async with contextlib.aclosing(gen.run()) as events:
+                    async for event in events:
+                        if isinstance(event, Delta):
+                            await context.write(delta_message(event))
+                        else:
+                            await context.write(finish_message(event))
+            except Overloaded as err:
+                overloaded = err
+            finally:
+                reader.cancel()
+                handle.generations.discard(gen)
+                handle.release()
+                log_finished(gen, handle)
+        if overloaded is not None:
+            await self._reject(context, overloaded, model)
+        fin = gen.finished
+        if fin is not None and fin.reason is Finish.ERROR:
+            await context.abort(grpc.StatusCode.INTERNAL, fin.message or "engine failure")
+        if protocol_error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, protocol_error[0])
+
+    async def _read_control(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        gen: Generation,
+        protocol_error: list[str],
+    ) -> None:
+        """Reads the client's further messages: `cancel` aborts; half-close does not."""
+        try:
+            while True:
+                msg = await context.read()
+                if msg is grpc.aio.EOF:
+                    return
+                kind = msg.WhichOneof("kind")
+                if kind == "cancel":
+                    gen.cancel(msg.cancel.reason or "client")
+                    return
+                if kind == "start":
+                    protocol_error.append("start: sent twice on one stream")
+                    gen.cancel("protocol error: a second start message")
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the RPC ended; the main task handles that
+            log.debug("control stream ended: %r", exc)
+
+    async def ListModels(
+        self,
+        request: model_service_pb2.ListModelsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> model_service_pb2.ListModelsResponse:
+        return model_service_pb2.ListModelsResponse(
+            models=[model_info(h) for h in self.registry.current() if h.state is ModelState.READY]
+        )
+
+    async def Tokenize(
+        self,
+        request: model_service_pb2.TokenizeRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> model_service_pb2.TokenizeResponse:
+        try:
+            if not request.model:
+                raise InvalidArgument("model", "must not be empty")
+            handle = self.registry.get(request.model)
+            prompt = parse_prompt(request.prompt, "prompt", handle.limits)
+            ids = await tokenize_prompt(handle, prompt, "prompt")
+        except ModelServerError as err:
+            await context.abort(status_code(err), str(err))
+        return model_service_pb2.TokenizeResponse(token_ids=ids)
+
+
+class ModelAdminService(model_admin_pb2_grpc.ModelAdminServiceServicer):
+    def __init__(
+        self, registry: ModelRegistry, state: ServerState, default_limits: ModelLimits
+    ) -> None:
+        self.registry = registry
+        self.state = state
+        self.default_limits = default_limits
+
+    async def LoadModel(
+        self,
+        request: model_admin_pb2.LoadModelRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> model_admin_pb2.LoadModelResponse:
+        try:
+            if self.state.draining:
+                raise Unavailable("the server is draining")
+            spec = spec_from_request(request, self.default_limits)
+            started = time.monotonic()
+            handle, replaced = await self.registry.load(spec)
+        except ModelServerError as err:
+            await context.abort(status_code(err), str(err))
+        log.info(
+            "admin: loaded %s version %s in %.2fs",
+            handle.name,
+            handle.version,
+            time.monotonic() - started,
+        )
+        return model_admin_pb2.LoadModelResponse(
+            model=model_info(handle), replaced_version=replaced or ""
+        )
+
+    async def UnloadModel(
+        self,
+        request: model_admin_pb2.UnloadModelRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> model_admin_pb2.UnloadModelResponse:
+        try:
+            if not request.name:
+                raise InvalidArgument("name", "must not be empty")
+            timeout = (request.drain_timeout_ms or 30_000) / 1000.0
+            cancelled = await self.registry.unload(request.name, timeout)
+        except ModelServerError as err:
+            await context.abort(status_code(err), str(err))
+        return model_admin_pb2.UnloadModelResponse(cancelled_streams=cancelled)
+
+
+def spec_from_request(
+    request: model_admin_pb2.LoadModelRequest, defaults: ModelLimits
+) -> ModelSpec:
+    if not request.name:
+        raise InvalidArgument("name", "must not be empty")
+    if request.engine not in ENGINES:
+        raise InvalidArgument("engine", f"must be one of {', '.join(sorted(ENGINES))}")
+    lim = request.limits
+    changes: dict[str, Any] = {}
+    for f in ("max_concurrency", "max_queue", "max_context", "max_tokens", "default_max_tokens"):
+        value = getattr(lim, f)
+        if value:
+            changes[f] = int(value)
+    if lim.queue_timeout_ms:
+        changes["queue_timeout_s"] = lim.queue_timeout_ms / 1000.0
+    if lim.request_timeout_ms:
+        changes["request_timeout_s"] = lim.request_timeout_ms / 1000.0
+    limits = replace(defaults, **changes)
+    if limits.default_max_tokens > limits.max_tokens:
+        limits = replace(limits, default_max_tokens=limits.max_tokens)
+    options = json_format.MessageToDict(request.options) if request.HasField("options") else {}
+    return ModelSpec(
+        name=request.name,
+        engine=request.engine,
+        version=request.version or None,
+        limits=limits,
+        options=options,
+    )

@@ -1,0 +1,119 @@
+"""The synthetic engine on its own: determinism, pace, abort, queueing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from model_server.engines.synthetic import VOCAB_SIZE, SyntheticEngine, next_token, token_bytes
+from model_server.errors import EngineError, Overloaded
+from model_server.types import EngineRequest, Finish, ModelLimits, Sampling
+
+
+def req(
+    rid: str = "r", n: int = 20, cont: list[int] | None = None, **sampling: object
+) -> EngineRequest:
+    return EngineRequest(
+        request_id=rid,
+        prompt_token_ids=list(b"prompt"),
+        max_new_tokens=n,
+        sampling=Sampling(**sampling),  # type: ignore[arg-type]
+        continuation_token_ids=cont or [],
+        arrival=time.monotonic(),
+    )
+
+
+async def collect(eng: SyntheticEngine, r: EngineRequest) -> tuple[list[int], Finish | None]:
+    ids: list[int] = []
+    finish = None
+    async for step in eng.generate(r):
+        ids.extend(step.token_ids)
+        finish = step.finish or finish
+    return ids, finish
+
+
+async def engine(**options: float) -> SyntheticEngine:
+    limits = ModelLimits(max_concurrency=int(options.pop("slots", 4)), queue_timeout_s=0.2)
+    eng = SyntheticEngine({"ttft_ms": 1, "itl_ms": 0, **options}, limits)
+    await eng.load()
+    return eng
+
+
+async def test_output_is_a_function_of_prompt_seed_and_position() -> None:
+    eng = await engine()
+    a, fin = await collect(eng, req(temperature=0.0))
+    b, _ = await collect(eng, req(temperature=0.0))
+    assert a == b and fin is Finish.LENGTH and len(a) == 20
+    s1, _ = await collect(eng, req(temperature=1.0, seed=1))
+    s2, _ = await collect(eng, req(temperature=1.0, seed=2))
+    assert s1 != s2
+    r1, _ = await collect(eng, req(temperature=1.0))
+    r2, _ = await collect(eng, req(temperature=1.0))
+    assert r1 != r2  # unseeded sampling is random, like a model
+    assert all(0 <= t < VOCAB_SIZE for t in a + s1 + r1)
+    tail, _ = await collect(eng, req(n=12, cont=a[:8], temperature=0.0))
+    assert tail == a[8:]
+
+
+def test_multibyte_characters_are_complete_sequences() -> None:
+    ids = []
+    prev = -1
+    for i in range(3000):
+        prev = next_token(12345, 0, i, prev)
+        ids.append(prev)
+    text = b"".join(token_bytes(t) for t in ids)
+    decoded = text.decode("utf-8", errors="strict" if ids[-1] < 128 or ids[-1] > 255 else "ignore")
+    assert any(ch in decoded for ch in "éü€😀")
+
+
+async def test_pace_follows_ttft_and_itl() -> None:
+    eng = await engine(ttft_ms=30, itl_ms=10)
+    r = req(n=11)
+    times: list[float] = []
+    async for step in eng.generate(r):
+        times.extend(step.times)
+    assert r.scheduled_at is not None
+    ttft = times[0] - r.scheduled_at
+    assert 0.028 <= ttft < 1.0
+    assert times[-1] - r.scheduled_at >= 0.129  # absolute schedule: ttft + 10 gaps of 10 ms
+    assert times[-1] - times[0] < 1.0
+
+
+async def test_abort_while_queued_and_while_running() -> None:
+    eng = await engine(slots=1, itl_ms=5)
+    running = asyncio.create_task(collect(eng, req("a", n=1000)))
+    await asyncio.sleep(0.02)
+    queued = asyncio.create_task(collect(eng, req("b", n=5)))
+    await asyncio.sleep(0.01)
+    assert eng.running == 1 and eng.waiting == 1
+    await eng.abort("b")
+    ids, fin = await queued
+    assert ids == [] and fin is Finish.CANCELLED
+    await eng.abort("a")
+    ids, fin = await running
+    assert fin is Finish.CANCELLED and 0 < len(ids) < 1000
+    assert eng.active_requests() == frozenset() and eng.running == 0
+
+
+async def test_queue_timeout_raises_overloaded() -> None:
+    eng = await engine(slots=1, itl_ms=5)
+    running = asyncio.create_task(collect(eng, req("a", n=200)))
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded):
+        await collect(eng, req("b", n=5))
+    assert eng.waiting == 0
+    await eng.abort("a")
+    await running
+
+
+async def test_fault_injection() -> None:
+    eng = await engine(fail_marker="BOOM", fail_after=4)  # type: ignore[arg-type]
+    r = req(n=10)
+    r.prompt_token_ids = list(b"go BOOM")
+    got: list[int] = []
+    with pytest.raises(EngineError):
+        async for step in eng.generate(r):
+            got.extend(step.token_ids)
+    assert len(got) == 4
