@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import importlib.util
 import os
 import signal
@@ -47,10 +48,14 @@ def _built(module: str) -> bool:
 
 
 async def _dev_key() -> str:
-    """The dev tenant's key, kept in the state dir so every `up` prints the same one."""
+    """The dev tenant's key, kept in the state dir so every `up` prints the same one.
+
+    One file per database: a key is only valid in the database that holds its hash.
+    """
     from llmstream import admin
 
-    path = config.state_dir() / "dev_api_key"
+    database = hashlib.sha256(config.database_url().encode()).hexdigest()[:12]
+    path = config.state_dir() / f"dev_api_key.{database}"
     if path.exists():
         key = path.read_text().strip()
         if await admin.key_is_active(key):

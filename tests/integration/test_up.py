@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from llmstream import infra
+from llmstream import config, infra
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +62,9 @@ def test_up_reuses_running_infra_prints_key_and_stops_cleanly(db_env: str) -> No
     again.send_signal(signal.SIGINT)
     assert again.wait(30) == 0
     assert second == key_lines[0]
+    # The key file belongs to this session's throwaway database: remove it.
+    database = hashlib.sha256(db_env.encode()).hexdigest()[:12]
+    (config.state_dir() / f"dev_api_key.{database}").unlink()
 
 
 def test_up_with_unreachable_database_fails_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
