@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from psycopg.conninfo import make_conninfo
 
+from aggregator.testing import Topics, fresh_database, fresh_topics
 from llmstream import config, migrate
 
 
@@ -93,3 +94,17 @@ async def topic_name(kafka_bootstrap: str) -> AsyncIterator[str]:
         await asyncio.wait_for(admin.delete_topics([name]), 15)
     finally:
         await admin.close()
+
+
+@pytest.fixture
+async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
+    """Fresh prompts + tokens (+ DLQ) topics, deleted afterwards."""
+    async with fresh_topics(kafka_bootstrap) as t:
+        yield t
+
+
+@pytest.fixture
+async def db(server_database_url: str) -> AsyncIterator[str]:
+    """A fresh migrated database per test (the aggregator tests need clean projections)."""
+    async with fresh_database(server_database_url) as url:
+        yield url

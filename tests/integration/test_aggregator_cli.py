@@ -10,7 +10,6 @@ import socket
 import sys
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -18,8 +17,6 @@ import redis.asyncio as aioredis
 from aggregator import synthetic
 from aggregator.testing import (
     Topics,
-    fresh_database,
-    fresh_topics,
     new_producer,
     produce,
     wait_caught_up,
@@ -27,18 +24,6 @@ from aggregator.testing import (
 from llmstream import codec, quota_keys
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
-    async with fresh_topics(kafka_bootstrap) as t:
-        yield t
-
-
-@pytest.fixture
-async def db(server_database_url: str) -> AsyncIterator[str]:
-    async with fresh_database(server_database_url) as url:
-        yield url
 
 
 def free_port() -> int:

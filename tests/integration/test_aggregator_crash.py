@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psycopg
@@ -22,8 +21,6 @@ from aggregator import synthetic
 from aggregator.testing import (
     Topics,
     end_offsets,
-    fresh_database,
-    fresh_topics,
     new_producer,
     produce,
     stored_offsets,
@@ -35,18 +32,6 @@ pytestmark = pytest.mark.integration
 
 KILLS = int(os.environ.get("LLMSTREAM_TEST_KILLS", "10"))
 REQUESTS = 1000
-
-
-@pytest.fixture
-async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
-    async with fresh_topics(kafka_bootstrap) as t:
-        yield t
-
-
-@pytest.fixture
-async def db(server_database_url: str) -> AsyncIterator[str]:
-    async with fresh_database(server_database_url) as url:
-        yield url
 
 
 def start_aggregator(env: dict[str, str], log: Path, replica: int) -> subprocess.Popen[bytes]:

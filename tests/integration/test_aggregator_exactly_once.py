@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -19,7 +18,6 @@ from aggregator.service import Aggregator, Settings
 from aggregator.store import Batch, Fenced, ProjectionStore, Settlement
 from aggregator.testing import (
     Topics,
-    fresh_database,
     fresh_topics,
     new_producer,
     produce,
@@ -28,12 +26,6 @@ from aggregator.testing import (
 from llmstream import codec, quota_keys
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def db(server_database_url: str) -> AsyncIterator[str]:
-    async with fresh_database(server_database_url) as url:
-        yield url
 
 
 def batch_of(

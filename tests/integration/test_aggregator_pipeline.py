@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -15,23 +15,11 @@ import redis.asyncio as aioredis
 
 from aggregator import synthetic
 from aggregator.service import Aggregator, Settings
-from aggregator.testing import Topics, fresh_database, fresh_topics, new_producer, produce
+from aggregator.testing import Topics, new_producer, produce
 from aggregator.testing import wait_caught_up as caught_up
 from llmstream import codec, quota_keys
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
-    async with fresh_topics(kafka_bootstrap) as t:
-        yield t
-
-
-@pytest.fixture
-async def db(server_database_url: str) -> AsyncIterator[str]:
-    async with fresh_database(server_database_url) as url:
-        yield url
 
 
 async def reserve(client: aioredis.Redis, plans: list[synthetic.RequestPlan], at_ms: int) -> None:

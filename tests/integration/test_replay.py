@@ -10,7 +10,6 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
@@ -20,26 +19,12 @@ from aggregator.service import Aggregator, Settings
 from aggregator.testing import (
     Topics,
     end_offsets,
-    fresh_database,
-    fresh_topics,
     new_producer,
     produce,
     wait_caught_up,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
-    async with fresh_topics(kafka_bootstrap) as t:
-        yield t
-
-
-@pytest.fixture
-async def db(server_database_url: str) -> AsyncIterator[str]:
-    async with fresh_database(server_database_url) as url:
-        yield url
 
 
 def plans_for(run: str, n: int, seed: int) -> list[synthetic.RequestPlan]:
