@@ -93,7 +93,8 @@ async def test_metrics_graceful_stop_and_quota_rebuild(
         text = ""
         for _ in range(50):
             text = await asyncio.to_thread(scrape, port)
-            if "llmstream_aggregator_bills_total" in text:
+            # Lag series appear once the consumer knows each partition's high watermark.
+            if "llmstream_aggregator_bills_total" in text and "lag_events{" in text:
                 break
             await asyncio.sleep(0.1)
         assert value(text, "llmstream_aggregator_bills_total") == 30

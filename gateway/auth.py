@@ -1,0 +1,194 @@
+"""Authentication: API keys (PostgreSQL, SHA-256, cached briefly), browser sessions (Redis,
+sliding TTL) and the Origin allow-list. Keys are never logged or stored outside the database
+hash; sessions store only the key id and tenant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
+
+import redis.asyncio as aioredis
+
+from gateway.quota import Limits
+from llmstream import apikeys
+
+SESSION_COOKIE = "llmstream_session"
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant_id: str
+    key_id: str
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    key_id: str
+    tenant_id: str
+    key_sha256: bytes
+    active: bool  # key not revoked and tenant not disabled
+    limits: Limits
+
+
+KEY_QUERY = """
+SELECT k.id, k.tenant_id, k.key_sha256,
+       (k.revoked_at IS NULL AND t.disabled_at IS NULL),
+       q.name, q.requests_per_minute, q.tokens_per_day, q.tokens_per_month,
+       q.max_concurrent_streams, q.max_tokens_per_request, q.max_sockets
+FROM api_keys k JOIN tenants t ON t.id = k.tenant_id JOIN quota_tiers q ON q.name = t.tier
+WHERE k.id = %s
+"""
+
+Lookup = Callable[[str], Awaitable[KeyRow | None]]
+
+
+def pg_lookup(pool: object) -> Lookup:
+    """Key row by id from a psycopg AsyncConnectionPool."""
+
+    async def lookup(key_id: str) -> KeyRow | None:
+        async with pool.connection() as conn:  # type: ignore[attr-defined]
+            cur = await conn.execute(KEY_QUERY, (key_id,))
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return KeyRow(
+            key_id=row[0],
+            tenant_id=row[1],
+            key_sha256=bytes(row[2]),
+            active=bool(row[3]),
+            limits=Limits(row[4], *(int(v) for v in row[5:11])),
+        )
+
+    return lookup
+
+
+class KeyCache:
+    """Verified key rows by key id, kept `ttl_s` seconds: a revoked key is refused at most
+    `ttl_s` later (on the next action of an open socket)."""
+
+    def __init__(self, lookup: Lookup, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self.lookup = lookup
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._rows: dict[str, tuple[float, KeyRow | None]] = {}
+
+    async def row(self, key_id: str) -> KeyRow | None:
+        now = self.clock()
+        hit = self._rows.get(key_id)
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        row = await self.lookup(key_id)
+        if len(self._rows) > 100_000:
+            self._rows.clear()
+        self._rows[key_id] = (now, row)
+        return row
+
+    async def verify_key(self, key: str) -> Principal | None:
+        """Principal of a presented key, or None (malformed, unknown, wrong secret, revoked)."""
+        key_id = apikeys.key_id_of(key)
+        if key_id is None:
+            return None
+        row = await self.row(key_id)
+        if row is None or not row.active or not apikeys.matches(key, row.key_sha256):
+            return None
+        return Principal(row.tenant_id, row.key_id, row.limits)
+
+    async def still_valid(self, principal: Principal) -> Principal | None:
+        """Re-check an authenticated principal (revocation, tier change) through the cache."""
+        row = await self.row(principal.key_id)
+        if row is None or not row.active or row.tenant_id != principal.tenant_id:
+            return None
+        return Principal(row.tenant_id, row.key_id, row.limits)
+
+
+def bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def cookie_value(cookie_header: str | None, name: str = SESSION_COOKIE) -> str | None:
+    if not cookie_header:
+        return None
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(cookie_header)
+    except Exception:
+        return None
+    morsel = jar.get(name)
+    return morsel.value if morsel is not None and morsel.value else None
+
+
+def origin_allowed(origin: str | None, allowed: list[str], host: str | None) -> bool:
+    """Browsers always send Origin on upgrades; clients that send none are not browsers (and
+    authenticate with a bearer key). `*` allows any origin; an empty list allows only the
+    gateway's own host."""
+    if origin is None:
+        return True
+    if "*" in allowed or origin in allowed:
+        return True
+    if not allowed and host:
+        return origin in (f"http://{host}", f"https://{host}")
+    return False
+
+
+class Sessions:
+    """Browser sessions: `gw:session:<sha256(id)>` -> "key_id tenant_id", sliding TTL."""
+
+    def __init__(self, client: aioredis.Redis, ttl_s: int, prefix: str = "gw:session:"):
+        self.client = client
+        self.ttl_s = ttl_s
+        self.prefix = prefix
+
+    def _key(self, session_id: str) -> str:
+        return self.prefix + hashlib.sha256(session_id.encode()).hexdigest()
+
+    async def create(self, principal: Principal) -> str:
+        session_id = secrets.token_urlsafe(32)
+        await self.client.set(
+            self._key(session_id), f"{principal.key_id} {principal.tenant_id}", ex=self.ttl_s
+        )
+        return session_id
+
+    async def lookup(self, session_id: str) -> tuple[str, str] | None:
+        """(key_id, tenant_id) of a live session; refreshes its TTL."""
+        if len(session_id) > 100:
+            return None
+        key = self._key(session_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(key)
+        pipe.expire(key, self.ttl_s)
+        value, _ = await pipe.execute()
+        if not value:
+            return None
+        key_id, _, tenant_id = value.decode().partition(" ")
+        return key_id, tenant_id
+
+    async def delete(self, session_id: str) -> None:
+        await self.client.delete(self._key(session_id))
+
+
+def set_cookie(session_id: str, max_age_s: int, secure: bool) -> str:
+    parts = [
+        f"{SESSION_COOKIE}={session_id}",
+        "Path=/",
+        "HttpOnly",
+        "SameSite=Strict",
+        f"Max-Age={max_age_s}",
+    ]
+    if secure:
+        parts.append("Secure")
+    return "; ".join(parts)
+
+
+def clear_cookie() -> str:
+    return f"{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"

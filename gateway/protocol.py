@@ -1,0 +1,376 @@
+"""WebSocket protocol v1 (docs/protocol.md): client frames -> typed messages, server frames.
+
+Pure: no I/O. `parse` turns one client frame into a `Submit`, `Cancel`, `Resume` or `Ping`,
+or raises `ProtocolError` whose `frame()` is the `invalid_request` error to send back (it names
+the offending field). Nothing here ever lets a traceback reach a client.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL = "llmstream.v1"
+
+# Error codes (docs/protocol.md).
+UNAUTHORIZED = "unauthorized"
+FORBIDDEN = "forbidden"
+INVALID_REQUEST = "invalid_request"
+QUOTA_EXCEEDED = "quota_exceeded"
+OVERLOADED = "overloaded"
+NOT_FOUND = "not_found"
+INTERNAL = "internal"
+
+# Close codes.
+CLOSE_SLOW_CONSUMER = 4008  # send buffer full: reconnect and resume
+CLOSE_UNAUTHORIZED = 4401  # key revoked / session ended
+CLOSE_DRAIN = 1012  # service restart: reconnect (to another replica) and resume
+
+MAX_PROMPT_CHARS = 32_000
+MAX_MESSAGES = 64
+MAX_STOP = 8
+MAX_STOP_CHARS = 64
+MAX_ID_CHARS = 128
+ROLES = frozenset({"system", "user", "assistant"})
+
+
+class ProtocolError(ValueError):
+    """A client frame is unusable; `frame()` is the error frame to send."""
+
+    def __init__(
+        self,
+        message: str,
+        field_name: str | None = None,
+        client_ref: str | None = None,
+        code: str = INVALID_REQUEST,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field_name
+        self.client_ref = client_ref
+        self.code = code
+
+    def frame(self) -> str:
+        return error(self.code, self.message, field_name=self.field, client_ref=self.client_ref)
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Submit:
+    model: str
+    max_tokens: int
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] = ()
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    idempotency_key: str | None = None
+    client_ref: str | None = None
+
+    def prompt_chars(self) -> int:
+        if self.prompt is not None:
+            return len(self.prompt)
+        return sum(len(m.content) + len(m.role) for m in self.messages)
+
+
+@dataclass(frozen=True)
+class Cancel:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Resume:
+    request_id: str
+    after_seq: int = 0
+
+
+@dataclass(frozen=True)
+class Ping:
+    data: Any = None
+
+
+Message = Submit | Cancel | Resume | Ping
+
+
+def _str(
+    obj: dict[str, Any],
+    name: str,
+    ref: str | None,
+    *,
+    required: bool = False,
+    max_chars: int = MAX_ID_CHARS,
+    allow_empty: bool = False,
+) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise ProtocolError(f"`{name}` is required", name, ref)
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError(f"`{name}` must be a string", name, ref)
+    if not value and not allow_empty:
+        raise ProtocolError(f"`{name}` must not be empty", name, ref)
+    if len(value) > max_chars:
+        raise ProtocolError(f"`{name}` is longer than {max_chars} characters", name, ref)
+    return value
+
+
+def _int(
+    obj: dict[str, Any], name: str, ref: str | None, lo: int, hi: int, *, required: bool = False
+) -> int | None:
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise ProtocolError(f"`{name}` is required", name, ref)
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"`{name}` must be an integer", name, ref)
+    if not lo <= value <= hi:
+        raise ProtocolError(f"`{name}` must be between {lo} and {hi}", name, ref)
+    return value
+
+
+def _float(
+    obj: dict[str, Any], name: str, ref: str | None, lo: float, hi: float, lo_open: bool = False
+) -> float | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ProtocolError(f"`{name}` must be a number", name, ref)
+    if value > hi or value < lo or (lo_open and value == lo):
+        bound = "(" if lo_open else "["
+        raise ProtocolError(f"`{name}` must be in {bound}{lo}, {hi}]", name, ref)
+    return float(value)
+
+
+def _submit(obj: dict[str, Any], ref: str | None) -> Submit:
+    model = _str(obj, "model", ref, required=True)
+    assert model is not None
+    max_tokens = _int(obj, "max_tokens", ref, 1, 1_000_000, required=True)
+    assert max_tokens is not None
+    prompt = obj.get("prompt")
+    raw_messages = obj.get("messages")
+    if (prompt is None) == (raw_messages is None):
+        raise ProtocolError("exactly one of `prompt` or `messages` is required", "prompt", ref)
+    messages: list[ChatMessage] = []
+    if prompt is not None:
+        prompt = _str(obj, "prompt", ref, max_chars=MAX_PROMPT_CHARS)
+    else:
+        if not isinstance(raw_messages, list) or not raw_messages:
+            raise ProtocolError("`messages` must be a non-empty list", "messages", ref)
+        if len(raw_messages) > MAX_MESSAGES:
+            raise ProtocolError(f"`messages` has more than {MAX_MESSAGES} items", "messages", ref)
+        total = 0
+        for i, m in enumerate(raw_messages):
+            where = f"messages[{i}]"
+            if not isinstance(m, dict):
+                raise ProtocolError(f"`{where}` must be an object", where, ref)
+            role, content = m.get("role"), m.get("content")
+            if role not in ROLES:
+                raise ProtocolError(
+                    f"`{where}.role` must be one of {sorted(ROLES)}", f"{where}.role", ref
+                )
+            if not isinstance(content, str):
+                raise ProtocolError(f"`{where}.content` must be a string", f"{where}.content", ref)
+            total += len(content)
+            messages.append(ChatMessage(str(role), content))
+        if total > MAX_PROMPT_CHARS:
+            raise ProtocolError(
+                f"`messages` are longer than {MAX_PROMPT_CHARS} characters", "messages", ref
+            )
+    stop_raw = obj.get("stop", [])
+    if isinstance(stop_raw, str):
+        stop_raw = [stop_raw]
+    if not isinstance(stop_raw, list) or len(stop_raw) > MAX_STOP:
+        raise ProtocolError(f"`stop` must be a list of at most {MAX_STOP} strings", "stop", ref)
+    for s in stop_raw:
+        if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
+            raise ProtocolError(
+                f"`stop` items must be non-empty strings of at most {MAX_STOP_CHARS} characters",
+                "stop",
+                ref,
+            )
+    return Submit(
+        model=model,
+        max_tokens=max_tokens,
+        prompt=prompt,
+        messages=tuple(messages),
+        temperature=_float(obj, "temperature", ref, 0.0, 2.0),
+        top_p=_float(obj, "top_p", ref, 0.0, 1.0, lo_open=True),
+        seed=_int(obj, "seed", ref, 0, 2**63 - 1),
+        stop=tuple(stop_raw),
+        idempotency_key=_str(obj, "idempotency_key", ref),
+        client_ref=ref,
+    )
+
+
+def parse(frame: str | bytes, max_bytes: int = 65536) -> Message:
+    """One client frame -> message, or `ProtocolError` naming what is wrong."""
+    if isinstance(frame, bytes | bytearray | memoryview):
+        raise ProtocolError("binary frames are not supported; send JSON text frames", "frame")
+    if len(frame) > max_bytes or len(frame.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise ProtocolError(f"frame is larger than {max_bytes} bytes", "frame")
+    try:
+        obj = json.loads(frame)
+    except (ValueError, RecursionError):
+        raise ProtocolError("frame is not valid JSON", "frame") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("frame must be a JSON object", "frame")
+    ref_raw = obj.get("client_ref")
+    ref = ref_raw if isinstance(ref_raw, str) and len(ref_raw) <= MAX_ID_CHARS else None
+    if ref_raw is not None and ref is None:
+        raise ProtocolError(
+            f"`client_ref` must be a string of at most {MAX_ID_CHARS} characters", "client_ref"
+        )
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("`type` is required (a string)", "type", ref)
+    if kind == "submit":
+        return _submit(obj, ref)
+    if kind == "cancel":
+        rid = _str(obj, "request_id", ref, required=True)
+        assert rid is not None
+        return Cancel(rid)
+    if kind == "resume":
+        rid = _str(obj, "request_id", ref, required=True)
+        assert rid is not None
+        after = _int(obj, "after_seq", ref, 0, 2**32 - 1) or 0
+        return Resume(rid, after)
+    if kind == "ping":
+        return Ping(obj.get("data"))
+    raise ProtocolError(f"unknown frame type {kind[:40]!r}", "type", ref)
+
+
+# ---- server frames -------------------------------------------------------------------------
+
+
+def clean_text(text: str) -> str:
+    """Text that always encodes as UTF-8 (lone surrogates become U+FFFD)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _dump(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def hello(gateway_id: str, heartbeat_ms: int, tenant_id: str) -> str:
+    return _dump(
+        {
+            "type": "hello",
+            "protocol": PROTOCOL,
+            "gateway_id": gateway_id,
+            "tenant_id": tenant_id,
+            "heartbeat_ms": heartbeat_ms,
+        }
+    )
+
+
+def accepted(
+    request_id: str,
+    client_ref: str | None,
+    max_tokens: int,
+    *,
+    capped: str | None = None,
+    existing: bool = False,
+) -> str:
+    out: dict[str, Any] = {"type": "accepted", "request_id": request_id, "max_tokens": max_tokens}
+    if client_ref is not None:
+        out["client_ref"] = client_ref
+    if capped:
+        out["max_tokens_capped"] = capped
+    if existing:
+        out["existing"] = True
+    return _dump(out)
+
+
+def token(request_id: str, seq: int, text: str) -> str:
+    return _dump({"type": "token", "request_id": request_id, "seq": seq, "text": clean_text(text)})
+
+
+@dataclass(frozen=True)
+class Done:
+    request_id: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    last_seq: int
+    ttft_ms: float | None = None
+    tokens_per_s: float | None = None
+    total_ms: float | None = None
+    message: str = ""
+    error_code: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def frame(self) -> str:
+        out: dict[str, Any] = {
+            "type": "done",
+            "request_id": self.request_id,
+            "finish_reason": self.finish_reason,
+            "last_seq": self.last_seq,
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+            },
+            "metrics": {
+                "ttft_ms": self.ttft_ms,
+                "tokens_per_s": self.tokens_per_s,
+                "total_ms": self.total_ms,
+            },
+        }
+        if self.message:
+            out["message"] = clean_text(self.message)
+        if self.error_code:
+            out["error_code"] = self.error_code
+        return _dump(out)
+
+
+def error(
+    code: str,
+    message: str,
+    *,
+    request_id: str | None = None,
+    client_ref: str | None = None,
+    field_name: str | None = None,
+    retry_after_ms: int | None = None,
+) -> str:
+    out: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if request_id is not None:
+        out["request_id"] = request_id
+    if client_ref is not None:
+        out["client_ref"] = client_ref
+    if field_name is not None:
+        out["field"] = field_name
+    if retry_after_ms is not None:
+        out["retry_after_ms"] = retry_after_ms
+    return _dump(out)
+
+
+def pong(data: Any = None) -> str:
+    out: dict[str, Any] = {"type": "pong"}
+    if data is not None:
+        out["data"] = data
+    return _dump(out)
+
+
+def heartbeat(now_ms: int) -> str:
+    return _dump({"type": "heartbeat", "ts": now_ms})
+
+
+def estimate_prompt_tokens(msg: Submit) -> int:
+    """Quota estimate of prompt tokens before tokenization: ~4 characters per token (+4 per
+    chat message for the template). The terminal event's usage replaces it on settlement."""
+    chars = msg.prompt_chars()
+    return chars // 4 + 1 + 4 * len(msg.messages)

@@ -1,0 +1,115 @@
+"""Gateway settings from LLMSTREAM_* variables (llmstream/config.py documents each)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmstream import config, topics
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+def parse_partitions(spec: str) -> list[int]:
+    """`0-5`, `0,2,4`, `0-2,7` -> sorted partition numbers; ValueError names the bad part."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if sep else a
+        except ValueError:
+            raise ValueError(f"bad partition range {part!r} (use e.g. 0-5 or 0,2,4)") from None
+        if a < 0 or b < a:
+            raise ValueError(f"bad partition range {part!r} (use e.g. 0-5 or 0,2,4)")
+        out.update(range(a, b + 1))
+    return sorted(out)
+
+
+def split_partitions(count: int, index: int, replicas: int) -> list[int]:
+    """Partitions of replica `index` of `replicas` when `count` partitions are split evenly
+    (contiguous ranges, the first ones one larger)."""
+    if replicas < 1 or not 0 <= index < replicas:
+        raise ValueError(f"replica index {index} is not in 0..{replicas - 1}")
+    if count < replicas:
+        raise ValueError(f"{replicas} replicas need at least {replicas} partitions, have {count}")
+    base, extra = divmod(count, replicas)
+    start = index * base + min(index, extra)
+    return list(range(start, start + base + (1 if index < extra else 0)))
+
+
+@dataclass
+class Settings:
+    gateway_id: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    bootstrap: str = "127.0.0.1:9092"
+    prompts_topic: str = "llmstream.prompts"
+    tokens_topic: str = "llmstream.tokens"
+    partitions: list[int] | None = None  # None: split_partitions(replica_index, replicas)
+    replica_index: int = 0
+    replicas: int = 1
+    origins: list[str] = field(default_factory=list)
+    grace_s: float = 30.0
+    send_buffer: int = 1024
+    max_frame_bytes: int = 65536
+    max_sockets: int = 10000
+    max_inflight: int = 5000
+    shed_max_tokens: int = 0
+    max_prompt_lag: int = 0
+    worker_group: str = "llmstream-workers"
+    lag_interval_s: float = 1.0
+    max_resumes: int = 256
+    heartbeat_s: float = 15.0
+    auth_cache_s: float = 5.0
+    session_ttl_s: int = 3600
+    cookie_secure: bool = False
+    drain_s: float = 5.0
+    redis_url: str = ""
+    database_url: str = ""
+    static_dir: Path = STATIC_DIR
+
+    def __post_init__(self) -> None:
+        if not self.gateway_id:
+            self.gateway_id = f"gateway-{socket.gethostname()}-{os.getpid()}"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        spec = config.get("GATEWAY_PARTITIONS").strip()
+        try:
+            partitions = parse_partitions(spec) if spec else None
+        except ValueError as exc:
+            raise config.ConfigError(f"{config.PREFIX}GATEWAY_PARTITIONS: {exc}") from None
+        return cls(
+            gateway_id=config.get("GATEWAY_ID"),
+            host=config.get("GATEWAY_HOST"),
+            port=config.get_int("GATEWAY_PORT"),
+            bootstrap=config.kafka_bootstrap(),
+            prompts_topic=topics.prompts(),
+            tokens_topic=topics.tokens(),
+            partitions=partitions,
+            replica_index=config.get_int("GATEWAY_REPLICA_INDEX"),
+            replicas=config.get_int("GATEWAY_REPLICAS"),
+            origins=[o.strip() for o in config.get("GATEWAY_ORIGINS").split(",") if o.strip()],
+            grace_s=float(config.get_int("GATEWAY_GRACE_S")),
+            send_buffer=config.get_int("GATEWAY_SEND_BUFFER"),
+            max_frame_bytes=config.get_int("GATEWAY_MAX_FRAME_BYTES"),
+            max_sockets=config.get_int("GATEWAY_MAX_SOCKETS"),
+            max_inflight=config.get_int("GATEWAY_MAX_INFLIGHT"),
+            shed_max_tokens=config.get_int("GATEWAY_SHED_MAX_TOKENS"),
+            max_prompt_lag=config.get_int("GATEWAY_MAX_PROMPT_LAG"),
+            worker_group=config.get("WORKER_GROUP"),
+            max_resumes=config.get_int("GATEWAY_MAX_RESUMES"),
+            heartbeat_s=float(config.get_int("GATEWAY_HEARTBEAT_S")),
+            auth_cache_s=float(config.get_int("GATEWAY_AUTH_CACHE_S")),
+            session_ttl_s=config.get_int("GATEWAY_SESSION_TTL_S"),
+            cookie_secure=config.get("GATEWAY_COOKIE_SECURE") == "1",
+            drain_s=float(config.get_int("GATEWAY_DRAIN_S")),
+            redis_url=config.redis_url(),
+            database_url=config.database_url(),
+        )

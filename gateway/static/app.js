@@ -1,0 +1,202 @@
+// llmstream browser client (protocol llmstream.v1, docs/protocol.md). No external fetches:
+// it talks only to the gateway that served it. Request ids, received text and the last seq
+// are kept in sessionStorage so a reload (or a dropped socket) resumes every stream.
+"use strict";
+(function () {
+  const STORE = "llmstream.requests";
+  const SIGNED = "llmstream.signedIn";
+  const $ = (id) => document.getElementById(id);
+  let ws = null;
+  let backoff = 250;
+  let refs = 0;
+  const pending = {};           // client_ref -> {prompt, sentAt}
+  const reqs = load();          // request_id -> state
+  let saveTimer = null;
+
+  function load() {
+    try { return JSON.parse(sessionStorage.getItem(STORE) || "{}"); } catch (e) { return {}; }
+  }
+  function save() {
+    if (saveTimer) return;
+    saveTimer = setTimeout(() => {
+      saveTimer = null;
+      sessionStorage.setItem(STORE, JSON.stringify(reqs));
+    }, 100);
+  }
+  function setConn(text) { $("conn").textContent = text; }
+
+  function showSignedIn(yes) {
+    $("signin").hidden = yes;
+    $("submit").hidden = !yes;
+    $("signout").hidden = !yes;
+  }
+
+  function panel(rid) {
+    let el = document.querySelector(`[data-request-id="${rid}"]`);
+    if (el) return el;
+    const r = reqs[rid];
+    el = document.createElement("article");
+    el.className = "panel";
+    el.dataset.requestId = rid;
+    el.dataset.testid = "panel";
+    el.setAttribute("data-testid", "panel");
+    el.innerHTML =
+      '<div class="head"><code class="rid"></code><span class="status" data-testid="status"></span>' +
+      '<button class="cancel" data-testid="cancel">Cancel</button></div>' +
+      '<div class="prompt meta"></div>' +
+      '<div class="meta">TTFT <span class="ttft" data-testid="ttft">–</span> ms · ' +
+      '<span class="tps" data-testid="tps">–</span> tok/s · seq <span class="seq">0</span></div>' +
+      '<pre class="text" data-testid="text"></pre>';
+    el.querySelector(".rid").textContent = rid;
+    el.querySelector(".prompt").textContent = r.prompt || "";
+    el.querySelector(".cancel").addEventListener("click", () => {
+      send({ type: "cancel", request_id: rid });
+    });
+    $("panels").prepend(el);
+    render(rid);
+    return el;
+  }
+
+  function render(rid) {
+    const r = reqs[rid];
+    const el = panel(rid);
+    el.querySelector(".text").textContent = r.text;
+    el.querySelector(".seq").textContent = String(r.lastSeq);
+    const st = el.querySelector(".status");
+    st.textContent = r.status;
+    st.className = "status status-" + (r.status === "stop" || r.status === "length" ? "done" : r.status);
+    if (r.ttft != null) el.querySelector(".ttft").textContent = String(Math.round(r.ttft));
+    if (r.tps != null) el.querySelector(".tps").textContent = r.tps.toFixed(1);
+    el.querySelector(".cancel").disabled = !!r.done;
+  }
+
+  function send(obj) {
+    if (ws && ws.readyState === WebSocket.OPEN) { ws.send(JSON.stringify(obj)); return true; }
+    return false;
+  }
+
+  function connect() {
+    const proto = location.protocol === "https:" ? "wss:" : "ws:";
+    setConn("connecting…");
+    const sock = new WebSocket(`${proto}//${location.host}/ws`);
+    ws = sock;
+    let opened = false;
+    sock.onopen = () => {
+      opened = true;
+      backoff = 250;
+      setConn("connected");
+      showSignedIn(true);
+      sessionStorage.setItem(SIGNED, "1");
+      for (const [rid, r] of Object.entries(reqs)) {
+        if (!r.done) send({ type: "resume", request_id: rid, after_seq: r.lastSeq });
+      }
+    };
+    sock.onmessage = (ev) => onFrame(JSON.parse(ev.data));
+    sock.onclose = (ev) => {
+      if (ws !== sock) return;
+      ws = null;
+      if (!opened && !sessionStorage.getItem(SIGNED)) { setConn("signed out"); showSignedIn(false); return; }
+      if (ev.code === 4401 || (!opened && backoff > 4000)) {
+        sessionStorage.removeItem(SIGNED);
+        setConn("signed out");
+        showSignedIn(false);
+        return;
+      }
+      setConn(`reconnecting (${ev.code})…`);
+      setTimeout(connect, backoff);
+      backoff = Math.min(backoff * 2, 8000);
+    };
+  }
+
+  function onFrame(f) {
+    const rid = f.request_id;
+    if (f.type === "accepted") {
+      const p = pending[f.client_ref];
+      if (!reqs[rid]) {
+        reqs[rid] = { prompt: p ? p.prompt : "", text: "", lastSeq: 0, status: "queued",
+          done: false, sentAt: p ? p.sentAt : null, firstAt: null, ttft: null, tps: null };
+      }
+      delete pending[f.client_ref];
+      panel(rid);
+      save();
+    } else if (f.type === "token") {
+      const r = reqs[rid];
+      if (!r || f.seq <= r.lastSeq) return;
+      const now = performance.now();
+      if (r.firstAt == null) {
+        r.firstAt = now;
+        if (r.sentAt != null && r.ttft == null) r.ttft = now - r.sentAt;
+      }
+      r.text += f.text;
+      r.lastSeq = f.seq;
+      r.status = "streaming";
+      const secs = (now - r.firstAt) / 1000;
+      if (secs > 0.05) r.tps = (r.lastSeq - 1) / secs;
+      render(rid);
+      save();
+    } else if (f.type === "done") {
+      const r = reqs[rid];
+      if (!r) return;
+      r.done = true;
+      r.status = f.finish_reason;
+      if (f.metrics && f.metrics.ttft_ms != null) r.ttft = f.metrics.ttft_ms;
+      if (f.metrics && f.metrics.tokens_per_s != null) r.tps = f.metrics.tokens_per_s;
+      render(rid);
+      save();
+    } else if (f.type === "error") {
+      const msg = `${f.code}: ${f.message}` + (f.retry_after_ms ? ` (retry in ${f.retry_after_ms} ms)` : "");
+      if (rid && reqs[rid]) {
+        if (f.code === "not_found") { reqs[rid].done = true; }
+        if ((f.code === "overloaded" || f.code === "internal") && !reqs[rid].done) {
+          // A resume that could not run now: ask again (from what we have) a bit later.
+          setTimeout(() => {
+            const r = reqs[rid];
+            if (r && !r.done) send({ type: "resume", request_id: rid, after_seq: r.lastSeq });
+          }, f.retry_after_ms || 1000);
+        }
+        reqs[rid].status = f.code;
+        render(rid);
+        save();
+      } else {
+        $("submit-error").textContent = msg;
+      }
+      if (f.client_ref) delete pending[f.client_ref];
+    }
+  }
+
+  $("signin").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    $("signin-error").textContent = "";
+    const key = $("apikey").value.trim();
+    const resp = await fetch("/v1/sessions", {
+      method: "POST", headers: { Authorization: "Bearer " + key }, credentials: "same-origin",
+    });
+    $("apikey").value = "";
+    if (!resp.ok) { $("signin-error").textContent = "Sign-in failed (" + resp.status + ")"; return; }
+    sessionStorage.setItem(SIGNED, "1");
+    connect();
+  });
+
+  $("signout").addEventListener("click", async () => {
+    await fetch("/v1/sessions", { method: "DELETE", credentials: "same-origin" });
+    sessionStorage.removeItem(SIGNED);
+    const sock = ws; ws = null;
+    if (sock) sock.close();
+    showSignedIn(false);
+    setConn("signed out");
+  });
+
+  $("submit").addEventListener("submit", (e) => {
+    e.preventDefault();
+    $("submit-error").textContent = "";
+    const ref = "r" + Date.now().toString(36) + "-" + (refs++);
+    const prompt = $("prompt").value;
+    pending[ref] = { prompt, sentAt: performance.now() };
+    const ok = send({ type: "submit", client_ref: ref, model: $("model").value,
+      prompt, max_tokens: parseInt($("max_tokens").value, 10) || 64 });
+    if (!ok) $("submit-error").textContent = "not connected";
+  });
+
+  for (const rid of Object.keys(reqs)) { panel(rid); }
+  if (sessionStorage.getItem(SIGNED)) connect(); else showSignedIn(false);
+})();

@@ -1,0 +1,156 @@
+"""Gateway HTTP routes, auth on upgrade (bearer, session cookie, Origin), revocation, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from gateway import testing
+from gateway.server import Gateway
+from gateway.testing import Client, FakeWorker, Topics
+from llmstream import admin
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
+    t = await testing.create_topics(kafka_bootstrap, partitions=2)
+    yield t
+    await testing.delete_topics(t)
+
+
+async def new_key(tier: str = "standard") -> tuple[str, str, str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    tenant_id = await admin.create_tenant(name, tier)
+    return tenant_id, name, (await admin.create_key(name)).key
+
+
+def http(
+    port: int, path: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", method=method, headers=headers or {}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            body = resp.read()
+            status, hdrs = resp.status, dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        body, status, hdrs = exc.read(), exc.code, dict(exc.headers)
+    try:
+        return status, hdrs, json.loads(body)
+    except ValueError:
+        return status, hdrs, body.decode()
+
+
+async def ahttp(*args: Any, **kw: Any) -> tuple[int, dict[str, str], Any]:
+    return await asyncio.to_thread(http, *args, **kw)
+
+
+async def test_http_routes_and_request_status(topics: Topics, db_env: str, redis_url: str) -> None:
+    s = testing.settings(topics, redis_url, db_env, "gw-h", [0, 1])
+    tenant, _name, key = await new_key()
+    _t2, _n2, other = await new_key()
+    async with testing.running(s), FakeWorker(topics):
+        assert (await ahttp(s.port, "/healthz"))[0] == 200
+        status, _h, body = await ahttp(s.port, "/readyz")
+        assert status == 200 and body["checks"] == {
+            "redis": "ok",
+            "postgres": "ok",
+            "kafka": "ok",
+        }
+        status, hdrs, page = await ahttp(s.port, "/")
+        assert status == 200 and "text/html" in hdrs["Content-Type"] and "<html" in page
+        assert (await ahttp(s.port, "/nope"))[0] == 404
+        c = await Client.connect(s.port, key)
+        await c.submit("a", max_tokens=3)
+        rid = (await c.wait_ref("a"))["request_id"]
+        await c.wait(lambda: c.streams[rid].done is not None)
+        auth = {"Authorization": f"Bearer {key}"}
+        status, _h, body = await ahttp(s.port, f"/v1/requests/{rid}", headers=auth)
+        assert status == 200 and body["request_id"] == rid and body["tenant_id"] == tenant
+        status, _h, body = await ahttp(
+            s.port, f"/v1/requests/{rid}", headers={"Authorization": f"Bearer {other}"}
+        )
+        assert status == 404 and body["error"] == "not_found"
+        assert (await ahttp(s.port, f"/v1/requests/{rid}"))[0] == 401
+        # With the aggregator's projection row present, its status is served (tenant-checked).
+        with psycopg.connect(db_env, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO requests (request_id, tenant_id, model, status, completion_tokens)"
+                " VALUES (%s, %s, 'synthetic', 'completed', 3)",
+                (rid, tenant),
+            )
+        status, _h, body = await ahttp(s.port, f"/v1/requests/{rid}", headers=auth)
+        assert body["status"] == "completed" and body["source"] == "projection"
+        status, _h, metrics = await ahttp(s.port, "/metrics")
+        assert status == 200 and "gateway_submits_total" in metrics
+        await c.close()
+
+
+async def test_auth_on_upgrade_sessions_origin_and_revocation(
+    topics: Topics, db_env: str, redis_url: str
+) -> None:
+    s = testing.settings(topics, redis_url, db_env, "gw-h", [0, 1], origins=["http://app.example"])
+    _tenant, _name, key = await new_key()
+    async with testing.running(s) as gw, FakeWorker(topics):
+        url = f"ws://127.0.0.1:{s.port}/ws"
+        for headers in ({}, {"Authorization": "Bearer lsk_nope"}):
+            with pytest.raises(InvalidStatus) as exc:
+                await connect(url, additional_headers=headers)
+            assert exc.value.response.status_code == 401
+        # Browser flow: key -> session cookie (HttpOnly, SameSite) -> upgrade with the cookie.
+        status, hdrs, _body = await ahttp(
+            s.port, "/v1/sessions", "POST", {"Authorization": f"Bearer {key}"}
+        )
+        assert status == 200
+        cookie = hdrs["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        session = cookie.split(";")[0]
+        with pytest.raises(InvalidStatus) as exc:
+            await connect(url, additional_headers={"Cookie": session, "Origin": "http://evil"})
+        assert exc.value.response.status_code == 403
+        ws = await connect(
+            url, additional_headers={"Cookie": session, "Origin": "http://app.example"}
+        )
+        c = Client(ws)
+        await c.submit("a", max_tokens=2)
+        rid = (await c.wait_ref("a"))["request_id"]
+        await c.wait(lambda: c.streams[rid].done is not None)
+        # Revoke the key: the open socket is refused on its next action.
+        await admin.revoke_key(key)
+        await asyncio.sleep(s.auth_cache_s + 0.1)
+        await c.submit("b", max_tokens=2)
+        err = await c.wait_ref("b") if "b" in c.by_ref else None
+        await c.wait(lambda: any(e["code"] == "unauthorized" for e in c.errors))
+        await c.wait(lambda: c.close_code is not None)
+        assert c.close_code == 4401 and err is None
+        with pytest.raises(InvalidStatus):
+            await connect(url, additional_headers={"Cookie": session})
+        assert not gw.conns
+
+
+async def test_drain_closes_sockets_with_1012(topics: Topics, db_env: str, redis_url: str) -> None:
+    s = testing.settings(topics, redis_url, db_env, "gw-h", [0, 1], drain_s=2)
+    _tenant, _name, key = await new_key()
+    gw = Gateway(s)
+    await gw.start()
+    try:
+        c = await Client.connect(s.port, key)
+        await c.wait(lambda: c.hello is not None)
+        await gw.drain()
+        await c.wait(lambda: c.close_code is not None)
+        assert c.close_code == 1012
+    finally:
+        await gw.stop()

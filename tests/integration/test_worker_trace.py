@@ -1,0 +1,110 @@
+"""Trace context of a prompt continues into the gRPC call: an in-process worker against a
+recording ModelService (a stand-in that streams two deltas) on real Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from llmstream.v1 import common_pb2, model_service_pb2, model_service_pb2_grpc
+from worker.service import Settings, Worker
+from worker.testing import (
+    Topics,
+    collect,
+    create_topics,
+    delete_topics,
+    produce,
+    submit_event,
+)
+
+pytestmark = pytest.mark.integration
+
+
+class Recorder(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self) -> None:
+        self.metadata: list[dict[str, str]] = []
+        self.starts: list[model_service_pb2.GenerateStart] = []
+
+    async def Generate(
+        self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[model_service_pb2.GenerateResponse]:
+        self.metadata.append({k: str(v) for k, v in context.invocation_metadata() or ()})
+        first = await anext(aiter(request_iterator))
+        self.starts.append(first.start)
+        for seq, (text, tid) in enumerate((("hel", 1), ("lo", 2)), start=1):
+            yield model_service_pb2.GenerateResponse(
+                delta=model_service_pb2.GenerateDelta(seq=seq, text=text, token_ids=[tid])
+            )
+        yield model_service_pb2.GenerateResponse(
+            finish=model_service_pb2.GenerateFinish(
+                finish_reason=common_pb2.FINISH_REASON_STOP,
+                usage=common_pb2.Usage(prompt_tokens=4, completion_tokens=2),
+                last_seq=2,
+            )
+        )
+
+    async def ListModels(
+        self, request: model_service_pb2.ListModelsRequest, context: Any
+    ) -> model_service_pb2.ListModelsResponse:
+        return model_service_pb2.ListModelsResponse(
+            models=[model_service_pb2.ModelInfo(name="synthetic", version="rec-7")]
+        )
+
+    async def Tokenize(
+        self, request: model_service_pb2.TokenizeRequest, context: Any
+    ) -> model_service_pb2.TokenizeResponse:
+        return model_service_pb2.TokenizeResponse()
+
+
+@pytest.fixture
+async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
+    t = await create_topics(kafka_bootstrap)
+    yield t
+    await delete_topics(t)
+
+
+async def test_traceparent_reaches_grpc_metadata_and_events(topics: Topics) -> None:
+    recorder = Recorder()
+    server = grpc.aio.server()
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(recorder, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    worker = Worker(
+        Settings(
+            bootstrap=topics.bootstrap,
+            prompts_topic=topics.prompts,
+            tokens_topic=topics.tokens,
+            dlq_topic=topics.dlq,
+            group=topics.group,
+            worker_id="w-trace",
+            model_servers=[f"127.0.0.1:{port}"],
+            session_timeout_ms=6000,
+        )
+    )
+    task = asyncio.create_task(worker.run())
+    try:
+        rid = f"r-{uuid.uuid4().hex[:12]}"
+        submit = submit_event(rid, "hi", 10, topics.tokens, 1)
+        submit.trace.tracestate = "vendor=1"
+        await produce(topics.bootstrap, topics.prompts, [submit])
+        got = await collect(topics.bootstrap, topics.tokens, [rid], within_s=20)
+        st = got.check_contract(rid)
+        assert st.text == "hello" and st.finish_reason == "stop"
+        assert st.model_version == "rec-7" and st.model_server == f"127.0.0.1:{port}"
+        assert recorder.metadata[0]["traceparent"] == submit.trace.traceparent
+        assert recorder.metadata[0]["tracestate"] == "vendor=1"
+        assert recorder.metadata[0]["x-llmstream-worker"] == "w-trace"
+        assert recorder.starts[0].request_id == rid and recorder.starts[0].max_tokens == 10
+        for ev in got.events[rid]:
+            assert ev.trace.traceparent == submit.trace.traceparent
+            assert ev.trace.tracestate == "vendor=1"
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 30)
+        await server.stop(0)
+    assert worker.stats["completed"] == 1

@@ -1,0 +1,97 @@
+"""Gateway routing: per-socket bounded outbox, watches folding events, catch-up merge."""
+
+from __future__ import annotations
+
+import json
+
+from gateway.router import Outbox, Router, Watch
+from llmstream import codec
+from llmstream.v1 import common_pb2, events_pb2
+
+
+def delta(rid: str, seq: int, text: str | None = None) -> events_pb2.Event:
+    ev = codec.new_event(rid, "t")
+    ev.token_delta.seq = seq
+    ev.token_delta.text = text if text is not None else f"<{seq}>"
+    return ev
+
+
+def done(rid: str, last: int) -> events_pb2.Event:
+    ev = codec.new_event(rid, "t")
+    ev.completed.finish_reason = common_pb2.FINISH_REASON_STOP
+    ev.completed.last_seq = last
+    ev.completed.usage.completion_tokens = last
+    return ev
+
+
+def frames(box: Outbox) -> list[dict[str, object]]:
+    return [json.loads(f) for f in box.frames]
+
+
+def test_outbox_is_bounded_and_overflow_frees_memory() -> None:
+    overflowed: list[bool] = []
+    box = Outbox(3, on_overflow=lambda: overflowed.append(True))
+    assert all(box.put(str(i)) for i in range(3))
+    assert not box.put("x")
+    assert box.overflowed and len(box) == 0 and box.high_water == 3 and overflowed == [True]
+    assert not box.put("y") and overflowed == [True]
+
+
+def test_watch_dedups_and_emits_done_once() -> None:
+    box = Outbox(100)
+    w = Watch("r", box, after_seq=0, submitted_at_ms=0)
+    for ev in [delta("r", 1), delta("r", 2), delta("r", 2), delta("r", 1), delta("r", 3)]:
+        w.apply(ev)
+    w.apply(done("r", 3))
+    w.apply(done("r", 3))
+    out = frames(box)
+    assert [f["seq"] for f in out if f["type"] == "token"] == [1, 2, 3]
+    assert [f["type"] for f in out].count("done") == 1
+    assert out[-1]["finish_reason"] == "stop" and w.finished
+    assert w.state.text_parts == []  # a watch keeps no text
+
+
+def test_watch_after_seq_skips_what_client_has() -> None:
+    box = Outbox(100)
+    w = Watch("r", box, after_seq=2)
+    for s in range(1, 5):
+        w.apply(delta("r", s))
+    assert [f["seq"] for f in frames(box)] == [3, 4]
+
+
+def test_catch_up_then_parked_live_events_without_gap_or_duplicate() -> None:
+    box = Outbox(100)
+    router = Router()
+    w = Watch("r", box, after_seq=1, catching_up=True)
+    router.add(w)
+    # Live events 4..5 arrive while the replay (1..4) runs.
+    router.deliver(delta("r", 4))
+    router.deliver(delta("r", 5))
+    assert len(box) == 0
+    for s in range(1, 5):
+        w.apply(delta("r", s))
+    w.end_catch_up()
+    router.deliver(delta("r", 6))
+    router.deliver(done("r", 6))
+    out = frames(box)
+    assert [f["seq"] for f in out if f["type"] == "token"] == [2, 3, 4, 5, 6]
+    assert out[-1]["type"] == "done"
+    assert not router.watched("r")
+
+
+def test_router_fans_out_to_several_sockets() -> None:
+    a, b = Outbox(10), Outbox(10)
+    router = Router()
+    router.add(Watch("r", a))
+    router.add(Watch("r", b))
+    assert router.deliver(delta("r", 1)) == 2
+    assert router.deliver(delta("other", 1)) == 0
+    assert len(a) == len(b) == 1
+
+
+def test_parked_events_beyond_bound_overflow_the_socket() -> None:
+    box = Outbox(2)
+    w = Watch("r", box, catching_up=True)
+    for s in range(1, 5):
+        w.on_live(delta("r", s))
+    assert box.overflowed

@@ -1,0 +1,98 @@
+"""Gateway settings, auth helpers and quota script arguments (pure parts)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway import auth, quota
+from gateway.settings import Settings, parse_partitions, split_partitions
+from llmstream import config, quota_keys
+
+
+def test_parse_partitions() -> None:
+    assert parse_partitions("0-2,7, 5") == [0, 1, 2, 5, 7]
+    assert parse_partitions("3") == [3]
+    for bad in ("a", "3-1", "-1", "1-x"):
+        with pytest.raises(ValueError, match="bad partition range"):
+            parse_partitions(bad)
+
+
+def test_split_partitions_covers_each_once() -> None:
+    for count in (1, 4, 12, 13):
+        for replicas in range(1, count + 1):
+            parts = [split_partitions(count, i, replicas) for i in range(replicas)]
+            assert sorted(p for ps in parts for p in ps) == list(range(count))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError):
+        split_partitions(2, 2, 2)
+    with pytest.raises(ValueError):
+        split_partitions(1, 0, 2)
+
+
+def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMSTREAM_REDIS_URL", "redis://x")
+    monkeypatch.setenv("LLMSTREAM_DATABASE_URL", "postgresql://x")
+    monkeypatch.setenv("LLMSTREAM_GATEWAY_PARTITIONS", "0-5")
+    monkeypatch.setenv("LLMSTREAM_GATEWAY_ORIGINS", "http://a, http://b")
+    s = Settings.from_env()
+    assert s.partitions == [0, 1, 2, 3, 4, 5]
+    assert s.origins == ["http://a", "http://b"]
+    assert s.grace_s == 30 and s.gateway_id.startswith("gateway-")
+    monkeypatch.setenv("LLMSTREAM_GATEWAY_PARTITIONS", "x")
+    with pytest.raises(config.ConfigError, match="GATEWAY_PARTITIONS"):
+        Settings.from_env()
+
+
+def test_bearer_cookie_origin() -> None:
+    assert auth.bearer("Bearer abc") == "abc"
+    assert auth.bearer("bearer  abc ") == "abc"
+    assert auth.bearer("Basic abc") is None and auth.bearer(None) is None
+    assert auth.cookie_value("a=1; llmstream_session=xyz") == "xyz"
+    assert auth.cookie_value("a=1") is None
+    assert auth.origin_allowed(None, [], "h")
+    assert auth.origin_allowed("http://h:8000", [], "h:8000")
+    assert not auth.origin_allowed("http://evil", [], "h:8000")
+    assert auth.origin_allowed("http://a", ["http://a"], "h")
+    assert auth.origin_allowed("http://z", ["*"], "h")
+    cookie = auth.set_cookie("sid", 60, secure=True)
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Secure" in cookie
+
+
+async def test_key_cache_expires_and_checks_secret() -> None:
+    from llmstream import apikeys
+
+    new = apikeys.generate()
+    limits = quota.Limits("free", 1, 1, 1, 1, 1, 1)
+    rows = {new.key_id: auth.KeyRow(new.key_id, "t1", new.sha256, True, limits)}
+    calls: list[str] = []
+    now = [0.0]
+
+    async def lookup(key_id: str) -> auth.KeyRow | None:
+        calls.append(key_id)
+        return rows.get(key_id)
+
+    cache = auth.KeyCache(lookup, 5, clock=lambda: now[0])
+    p = await cache.verify_key(new.key)
+    assert p is not None and p.tenant_id == "t1"
+    assert await cache.verify_key(new.key[:-1] + ("A" if new.key[-1] != "A" else "B")) is None
+    assert await cache.verify_key("garbage") is None
+    assert calls == [new.key_id]  # cached; malformed keys never looked up
+    rows[new.key_id] = auth.KeyRow(new.key_id, "t1", new.sha256, False, limits)
+    assert await cache.still_valid(p) is not None  # within the cache period
+    now[0] = 6
+    assert await cache.still_valid(p) is None
+
+
+def test_reserve_args_use_shared_key_layout() -> None:
+    at = 1_700_000_000_000
+    limits = quota.Limits("x", 10, 100, 1000, 2, 50, 4)
+    keys = quota.keys("t1", at)
+    assert keys == [
+        quota_keys.streams("t1"),
+        quota_keys.requests_minute("t1", at),
+        quota_keys.tokens_day("t1", at),
+        quota_keys.tokens_month("t1", at),
+    ]
+    args = quota.reserve_args("r", at, at, 30, limits, 1000)
+    assert args[:8] == [at, "r", at + 1000, 30, 2, 10, 100, 1000]
+    assert args[11] == quota_keys.minute_start_ms(at) + 60_000

@@ -1,0 +1,25 @@
+"""`llmstream worker` flags and settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker import cli
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMSTREAM_MODEL_SERVERS", "a:1, b:2,")
+    monkeypatch.setenv("LLMSTREAM_WORKER_MAX_INFLIGHT", "7")
+    monkeypatch.setenv("LLMSTREAM_TOPIC_TOKENS", "toks")
+    monkeypatch.setenv("LLMSTREAM_WORKER_BLOCKLIST", "x,y")
+    s = cli.settings_from(cli.parser().parse_args(["--id", "w9", "--coalesce-ms", "0"]))
+    assert s.model_servers == ["a:1", "b:2"]
+    assert s.max_inflight == 7 and s.tokens_topic == "toks" and s.worker_id == "w9"
+    assert s.coalesce_ms == 0.0 and s.blocklist == "x,y"
+    assert cli.settings_from(cli.parser().parse_args([])).worker_id.startswith("worker-")
+
+
+def test_bad_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--model-servers", " , "]) == 2
+    assert "no model servers" in capsys.readouterr().out
+    assert cli.main(["--max-inflight", "0"]) == 2

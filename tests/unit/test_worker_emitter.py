@@ -1,0 +1,86 @@
+"""The Emitter (worker/service.py) against a fake producer: order, coalescing, timer flush."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from aiokafka import TopicPartition
+
+from llmstream import codec
+from llmstream.fold import fold
+from llmstream.v1 import events_pb2
+from worker.core import envelope_of
+from worker.service import Emitter, Run, Settings, Worker
+
+
+class FakeProducer:
+    """Acknowledges each record `ack_s` after it was sent."""
+
+    def __init__(self, ack_s: float) -> None:
+        self.ack_s = ack_s
+        self.sent: list[tuple[str, bytes, int, bytes]] = []
+
+    async def send(
+        self, topic: str, value: bytes, key: bytes, partition: int, headers: Any
+    ) -> asyncio.Future[None]:
+        self.sent.append((topic, key, partition, value))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(self.ack_s, fut.set_result, None)
+        return fut
+
+
+def make(ack_s: float, coalesce_ms: float) -> tuple[Emitter, FakeProducer]:
+    settings = Settings(
+        bootstrap="",
+        prompts_topic="p",
+        tokens_topic="toks",
+        dlq_topic="d",
+        group="g",
+        worker_id="w",
+        model_servers=["m:1"],
+        coalesce_ms=coalesce_ms,
+        coalesce_bytes=1000,
+    )
+    producer = FakeProducer(ack_s)
+    worker = cast(Worker, type("W", (), {"settings": settings, "producer": producer})())
+    submit = codec.new_event("r1", "t1")
+    submit.submitted.reply.partition = 2
+    run = Run(TopicPartition("p", 0), 0, 0, submit, needs_lookup=False)
+    return Emitter(worker, run, envelope_of(submit, "w"), 0, []), producer
+
+
+def decoded(producer: FakeProducer) -> list[events_pb2.Event]:
+    assert all(t == "toks" and k == b"r1" and p == 2 for t, k, p, _ in producer.sent)
+    return [codec.decode(v) for *_, v in producer.sent]
+
+
+async def test_slow_acks_merge_deltas_in_order_and_timer_flushes_the_tail() -> None:
+    em, producer = make(ack_s=0.02, coalesce_ms=5)
+    for i in range(50):
+        await em.push(f"t{i} ", [i])
+        if i % 10 == 0:
+            await asyncio.sleep(0.001)
+    await asyncio.sleep(0.03)  # no more deltas: the timer / ack flushes what is buffered
+    assert em.coalescer.empty
+    await em.settle()
+    events = decoded(producer)
+    assert 1 < len(events) < 50
+    state = None
+    for ev in events:
+        state = fold(state, ev)
+    assert state is not None
+    assert state.text == "".join(f"t{i} " for i in range(50))
+    assert state.token_ids == list(range(50)) == em.token_ids
+    assert [e.token_delta.seq for e in events] == list(range(1, len(events) + 1))
+    assert em.last_seq == len(events)
+
+
+async def test_fast_acks_send_every_delta_at_once() -> None:
+    em, producer = make(ack_s=0.0, coalesce_ms=5)
+    for i in range(5):
+        await em.push("x", [i])
+        await asyncio.sleep(0.002)  # the previous event is acknowledged meanwhile
+    assert len(producer.sent) == 5
+    await em.settle()
+    em.close()
