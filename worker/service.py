@@ -77,6 +77,10 @@ class Run:
     record_ts: int
     submit: events_pb2.Event
     needs_lookup: bool
+    # Set when the fetch that brought this prompt was cut at the in-flight bound, so records
+    # behind it (a cancel) may not have been fetched yet: the start then waits until the cancel
+    # lookahead has read the partition to its end once after `fetched_at` (monotonic).
+    fetched_at: float | None = None
     prior: RequestState | None = None
     cancel_reason: str | None = None
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
@@ -259,6 +263,8 @@ class Worker:
         # Cancels read ahead of their submit (request id -> reason).
         self._early_cancels: OrderedDict[str, str] = OrderedDict()
         self._lookahead_from: dict[TopicPartition, int | None] = {}
+        # Monotonic time at which the lookahead last stood at the end of each partition.
+        self._lookahead_synced: dict[TopicPartition, float] = {}
         self.fatal: BaseException | None = None
         self.metrics = WorkerMetrics(lambda: len(self.runs))
         self.stats: dict[str, int] = {
@@ -435,10 +441,13 @@ class Worker:
             batch = await self.consumer.getmany(timeout_ms=100, max_records=room)
             if not batch or self.stopping.is_set():
                 continue
+            truncated = sum(len(records) for records in batch.values()) >= room
             async with self._lock:
-                await self._handle_batch(batch)
+                await self._handle_batch(batch, time.monotonic() if truncated else None)
 
-    async def _handle_batch(self, batch: dict[TopicPartition, list[Any]]) -> None:
+    async def _handle_batch(
+        self, batch: dict[TopicPartition, list[Any]], truncated_at: float | None = None
+    ) -> None:
         new_runs: list[Run] = []
         for tp, records in batch.items():
             offsets = self.offsets.get(tp)
@@ -448,6 +457,7 @@ class Worker:
                 offsets.add(rec.offset)
                 run = await self._handle_record(tp, rec)
                 if run is not None:
+                    run.fetched_at = truncated_at
                     new_runs.append(run)
         lookups = [r for r in new_runs if r.needs_lookup]
         if lookups:
@@ -532,6 +542,23 @@ class Worker:
                     if event.WhichOneof("body") != "cancel_requested":
                         continue
                     self._early_cancel(event.request_id, event.cancel_requested.reason)
+            now = time.monotonic()
+            for tp in assigned:
+                high = self.lookahead.highwater(tp)
+                if high is not None and await self.lookahead.position(tp) >= high:
+                    self._lookahead_synced[tp] = now
+
+    async def _await_lookahead(self, run: Run, within_s: float = 0.5) -> None:
+        """Wait (bounded) until the cancel lookahead has read `run`'s partition to its end at
+        least once since the prompt was fetched, so a cancel already in the log is applied
+        before the request starts."""
+        if run.fetched_at is None:
+            return
+        deadline = time.monotonic() + within_s
+        while self._lookahead_synced.get(run.tp, 0.0) < run.fetched_at:
+            if run.cancel_reason is not None or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.005)
 
     def _early_cancel(self, request_id: str, reason: str) -> None:
         run = self.runs.get(request_id)
@@ -763,6 +790,7 @@ class Worker:
         sub = run.submit.submitted
         prompt_tokens = sub.estimated_prompt_tokens
 
+        await self._await_lookahead(run)
         if run.cancel_reason is not None:
             self.stats["cancelled_before_start"] += 1
             await self._terminal(

@@ -332,10 +332,16 @@ async def test_cancel_reaches_a_worker_at_its_inflight_bound(
     await produce(
         topics.bootstrap,
         topics.prompts,
-        [submit_event(r, f"long {i}", 1000, topics.tokens, 0) for i, r in enumerate(running)]
-        + [submit_event(r, f"queued {i}", 20, topics.tokens, 0) for i, r in enumerate(queued)],
+        [submit_event(r, f"long {i}", 1000, topics.tokens, 0) for i, r in enumerate(running)],
     )
     assert await wait_progress(topics.bootstrap, topics.tokens, running, 2) == 2
+    # Only now the queued ones: the worker is at its bound, so they wait behind the long ones
+    # (submitted together, a short one could be fetched first and finish before its cancel).
+    await produce(
+        topics.bootstrap,
+        topics.prompts,
+        [submit_event(r, f"queued {i}", 20, topics.tokens, 0) for i, r in enumerate(queued)],
+    )
     t0 = asyncio.get_running_loop().time()
     await produce(
         topics.bootstrap, topics.prompts, [cancel_event(running[0]), cancel_event(queued[1])]
