@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from aggregator.quota_settlement import QuotaSettler, rebuild_from_postgres
 from aggregator.service import Settings, serve
 from aggregator.store import ProjectionStore
-from llmstream import config, migrate, quota_keys, telemetry, topics
+from llmstream import config, migrate, ports, quota_keys, telemetry, topics
 
 log = logging.getLogger("aggregator")
 
@@ -119,6 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.rebuild_quota:
             return asyncio.run(_rebuild_quota(args.group))
         if args.metrics_port:
+            ports.ensure_free(
+                args.metrics_host,
+                args.metrics_port,
+                "aggregator metrics",
+                "LLMSTREAM_AGGREGATOR_METRICS_PORT",
+            )
             telemetry.setup_metrics("aggregator", port=args.metrics_port, host=args.metrics_host)
         settings = Settings(
             bootstrap=config.kafka_bootstrap(),
@@ -140,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"llmstream aggregator: {exc}", file=sys.stderr)
         return 2
+    except ports.PortInUse:
+        raise  # one line, printed by `llmstream`
     except Exception:
         # Start-up failures (PostgreSQL, Kafka or Redis unreachable): one log line, exit 1,
         # and let the supervisor restart us.

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway.settings import Settings, parse_partitions
-from llmstream import config, telemetry
+from llmstream import config, ports, telemetry
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,5 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (config.ConfigError, ValueError) as exc:
         print(f"llmstream gateway: {exc}", file=sys.stderr)
         return 2
+    ports.ensure_free(settings.host, settings.port, "gateway", "LLMSTREAM_GATEWAY_PORT")
     asyncio.run(_run(settings))
     return 0

@@ -266,7 +266,7 @@ def _dump(obj: dict[str, Any]) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-def hello(gateway_id: str, heartbeat_ms: int, tenant_id: str) -> str:
+def hello(gateway_id: str, heartbeat_ms: int, tenant_id: str, default_model: str = "") -> str:
     return _dump(
         {
             "type": "hello",
@@ -274,6 +274,7 @@ def hello(gateway_id: str, heartbeat_ms: int, tenant_id: str) -> str:
             "gateway_id": gateway_id,
             "tenant_id": tenant_id,
             "heartbeat_ms": heartbeat_ms,
+            "default_model": default_model,
         }
     )
 

@@ -670,7 +670,12 @@ class Gateway:
         self.metrics.sockets.set(len(self.conns))
         sender = asyncio.create_task(self._sender(conn))
         conn.outbox.put(
-            protocol.hello(self.s.gateway_id, int(self.s.heartbeat_s * 1000), principal.tenant_id)
+            protocol.hello(
+                self.s.gateway_id,
+                int(self.s.heartbeat_s * 1000),
+                principal.tenant_id,
+                self.s.default_model,
+            )
         )
         try:
             async for frame in ws:

@@ -70,6 +70,7 @@ class Settings:
     session_ttl_s: int = 3600
     cookie_secure: bool = False
     drain_s: float = 5.0
+    default_model: str = "smollm2"
     redis_url: str = ""
     database_url: str = ""
     static_dir: Path = STATIC_DIR
@@ -110,6 +111,7 @@ class Settings:
             session_ttl_s=config.get_int("GATEWAY_SESSION_TTL_S"),
             cookie_secure=config.get("GATEWAY_COOKIE_SECURE") == "1",
             drain_s=float(config.get_int("GATEWAY_DRAIN_S")),
+            default_model=config.get("GATEWAY_DEFAULT_MODEL"),
             redis_url=config.redis_url(),
             database_url=config.database_url(),
         )

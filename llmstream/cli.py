@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from llmstream import config
+from llmstream import config, ports
 
 # subcommand -> (module with `main(argv) -> int`, one-line help)
 DELEGATED: dict[str, tuple[str, str]] = {
@@ -82,9 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     # `tenants` and `keys` share one module; it needs to know which was asked for.
     entry: Callable[[Sequence[str]], int] = module.main
-    if module_name == "llmstream.admin":
-        return int(entry([command, *rest]))
-    return int(entry(rest))
+    try:
+        if module_name == "llmstream.admin":
+            return int(entry([command, *rest]))
+        return int(entry(rest))
+    except ports.PortInUse as exc:
+        print(f"llmstream {command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

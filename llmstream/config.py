@@ -151,6 +151,12 @@ SETTINGS: tuple[Setting, ...] = (
         "0",
         "1: the session cookie gets the `Secure` attribute (set it behind HTTPS).",
     ),
+    Setting(
+        "GATEWAY_DEFAULT_MODEL",
+        "smollm2",
+        "Model the browser page preselects (sent in `hello`); `llmstream up` sets it to match "
+        "its engine.",
+    ),
     Setting("GATEWAY_DRAIN_S", "5", "On SIGTERM, how long sockets get to close (code 1012)."),
     Setting("MODEL_SERVER_HOST", "127.0.0.1", "Model server gRPC bind address."),
     Setting("MODEL_SERVER_PORT", "50051", "Model server gRPC port."),

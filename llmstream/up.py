@@ -111,6 +111,11 @@ def main(argv: Sequence[str]) -> int:
     for s in statuses:
         print(f"  {s.name:<10} {s.address:<40} {s.state}")
 
+    # The browser page preselects the model this run's model server serves.
+    env = os.environ.copy()
+    served = {"llamacpp": "smollm2", "synthetic": "synthetic"}.get(args.engine)
+    if served:
+        env.setdefault(config.PREFIX + "GATEWAY_DEFAULT_MODEL", served)
     logs = config.state_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -126,7 +131,7 @@ def main(argv: Sequence[str]) -> int:
                     [sys.executable, "-m", "llmstream.cli", *svc.args],
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
-                    env=os.environ.copy(),
+                    env=env,
                 )
             print(f"  {svc.name:<10} started (pid {procs[svc.name].pid}, log {log_path})")
     if missing:

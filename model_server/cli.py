@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from llmstream import config, telemetry
+from llmstream import config, ports, telemetry
 from model_server.engines import ENGINES
 from model_server.registry import ModelSpec
 from model_server.settings import ModelsConfigError, load_models_file
@@ -167,7 +167,14 @@ def main(argv: Sequence[str]) -> int:
     except ModelsConfigError as exc:
         print(f"llmstream model-server: {exc}", file=sys.stderr)
         return 2
+    ports.ensure_free(args.host, args.port, "model server gRPC", "LLMSTREAM_MODEL_SERVER_PORT")
     if args.metrics_port:
+        ports.ensure_free(
+            args.metrics_host or args.host,
+            args.metrics_port,
+            "model server metrics",
+            "LLMSTREAM_MODEL_SERVER_METRICS_PORT",
+        )
         telemetry.setup_metrics(
             "model-server", args.metrics_port, host=args.metrics_host or args.host
         )

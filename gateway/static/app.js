@@ -110,7 +110,11 @@
 
   function onFrame(f) {
     const rid = f.request_id;
-    if (f.type === "accepted") {
+    if (f.type === "hello") {
+      // Preselect the deployment's model unless the user already chose one.
+      const model = document.getElementById("model");
+      if (f.default_model && !model.dataset.touched) model.value = f.default_model;
+    } else if (f.type === "accepted") {
       const p = pending[f.client_ref];
       if (!reqs[rid]) {
         reqs[rid] = { prompt: p ? p.prompt : "", text: "", lastSeq: 0, status: "queued",

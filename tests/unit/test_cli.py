@@ -41,3 +41,34 @@ def test_unknown_command_fails(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["frobnicate"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "setting"),
+    [
+        (["gateway", "--port", "{port}"], "LLMSTREAM_GATEWAY_PORT"),
+        (
+            ["model-server", "--engine", "synthetic", "--port", "{port}"],
+            "LLMSTREAM_MODEL_SERVER_PORT",
+        ),
+        (
+            ["aggregator", "--no-migrate", "--metrics-port", "{port}"],
+            "LLMSTREAM_AGGREGATOR_METRICS_PORT",
+        ),
+    ],
+)
+def test_taken_port_is_one_line_naming_the_setting(
+    argv: list[str], setting: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        code = cli.main([a.replace("{port}", port) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"127.0.0.1:{port} is already in use" in err
+    assert setting in err
+    assert "Traceback" not in err
