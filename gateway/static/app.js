@@ -196,8 +196,12 @@
     const ref = "r" + Date.now().toString(36) + "-" + (refs++);
     const prompt = $("prompt").value;
     pending[ref] = { prompt, sentAt: performance.now() };
+    // A chat turn, so the model server applies the model's chat template (instruct models
+    // answer the question instead of continuing the text).
     const ok = send({ type: "submit", client_ref: ref, model: $("model").value,
-      prompt, max_tokens: parseInt($("max_tokens").value, 10) || 64 });
+      messages: [{ role: "user", content: prompt }],
+      max_tokens: parseInt($("max_tokens").value, 10) || 64,
+      temperature: Math.min(2, Math.max(0, parseFloat($("temperature").value) || 0)) });
     if (!ok) $("submit-error").textContent = "not connected";
   });
 
