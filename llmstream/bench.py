@@ -25,6 +25,7 @@ SUITES: dict[str, str] = {
     "worker": "worker.bench",
     "gateway": "gateway.bench",
     "aggregator": "aggregator.bench",
+    "pipeline": "llmstream.pipeline_bench",
 }
 
 RESULTS_DIR = Path("bench") / "results"
