@@ -169,7 +169,18 @@ class Gateway:
     async def start(self) -> None:
         s = self.s
         self._load_static()
-        self.redis = aioredis.from_url(s.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        # A blocking pool: under a burst (hundreds of upgrades at once) callers wait up to 5 s
+        # for one of a bounded number of connections instead of failing with "Too many
+        # connections".
+        self.redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                s.redis_url,
+                max_connections=64,
+                timeout=5,
+                socket_timeout=5,
+                socket_connect_timeout=5,
+            )
+        )
         self.quota = Quota(self.redis)
         self.sessions = auth.Sessions(self.redis, s.session_ttl_s)
         self.pool = AsyncConnectionPool(
