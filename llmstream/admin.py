@@ -17,12 +17,14 @@ class AdminError(RuntimeError):
     pass
 
 
-async def _connect() -> psycopg.AsyncConnection[tuple[object, ...]]:
-    return await psycopg.AsyncConnection.connect(config.database_url(), connect_timeout=10)
+async def _connect(database_url: str | None = None) -> psycopg.AsyncConnection[tuple[object, ...]]:
+    return await psycopg.AsyncConnection.connect(
+        database_url or config.database_url(), connect_timeout=10
+    )
 
 
-async def create_tenant(name: str, tier: str) -> str:
-    async with await _connect() as conn:
+async def create_tenant(name: str, tier: str, database_url: str | None = None) -> str:
+    async with await _connect(database_url) as conn:
         try:
             cur = await conn.execute(
                 "INSERT INTO tenants (id, name, tier) VALUES (%s, %s, %s) RETURNING id",
@@ -41,9 +43,9 @@ async def create_tenant(name: str, tier: str) -> str:
         return str(row[0])
 
 
-async def create_key(tenant_name: str) -> apikeys.NewKey:
+async def create_key(tenant_name: str, database_url: str | None = None) -> apikeys.NewKey:
     new = apikeys.generate()
-    async with await _connect() as conn:
+    async with await _connect(database_url) as conn:
         cur = await conn.execute("SELECT id FROM tenants WHERE name = %s", (tenant_name,))
         row = await cur.fetchone()
         if row is None:

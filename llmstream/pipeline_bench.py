@@ -23,13 +23,9 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -39,10 +35,8 @@ from typing import Any
 
 import grpc
 import psycopg
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from psycopg.conninfo import make_conninfo
 
-from llmstream import admin, config, migrate
+from llmstream.stack import Stack, local_stack
 from llmstream.v1 import common_pb2, model_service_pb2, model_service_pb2_grpc
 
 
@@ -53,12 +47,6 @@ def add_arguments(group: Any) -> None:
         "--pipe-requests", type=int, default=2, help="requests per client per run (closed loop)"
     )
     group.add_argument("--pipe-repeat", type=int, default=3, help="runs per (streams, path)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -94,128 +82,21 @@ def summarize(samples: list[Sample], wall_s: float) -> dict[str, Any]:
 _QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))
 
 
-@dataclass
-class Stack:
-    env: dict[str, str]
-    model_server: str
-    gateway_port: int
-    key: str
-    procs: list[subprocess.Popen[bytes]]
-
-
 @asynccontextmanager
-async def _stack(tmp: Path) -> AsyncIterator[Stack]:
-    bootstrap = config.kafka_bootstrap()
-    base = f"bench.{uuid.uuid4().hex[:8]}"
-    names = [f"{base}.prompts", f"{base}.tokens", f"{base}.dlq"]
-    kafka = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    await asyncio.wait_for(kafka.start(), 20)
-    await asyncio.wait_for(
-        kafka.create_topics([NewTopic(n, 12 if i < 2 else 1, 1) for i, n in enumerate(names)]),
-        20,
-    )
-    server_db = config.database_url()
-    db_name = f"llmstream_bench_{uuid.uuid4().hex[:8]}"
-    async with await psycopg.AsyncConnection.connect(server_db, autocommit=True) as conn:
-        await conn.execute(f'CREATE DATABASE "{db_name}"'.encode())
-    db = make_conninfo(server_db, dbname=db_name)
-    await migrate.apply(db)
-    ms_port, gw_port = _free_port(), _free_port()
-    env = {
-        **os.environ,
-        "LLMSTREAM_DATABASE_URL": db,
-        "LLMSTREAM_TOPIC_PROMPTS": names[0],
-        "LLMSTREAM_TOPIC_TOKENS": names[1],
-        "LLMSTREAM_TOPIC_DLQ": names[2],
-        "LLMSTREAM_WORKER_GROUP": f"{base}.workers",
-        "LLMSTREAM_AGGREGATOR_GROUP": f"{base}.aggregator",
-        "LLMSTREAM_MODEL_SERVERS": f"127.0.0.1:{ms_port}",
-        "LLMSTREAM_GATEWAY_PORT": str(gw_port),
-        "LLMSTREAM_GATEWAY_MAX_INFLIGHT": "20000",
-        "LLMSTREAM_WORKER_MAX_INFLIGHT": "1024",
-        "LLMSTREAM_WORKER_METRICS_PORT": "0",
-        "LLMSTREAM_AGGREGATOR_METRICS_PORT": "0",
-        "LLMSTREAM_LOG_LEVEL": "WARNING",
-    }
-    commands = {
-        "model-server": ["model-server", "--engine", "synthetic", "--port", str(ms_port),
-                         "--metrics-port", "0", "--synthetic-ttft-ms", "0",
-                         "--synthetic-itl-ms", "0", "--max-concurrency", "2048",
-                         "--max-queue", "2048"],
-        "worker-0": ["worker", "--id", "bench-w0"],
-        "worker-1": ["worker", "--id", "bench-w1"],
-        "aggregator": ["aggregator", "--no-migrate"],
-        "gateway": ["gateway", "--id", "bench-gw"],
-    }  # fmt: skip
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        _spawn(tmp, env, commands, procs)
-        # A tier without limits that would throttle the benchmark itself.
-        async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
+async def _bench_stack(tmp: Path) -> AsyncIterator[tuple[Stack, str]]:
+    """The stack with a zero-delay model and a tenant whose tier never throttles the bench."""
+    async with local_stack(
+        tmp, partitions=12, ttft_ms=0, itl_ms=0, extra_env={"LLMSTREAM_LOG_LEVEL": "WARNING"}
+    ) as stack:
+        async with await psycopg.AsyncConnection.connect(
+            stack.database_url, autocommit=True
+        ) as conn:
             await conn.execute(
                 "INSERT INTO quota_tiers VALUES ('bench', 1000000, 1000000000000,"
                 " 1000000000000, 100000, 100000, 100000)"
             )
-        saved = os.environ.get("LLMSTREAM_DATABASE_URL")
-        os.environ["LLMSTREAM_DATABASE_URL"] = db  # admin.* write to the bench database
-        try:
-            tenant = f"bench-{uuid.uuid4().hex[:6]}"
-            await admin.create_tenant(tenant, "bench")
-            key = (await admin.create_key(tenant)).key
-        finally:
-            if saved is None:
-                os.environ.pop("LLMSTREAM_DATABASE_URL")
-            else:
-                os.environ["LLMSTREAM_DATABASE_URL"] = saved
-        await _wait_ready(gw_port)
-        yield Stack(env, f"127.0.0.1:{ms_port}", gw_port, key, procs)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        await asyncio.wait_for(kafka.delete_topics(names), 20)
-        await kafka.close()
-        async with await psycopg.AsyncConnection.connect(server_db, autocommit=True) as conn:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'.encode())
-
-
-def _spawn(
-    tmp: Path,
-    env: dict[str, str],
-    commands: dict[str, list[str]],
-    procs: list[subprocess.Popen[bytes]],
-) -> None:
-    """Start each `llmstream` command (appending to `procs` as they start, so a failure half
-    way still stops the ones already running); logs go to `tmp/<name>.log`."""
-    for name, args in commands.items():
-        with open(tmp / f"{name}.log", "ab") as log:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "llmstream.cli", *args],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-
-
-async def _wait_ready(port: int, within_s: float = 60.0) -> None:
-    end = time.monotonic() + within_s
-    while True:
-        try:
-            await asyncio.to_thread(
-                urllib.request.urlopen, f"http://127.0.0.1:{port}/readyz", timeout=2
-            )
-            return
-        except OSError:
-            if time.monotonic() > end:
-                raise TimeoutError("gateway not ready") from None
-            await asyncio.sleep(0.3)
+        _, key = await stack.tenant_key("bench")
+        yield stack, key
 
 
 async def _direct_client(
@@ -298,7 +179,7 @@ async def _ws_client(port: int, key: str, n: int, tokens: int) -> list[Sample]:
 
 
 async def _run_path(
-    stack: Stack, path: str, streams: int, requests: int, tokens: int
+    stack: Stack, key: str, path: str, streams: int, requests: int, tokens: int
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     if path == "direct":
@@ -309,7 +190,7 @@ async def _run_path(
             )
     else:
         results = await asyncio.gather(
-            *(_ws_client(stack.gateway_port, stack.key, requests, tokens) for _ in range(streams))
+            *(_ws_client(stack.gateway_port, key, requests, tokens) for _ in range(streams))
         )
     wall = time.perf_counter() - t0
     return summarize([s for batch in results for s in batch], wall)
@@ -326,17 +207,17 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"load_average_at_start": os.getloadavg(), "scenarios": []}
     with tempfile.TemporaryDirectory(prefix="llmstream-bench-") as tmp:
-        async with _stack(Path(tmp)) as stack:
+        async with _bench_stack(Path(tmp)) as (stack, key):
             # Warm-up: connections, consumer assignments, first-request costs.
-            await _run_path(stack, "pipeline", 4, 2, 8)
-            await _run_path(stack, "direct", 4, 2, 8)
+            await _run_path(stack, key, "pipeline", 4, 2, 8)
+            await _run_path(stack, key, "direct", 4, 2, 8)
             for streams in args.pipe_streams:
                 runs: dict[str, list[dict[str, Any]]] = {"direct": [], "pipeline": []}
                 for _ in range(args.pipe_repeat):
                     for path in ("direct", "pipeline"):
                         runs[path].append(
                             await _run_path(
-                                stack, path, streams, args.pipe_requests, args.pipe_tokens
+                                stack, key, path, streams, args.pipe_requests, args.pipe_tokens
                             )
                         )
                 direct, pipeline = _median_run(runs["direct"]), _median_run(runs["pipeline"])

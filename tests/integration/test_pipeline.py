@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -25,19 +23,10 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 
-from llmstream import admin, quota_keys
+from llmstream import quota_keys
 from llmstream.fold import TERMINAL, fold_all
-from worker.testing import (
-    Proc,
-    Topics,
-    create_topics,
-    delete_topics,
-    free_port,
-    read_all,
-    start_model_server,
-    start_worker,
-    wait_model_server,
-)
+from llmstream.stack import Stack, local_stack
+from worker.testing import read_all
 
 pytestmark = pytest.mark.integration
 
@@ -48,90 +37,12 @@ MAX_TOKENS = 12
 WINDOW = 40
 
 
-@dataclass
-class Stack:
-    topics: Topics
-    env: dict[str, str]
-    gateway_port: int
-    tmp: Path
-    procs: dict[str, Proc] = field(default_factory=dict)
-
-    def _start(self, name: str, *args: str) -> Proc:
-        log_path = self.tmp / f"{name}.log"
-        with open(log_path, "ab") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "llmstream.cli", *args],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        self.procs[name] = Proc(popen, log_path)
-        return self.procs[name]
-
-    def start_aggregator(self) -> Proc:
-        return self._start("aggregator", "aggregator", "--metrics-port", "0")
-
-    def start_gateway(self) -> Proc:
-        return self._start("gateway", "gateway", "--id", "gw-test")
-
-
-async def wait_http(port: int, path: str, within_s: float = 30.0) -> None:
-    import urllib.request
-
-    end = time.monotonic() + within_s
-    while True:
-        try:
-            await asyncio.to_thread(
-                urllib.request.urlopen, f"http://127.0.0.1:{port}{path}", timeout=1
-            )
-            return
-        except OSError:
-            if time.monotonic() > end:
-                raise TimeoutError(f"gateway on {port} not ready") from None
-            await asyncio.sleep(0.2)
-
-
 @pytest.fixture
-def fresh_db_env(db: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A database of this test alone: `replay --verify` compares whole tables, so rows of other
-    tests' requests in a shared database would be (rightly) reported as differences."""
-    monkeypatch.setenv("LLMSTREAM_DATABASE_URL", db)
-    return db
-
-
-@pytest.fixture
-async def stack(kafka_bootstrap: str, fresh_db_env: str, tmp_path: Path) -> AsyncIterator[Stack]:
-    topics = await create_topics(kafka_bootstrap, partitions=4)
-    ms_port, gw_port = free_port(), free_port()
-    env = topics.env(
-        [f"127.0.0.1:{ms_port}"],
-        LLMSTREAM_DATABASE_URL=fresh_db_env,
-        LLMSTREAM_PROMPTS_PARTITIONS="4",
-        LLMSTREAM_TOKENS_PARTITIONS="4",
-        LLMSTREAM_AGGREGATOR_GROUP=f"{topics.group}.agg",
-        LLMSTREAM_GATEWAY_PORT=str(gw_port),
-        LLMSTREAM_GATEWAY_MAX_INFLIGHT="5000",
-    )
-    s = Stack(topics, env, gw_port, tmp_path)
-    try:
-        s.procs["model-server"] = start_model_server(tmp_path, ms_port, itl_ms=2, ttft_ms=5)
-        await wait_model_server(f"127.0.0.1:{ms_port}")
-        for i in range(2):
-            s.procs[f"worker-{i}"] = start_worker(tmp_path, env, f"w{i}")
-        s.start_gateway()
-        s.start_aggregator()
-        await wait_http(gw_port, "/readyz")
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    # A database of this test alone: `replay --verify` compares whole tables, so rows of
+    # other tests' requests in a shared database would be (rightly) reported as differences.
+    async with local_stack(tmp_path) as s:
         yield s
-    finally:
-        for proc in s.procs.values():
-            if proc.popen.poll() is None:
-                proc.popen.send_signal(signal.SIGTERM)
-        for proc in s.procs.values():
-            try:
-                proc.popen.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.popen.kill()
-        await delete_topics(topics)
 
 
 @dataclass
@@ -190,11 +101,9 @@ async def client(port: int, key: str, n: int, outcomes: dict[str, Outcome]) -> N
 
 
 async def test_thousand_requests_bill_exactly_once_through_aggregator_crashes(
-    stack: Stack, fresh_db_env: str, redis_url: str
+    stack: Stack, kafka_bootstrap: str, redis_url: str
 ) -> None:
-    tenant = f"pipe-{uuid.uuid4().hex[:6]}"
-    tenant_id = await admin.create_tenant(tenant, "enterprise")
-    key = (await admin.create_key(tenant)).key
+    tenant_id, key = await stack.tenant_key("enterprise")
 
     outcomes: dict[str, Outcome] = {}
     traffic = asyncio.gather(
@@ -204,10 +113,9 @@ async def test_thousand_requests_bill_exactly_once_through_aggregator_crashes(
     kills = 0
     while not traffic.done() and kills < 10:
         await asyncio.sleep(0.4 + (kills % 3) * 0.3)
-        stack.procs["aggregator"].popen.send_signal(signal.SIGKILL)
-        stack.procs["aggregator"].popen.wait(10)
+        stack.kill("aggregator")
         kills += 1
-        stack.start_aggregator()
+        stack.start("aggregator")
     await asyncio.wait_for(traffic, 180)
     assert kills >= 3, "traffic ended before the aggregator could be killed"
 
@@ -220,8 +128,8 @@ async def test_thousand_requests_bill_exactly_once_through_aggregator_crashes(
         assert out.done["finish_reason"] in ("length", "stop")
 
     # The log: one terminal event per request.
-    events = await read_all(stack.topics.bootstrap, stack.topics.tokens)
-    events += await read_all(stack.topics.bootstrap, stack.topics.prompts)
+    events = await read_all(kafka_bootstrap, stack.tokens_topic)
+    events += await read_all(kafka_bootstrap, stack.prompts_topic)
     states = fold_all(events)
     terminal = {rid: s for rid, s in states.items() if s.status in TERMINAL}
     assert set(terminal) == set(outcomes)
@@ -232,7 +140,7 @@ async def test_thousand_requests_bill_exactly_once_through_aggregator_crashes(
     # The projection catches up: exactly one ledger row per terminal event, same sums.
     deadline = time.monotonic() + 90
     while True:
-        async with await psycopg.AsyncConnection.connect(fresh_db_env) as conn:
+        async with await psycopg.AsyncConnection.connect(stack.database_url) as conn:
             cur = await conn.execute(
                 "SELECT count(*), count(DISTINCT request_id), coalesce(sum(prompt_tokens), 0),"
                 " coalesce(sum(completion_tokens), 0), coalesce(sum(total_tokens), 0)"

@@ -1,0 +1,182 @@
+"""A whole llmstream deployment as local processes, for end-to-end tests and benchmarks.
+
+`local_stack()` creates fresh topics and a fresh migrated database (so runs never see each
+other), starts a synthetic model server, workers, the aggregator and a gateway as real
+`llmstream` processes against the infrastructure of `llmstream infra up`, waits until the
+gateway is ready, and removes everything afterwards. Processes can be killed and restarted by
+name while it runs (fault tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from psycopg.conninfo import make_conninfo
+
+from llmstream import admin, config, migrate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    env: dict[str, str]
+    database_url: str
+    prompts_topic: str
+    tokens_topic: str
+    model_server: str
+    gateway_port: int
+    commands: dict[str, list[str]]
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        """Start (or restart) process `name`; its output is appended to `tmp/<name>.log`."""
+        with open(self.tmp / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "llmstream.cli", *self.commands[name]],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self.procs[name]
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: a crash, not a shutdown."""
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def stop_all(self, timeout_s: float = 20.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    async def tenant_key(self, tier: str) -> tuple[str, str]:
+        """A new tenant of `tier` in this stack's database and an API key: (tenant id, key)."""
+        name = f"t-{uuid.uuid4().hex[:8]}"
+        tenant_id = await admin.create_tenant(name, tier, self.database_url)
+        key = await admin.create_key(name, self.database_url)
+        return tenant_id, key.key
+
+
+@asynccontextmanager
+async def local_stack(
+    tmp: Path,
+    *,
+    workers: int = 2,
+    partitions: int = 4,
+    ttft_ms: float = 5,
+    itl_ms: float = 2,
+    extra_env: dict[str, str] | None = None,
+) -> AsyncIterator[Stack]:
+    bootstrap = config.kafka_bootstrap()
+    base = f"stack.{uuid.uuid4().hex[:8]}"
+    topics = [f"{base}.prompts", f"{base}.tokens", f"{base}.dlq"]
+    kafka = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await asyncio.wait_for(kafka.start(), 20)
+    server_db = config.database_url()
+    db_name = f"llmstream_stack_{uuid.uuid4().hex[:8]}"
+    stack: Stack | None = None
+    try:
+        await asyncio.wait_for(
+            kafka.create_topics(
+                [NewTopic(t, partitions if i < 2 else 1, 1) for i, t in enumerate(topics)]
+            ),
+            20,
+        )
+        async with await psycopg.AsyncConnection.connect(
+            server_db, autocommit=True, connect_timeout=10
+        ) as conn:
+            await conn.execute(f'CREATE DATABASE "{db_name}"'.encode())
+        db = make_conninfo(server_db, dbname=db_name)
+        await migrate.apply(db)
+        ms_port, gw_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            "LLMSTREAM_DATABASE_URL": db,
+            "LLMSTREAM_TOPIC_PROMPTS": topics[0],
+            "LLMSTREAM_TOPIC_TOKENS": topics[1],
+            "LLMSTREAM_TOPIC_DLQ": topics[2],
+            "LLMSTREAM_PROMPTS_PARTITIONS": str(partitions),
+            "LLMSTREAM_TOKENS_PARTITIONS": str(partitions),
+            "LLMSTREAM_WORKER_GROUP": f"{base}.workers",
+            "LLMSTREAM_AGGREGATOR_GROUP": f"{base}.aggregator",
+            "LLMSTREAM_MODEL_SERVERS": f"127.0.0.1:{ms_port}",
+            "LLMSTREAM_GATEWAY_PORT": str(gw_port),
+            "LLMSTREAM_GATEWAY_MAX_INFLIGHT": "20000",
+            "LLMSTREAM_WORKER_MAX_INFLIGHT": "1024",
+            "LLMSTREAM_WORKER_METRICS_PORT": "0",
+            "LLMSTREAM_AGGREGATOR_METRICS_PORT": "0",
+            "LLMSTREAM_LOG_LEVEL": "INFO",
+            **(extra_env or {}),
+        }
+        commands = {
+            "model-server": [
+                "model-server", "--engine", "synthetic", "--port", str(ms_port),
+                "--metrics-port", "0", "--synthetic-ttft-ms", str(ttft_ms),
+                "--synthetic-itl-ms", str(itl_ms), "--max-concurrency", "2048",
+                "--max-queue", "2048", "--drain-timeout-s", "0",
+            ],
+            **{f"worker-{i}": ["worker", "--id", f"{base}.w{i}"] for i in range(workers)},
+            "aggregator": ["aggregator", "--no-migrate"],
+            "gateway": ["gateway", "--id", f"{base}.gw"],
+        }  # fmt: skip
+        stack = Stack(tmp, env, db, topics[0], topics[1], f"127.0.0.1:{ms_port}", gw_port, commands)
+        for name in commands:
+            stack.start(name)
+        await _wait_ready(gw_port, stack)
+        yield stack
+    finally:
+        if stack is not None:
+            await asyncio.to_thread(stack.stop_all)
+        try:
+            await asyncio.wait_for(kafka.delete_topics(topics), 20)
+        finally:
+            await kafka.close()
+        async with await psycopg.AsyncConnection.connect(
+            server_db, autocommit=True, connect_timeout=10
+        ) as conn:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'.encode())
+
+
+async def _wait_ready(port: int, stack: Stack, within_s: float = 60.0) -> None:
+    end = time.monotonic() + within_s
+    while True:
+        dead = [n for n, p in stack.procs.items() if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"{', '.join(dead)} exited during start-up; see {stack.tmp}")
+        try:
+            await asyncio.to_thread(
+                urllib.request.urlopen, f"http://127.0.0.1:{port}/readyz", timeout=2
+            )
+            return
+        except OSError:
+            if time.monotonic() > end:
+                raise TimeoutError(
+                    f"gateway not ready in {within_s:.0f}s; see {stack.tmp}"
+                ) from None
+            await asyncio.sleep(0.3)
