@@ -73,8 +73,9 @@ class Engine(abc.ABC):
         appended). Token-id prompts never reach this method."""
 
     def token_bytes(self, token_id: int) -> bytes:
-        """Bytes of one token's text (special tokens: empty). Needed unless ``emits_text``."""
-        raise NotImplementedError
+        """Bytes of one token's text (special tokens: empty). Engines that detokenize
+        themselves (``emits_text``, e.g. vLLM) are never asked."""
+        raise TypeError(f"{type(self).__name__} emits text; it has no token_bytes")
 
     @abc.abstractmethod
     def generate(self, req: EngineRequest) -> AsyncGenerator[EngineStep, None]: ...
