@@ -9,6 +9,7 @@ declare -A NEED=(
   [mvn]=maven
   [kcat]=kcat
   [protoc]=protobuf-compiler
+  [chromium]=chromium        # the browser page's Playwright test drives Debian's Chromium
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
