@@ -313,6 +313,9 @@ def _ensure_role_and_database(bins: Path, port: int) -> None:
         f"CREATE ROLE {ROLE} LOGIN CREATEDB PASSWORD '{password}'; "
         f"ELSE ALTER ROLE {ROLE} LOGIN CREATEDB PASSWORD '{password}'; END IF; END $$;",
     )
+    # `DROP DATABASE ... WITH (FORCE)` (test and benchmark databases) must be able to end an
+    # autovacuum worker, which runs as the superuser.
+    _psql(bins, port, f"GRANT pg_signal_backend TO {ROLE}")
     if _psql(bins, port, f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'") != "1":
         _psql(bins, port, f"CREATE DATABASE {DATABASE} OWNER {ROLE}")
 
@@ -373,7 +376,8 @@ def up() -> ComponentStatus:
                 f"pg_ctl start failed: {cause}",
                 f"{log_hint(log_file())}; fix the cause or raise LLMSTREAM_STARTUP_TIMEOUT_S",
             )
-        _ensure_role_and_database(bins, port)
+    # Also on reuse: a cluster made by an older version gets what this one expects.
+    _ensure_role_and_database(bins, port)
     database_url = url(port)
     error = check(database_url, min(timeout, 10.0))
     if error is not None:
