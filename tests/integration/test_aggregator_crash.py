@@ -152,8 +152,10 @@ async def test_kill_dash_nine_never_double_bills_or_loses_a_bill(
     elapsed = time.monotonic() - started
     assert kills == KILLS and sent > 5000 and elapsed < 150
     print(f"kills={kills} with_backlog={kills_with_backlog} events={sent} {elapsed=:.1f}s")
-    # Most kills must hit a process with work in hand (records fetched or not yet projected).
-    assert kills_with_backlog >= KILLS // 2, kills_with_backlog
+    # Kills must hit a process with work in hand (records fetched or not yet projected), or the
+    # test proves little. How many do depends on the machine's pace (4-7 of 10 seen), so this
+    # guards the test's power, not the product: at least 3.
+    assert kills_with_backlog >= 3, kills_with_backlog
 
     async with await psycopg.AsyncConnection.connect(db) as conn:
         cur = await conn.execute(
