@@ -23,6 +23,7 @@ from typing import Any
 
 from gateway import testing
 from llmstream import admin, config
+from llmstream.ports import free_port
 
 
 def add_arguments(group: Any) -> None:
@@ -35,15 +36,6 @@ def _rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def _wait_healthy(port: int, proc: asyncio.subprocess.Process) -> None:
@@ -73,7 +65,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     name = f"bench-{uuid.uuid4().hex[:8]}"
     await admin.create_tenant(name, "enterprise")
     key = (await admin.create_key(name)).key
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env.update(
         {

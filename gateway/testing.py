@@ -30,15 +30,6 @@ def token_text(request_id: str, seq: int, pad: int = 0) -> str:
     return f"{request_id[-6:]}:{seq}:{TRICKY[seq % len(TRICKY)]} " + "x" * pad
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass
 class Topics:
     bootstrap: str

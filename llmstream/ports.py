@@ -31,3 +31,10 @@ def ensure_free(host: str, port: int, purpose: str, setting: str) -> None:
                     f"process, or `make up` already running?): stop it or set {setting}"
                 ) from None
             raise
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for tests and benchmarks that start servers)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

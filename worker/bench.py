@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from llmstream import config
+from llmstream.ports import free_port
 from worker.testing import (
     collect,
     create_topics,
     delete_topics,
-    free_port,
     produce,
     start_model_server,
     start_worker,

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,13 +26,6 @@ from llmstream.v1 import common_pb2, events_pb2, model_service_pb2, model_servic
 
 BIN = Path(sys.executable).parent
 MODEL = "synthetic"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

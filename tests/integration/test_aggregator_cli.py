@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import urllib.request
 import uuid
@@ -22,14 +21,9 @@ from aggregator.testing import (
     wait_caught_up,
 )
 from llmstream import codec, quota_keys
+from llmstream.ports import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> str:

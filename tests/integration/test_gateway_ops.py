@@ -15,7 +15,7 @@ import pytest
 
 from gateway import testing
 from gateway.testing import Client, FakeWorker, Topics
-from llmstream import admin
+from llmstream import admin, ports
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +70,7 @@ async def test_sigterm_drains_with_1012(
     topics: Topics, db_env: str, redis_url: str, tmp_path: Path
 ) -> None:
     key = await new_key()
-    port = testing.free_port()
+    port = ports.free_port()
     env = dict(os.environ)
     env.update(
         {

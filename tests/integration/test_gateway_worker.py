@@ -13,7 +13,7 @@ import pytest
 
 from gateway import testing
 from gateway.testing import Client
-from llmstream import admin
+from llmstream import admin, ports
 from worker import testing as wt
 
 pytestmark = pytest.mark.integration
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = wt.free_port()
+    port = ports.free_port()
     proc = wt.start_model_server(tmp_path_factory.mktemp("gms"), port, itl_ms=5, ttft_ms=5)
     addr = f"127.0.0.1:{port}"
     try:

@@ -23,16 +23,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from llmstream import config, infra
 from llmstream.infra import _common
+from llmstream.ports import free_port
 
 pytestmark = pytest.mark.integration
 
 T = 20.0  # seconds: bound of every client await
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _unique(prefix: str) -> str:
@@ -224,7 +219,7 @@ async def test_ensure_topics_refuses_a_topic_with_fewer_partitions(
 
 def _isolate(monkeypatch: pytest.MonkeyPatch, state: Path) -> None:
     monkeypatch.setenv("LLMSTREAM_STATE_DIR", str(state))
-    monkeypatch.setenv("LLMSTREAM_KAFKA_PORT", str(_free_port()))
+    monkeypatch.setenv("LLMSTREAM_KAFKA_PORT", str(free_port()))
     for name in ("KAFKA_BOOTSTRAP", "DATABASE_URL", "REDIS_URL", "KAFKA_EXTRA_PROPERTIES"):
         monkeypatch.delenv(config.PREFIX + name, raising=False)
 
@@ -412,6 +407,6 @@ def test_external_servers_are_used_not_started(
     assert infra.down() == []
     assert not (isolated / "kafka" / "kafka.pid").exists()
     # A URL that answers nothing is a one-line error naming the variable.
-    monkeypatch.setenv("LLMSTREAM_REDIS_URL", f"redis://127.0.0.1:{_free_port()}/0")
+    monkeypatch.setenv("LLMSTREAM_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(infra.InfraError, match=r"^redis: LLMSTREAM_REDIS_URL=redis://\S+ does "):
         infra.up(["redis"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from llmstream.ports import free_port
 from llmstream.v1 import (
     common_pb2,
     model_admin_pb2,
@@ -112,13 +112,6 @@ async def test_drain_finishes_short_streams_and_cancels_long_ones() -> None:
         assert await drain == 1
         assert 0.55 < time.monotonic() - t0 < 6.0
         assert srv.registry.get("slow").engine.active_requests() == frozenset()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_sigterm_drains_a_real_process() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from llmstream.ports import free_port
 from worker.testing import (
     Proc,
     Topics,
@@ -17,7 +18,6 @@ from worker.testing import (
     collect,
     create_topics,
     delete_topics,
-    free_port,
     produce,
     prompt_text,
     reference_text,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from llmstream.ports import free_port
 from llmstream.v1 import events_pb2
 from worker.testing import (
     Collected,
@@ -22,7 +23,6 @@ from worker.testing import (
     collect,
     create_topics,
     delete_topics,
-    free_port,
     produce,
     prompt_text,
     read_all,
