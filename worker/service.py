@@ -1073,8 +1073,7 @@ async def serve(settings: Settings) -> int:
     """Run a worker until SIGTERM/SIGINT (exit status 0) or a fatal Kafka error (1)."""
     worker = Worker(settings)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, worker.request_stop)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # Unix event loops (the supported platform)
+        loop.add_signal_handler(sig, worker.request_stop)
     await worker.run()
     return 1 if worker.fatal is not None else 0
