@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import psycopg
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from psycopg.conninfo import make_conninfo
 
 from aggregator.synthetic import Produced
-from llmstream import codec, migrate
+from llmstream import codec, migrate, stack
 
 
 @dataclass(frozen=True)
@@ -34,23 +33,9 @@ class Topics:
 async def fresh_topics(bootstrap: str, partitions: int = 3) -> AsyncIterator[Topics]:
     base = f"test.agg.{uuid.uuid4().hex[:10]}"
     t = Topics(f"{base}.prompts", f"{base}.tokens", f"{base}.dlq")
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
-    await asyncio.wait_for(admin.start(), 15)
-    try:
-        await asyncio.wait_for(
-            admin.create_topics(
-                [
-                    NewTopic(t.prompts, num_partitions=partitions, replication_factor=1),
-                    NewTopic(t.tokens, num_partitions=partitions, replication_factor=1),
-                    NewTopic(t.dlq, num_partitions=1, replication_factor=1),
-                ]
-            ),
-            15,
-        )
-        yield t
-        await asyncio.wait_for(admin.delete_topics([t.prompts, t.tokens, t.dlq]), 15)
-    finally:
-        await admin.close()
+    await stack.create_topics(bootstrap, {t.prompts: partitions, t.tokens: partitions, t.dlq: 1})
+    yield t
+    await stack.delete_topics(bootstrap, [t.prompts, t.tokens, t.dlq])
 
 
 @asynccontextmanager

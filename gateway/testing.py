@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.server import Gateway as Gateway
 from gateway.settings import Settings
-from llmstream import codec
+from llmstream import codec, stack
 from llmstream.v1 import common_pb2, events_pb2
 
 # Token texts cycle through content that must survive the JSON/WebSocket path unchanged.
@@ -41,30 +40,12 @@ class Topics:
 async def create_topics(bootstrap: str, partitions: int = 4) -> Topics:
     base = f"test.g{uuid.uuid4().hex[:10]}"
     t = Topics(bootstrap, f"{base}.prompts", f"{base}.tokens", partitions)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
-    await asyncio.wait_for(admin.start(), 15)
-    try:
-        await asyncio.wait_for(
-            admin.create_topics(
-                [
-                    NewTopic(t.prompts, num_partitions=partitions, replication_factor=1),
-                    NewTopic(t.tokens, num_partitions=partitions, replication_factor=1),
-                ]
-            ),
-            15,
-        )
-    finally:
-        await admin.close()
+    await stack.create_topics(bootstrap, {t.prompts: partitions, t.tokens: partitions})
     return t
 
 
 async def delete_topics(t: Topics) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=t.bootstrap, request_timeout_ms=10000)
-    await asyncio.wait_for(admin.start(), 15)
-    try:
-        await asyncio.wait_for(admin.delete_topics([t.prompts, t.tokens]), 15)
-    finally:
-        await admin.close()
+    await stack.delete_topics(t.bootstrap, [t.prompts, t.tokens])
 
 
 def settings(

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,27 @@ from psycopg.conninfo import make_conninfo
 
 from llmstream import admin, config, migrate
 from llmstream.ports import free_port
+
+
+async def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:
+    """Create topics (name -> partition count, replication 1) for a test or benchmark run."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    await asyncio.wait_for(admin.start(), 15)
+    try:
+        await asyncio.wait_for(
+            admin.create_topics([NewTopic(n, p, 1) for n, p in partitions.items()]), 15
+        )
+    finally:
+        await admin.close()
+
+
+async def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    await asyncio.wait_for(admin.start(), 15)
+    try:
+        await asyncio.wait_for(admin.delete_topics(list(names)), 15)
+    finally:
+        await admin.close()
 
 
 @dataclass
@@ -90,18 +111,11 @@ async def local_stack(
     bootstrap = config.kafka_bootstrap()
     base = f"stack.{uuid.uuid4().hex[:8]}"
     topics = [f"{base}.prompts", f"{base}.tokens", f"{base}.dlq"]
-    kafka = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    await asyncio.wait_for(kafka.start(), 20)
     server_db = config.database_url()
     db_name = f"llmstream_stack_{uuid.uuid4().hex[:8]}"
     stack: Stack | None = None
     try:
-        await asyncio.wait_for(
-            kafka.create_topics(
-                [NewTopic(t, partitions if i < 2 else 1, 1) for i, t in enumerate(topics)]
-            ),
-            20,
-        )
+        await create_topics(bootstrap, {topics[0]: partitions, topics[1]: partitions, topics[2]: 1})
         async with await psycopg.AsyncConnection.connect(
             server_db, autocommit=True, connect_timeout=10
         ) as conn:
@@ -147,10 +161,7 @@ async def local_stack(
     finally:
         if stack is not None:
             await asyncio.to_thread(stack.stop_all)
-        try:
-            await asyncio.wait_for(kafka.delete_topics(topics), 20)
-        finally:
-            await kafka.close()
+        await delete_topics(bootstrap, topics)
         async with await psycopg.AsyncConnection.connect(
             server_db, autocommit=True, connect_timeout=10
         ) as conn:

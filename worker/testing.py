@@ -18,9 +18,8 @@ from pathlib import Path
 
 import grpc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from llmstream import codec
+from llmstream import codec, stack
 from llmstream.fold import RequestState, fold
 from llmstream.v1 import common_pb2, events_pb2, model_service_pb2, model_service_pb2_grpc
 
@@ -121,31 +120,14 @@ class Topics:
 async def create_topics(bootstrap: str, partitions: int = 3) -> Topics:
     base = f"test.w{uuid.uuid4().hex[:10]}"
     topics = Topics(bootstrap, f"{base}.prompts", f"{base}.tokens", f"{base}.dlq", f"{base}.g")
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
-    await asyncio.wait_for(admin.start(), 15)
-    try:
-        await asyncio.wait_for(
-            admin.create_topics(
-                [
-                    NewTopic(topics.prompts, num_partitions=partitions, replication_factor=1),
-                    NewTopic(topics.tokens, num_partitions=partitions, replication_factor=1),
-                    NewTopic(topics.dlq, num_partitions=1, replication_factor=1),
-                ]
-            ),
-            15,
-        )
-    finally:
-        await admin.close()
+    await stack.create_topics(
+        bootstrap, {topics.prompts: partitions, topics.tokens: partitions, topics.dlq: 1}
+    )
     return topics
 
 
 async def delete_topics(topics: Topics) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=topics.bootstrap, request_timeout_ms=10000)
-    await asyncio.wait_for(admin.start(), 15)
-    try:
-        await asyncio.wait_for(admin.delete_topics([topics.prompts, topics.tokens, topics.dlq]), 15)
-    finally:
-        await admin.close()
+    await stack.delete_topics(topics.bootstrap, [topics.prompts, topics.tokens, topics.dlq])
 
 
 def start_worker(tmp: Path, env: dict[str, str], worker_id: str, *args: str) -> Proc:
@@ -240,12 +222,8 @@ class Collected:
         return self.state(rid)
 
 
-async def collect(
-    bootstrap: str, topic: str, request_ids: Iterable[str], within_s: float = 30.0
-) -> Collected:
-    """Read the tokens topic until every request has a terminal event (or the timeout)."""
-    wanted = set(request_ids)
-    out = Collected()
+async def reader(bootstrap: str, topic: str) -> AIOKafkaConsumer:
+    """A started group-less consumer reading `topic` from the beginning."""
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -254,7 +232,17 @@ async def collect(
         enable_auto_commit=False,
         fetch_max_wait_ms=50,
     )
-    await consumer.start()
+    await asyncio.wait_for(consumer.start(), 15)
+    return consumer
+
+
+async def collect(
+    bootstrap: str, topic: str, request_ids: Iterable[str], within_s: float = 30.0
+) -> Collected:
+    """Read the tokens topic until every request has a terminal event (or the timeout)."""
+    wanted = set(request_ids)
+    out = Collected()
+    consumer = await reader(bootstrap, topic)
     end = time.monotonic() + within_s
     done: set[str] = set()
     try:
@@ -313,15 +301,7 @@ async def wait_progress(
     """Wait until `at_least` of the requests have a token_delta in the log; returns how many."""
     wanted = set(request_ids)
     seen: set[str] = set()
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        fetch_max_wait_ms=50,
-    )
-    await consumer.start()
+    consumer = await reader(bootstrap, topic)
     end = time.monotonic() + within_s
     try:
         while len(seen) < at_least and time.monotonic() < end:
@@ -340,14 +320,7 @@ async def wait_progress(
 
 async def read_all(bootstrap: str, topic: str) -> list[events_pb2.Event]:
     """Every event currently in a topic."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
+    consumer = await reader(bootstrap, topic)
     out: list[events_pb2.Event] = []
     try:
         ends = await consumer.end_offsets(list(consumer.assignment()))

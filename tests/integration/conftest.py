@@ -17,11 +17,10 @@ from collections.abc import AsyncIterator, Iterator
 import psycopg
 import pytest
 import redis.asyncio as aioredis
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from psycopg.conninfo import make_conninfo
 
 from aggregator.testing import Topics, fresh_database, fresh_topics
-from llmstream import config, migrate
+from llmstream import config, migrate, stack
 
 
 def _require(what: str, get: object) -> str:
@@ -84,16 +83,9 @@ def key_prefix() -> str:
 async def topic_name(kafka_bootstrap: str) -> AsyncIterator[str]:
     """A fresh 3-partition topic; deleted afterwards."""
     name = f"test.{uuid.uuid4().hex[:12]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap, request_timeout_ms=10000)
-    await asyncio.wait_for(admin.start(), 15)
-    try:
-        await asyncio.wait_for(
-            admin.create_topics([NewTopic(name, num_partitions=3, replication_factor=1)]), 15
-        )
-        yield name
-        await asyncio.wait_for(admin.delete_topics([name]), 15)
-    finally:
-        await admin.close()
+    await stack.create_topics(kafka_bootstrap, {name: 3})
+    yield name
+    await stack.delete_topics(kafka_bootstrap, [name])
 
 
 @pytest.fixture
