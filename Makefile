@@ -13,7 +13,7 @@ PROTOS := $(shell find proto -name '*.proto')
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: system-deps tools up test down status deps proto lint typecheck buflint pytest unit bench clean readme-config
+.PHONY: system-deps tools up test down status deps proto lint typecheck buflint pytest unit bench chaos clean readme-config
 
 up: deps proto
 	$(BIN)/llmstream up
@@ -71,6 +71,11 @@ unit: deps proto
 bench: deps proto
 	$(BIN)/llmstream infra up
 	$(BIN)/llmstream bench
+
+# Fault injection (~5 min): on a private Kafka/PostgreSQL/Redis instance of its own (the shared
+# one is never touched); prints the table of README's Reliability section.
+chaos: deps proto
+	$(BIN)/llmstream chaos
 
 clean:
 	rm -rf llmstream/v1 .mypy_cache .ruff_cache .pytest_cache

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from aggregator.quota_settlement import QuotaSettler, rebuild_from_postgres
 from aggregator.service import Settings, serve
 from aggregator.store import ProjectionStore
-from llmstream import config, migrate, ports, quota_keys, telemetry, topics
+from llmstream import config, migrate, ports, quota_keys, telemetry, topics, tracing
 
 log = logging.getLogger("aggregator")
 
@@ -114,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     telemetry.setup_logging("aggregator")
     try:
+        tracing.setup_tracing("aggregator")
         if not args.no_migrate:
             asyncio.run(migrate.apply(config.database_url()))
         if args.rebuild_quota:

@@ -35,9 +35,15 @@ class LagSnapshot:
         return out
 
 
+# Time to project one batch (up to AGGREGATOR_BATCH_MAX records in one transaction).
+BATCH_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
 class AggregatorMetrics:
-    def __init__(self) -> None:
-        meter = metrics.get_meter("llmstream.aggregator")
+    def __init__(self, meter: Any | None = None) -> None:
+        meter = meter if meter is not None else metrics.get_meter("llmstream.aggregator")
         self.lag = LagSnapshot()
         self.parked = 0
         self.events = meter.create_counter(
@@ -68,6 +74,7 @@ class AggregatorMetrics:
             "llmstream_aggregator_batch_duration",
             unit="s",
             description="Time to project one batch (decode, fold, PostgreSQL transaction).",
+            explicit_bucket_boundaries_advisory=BATCH_BUCKETS,
         )
         self.settlements = meter.create_counter(
             "llmstream_aggregator_quota_settlements",
@@ -81,6 +88,16 @@ class AggregatorMetrics:
             "llmstream_aggregator_dead_letters",
             description="Records copied to the dead-letter topic, by result (sent, failed).",
         )
+        # Series without labels exist from the start (at 0): rate() and alerts see them
+        # before the first occurrence.
+        for counter in (
+            self.bills,
+            self.duplicate_bills,
+            self.offset_gaps,
+            self.settlements,
+            self.settlement_errors,
+        ):
+            counter.add(0)
         meter.create_observable_gauge(
             "llmstream_aggregator_parked_requests",
             callbacks=[self._parked],

@@ -20,6 +20,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg import sql
 
+from aggregator import pgtext
 from aggregator.projection import Coords
 from aggregator.store import PROJECTION_TABLES, Batch, ProjectionStore
 from llmstream import codec
@@ -318,7 +319,7 @@ async def rebuild(
             coords = coords_of(record)
             batch.consumed(coords)
             try:
-                batch.events.append((coords, codec.decode(record.value)))
+                batch.events.append((coords, pgtext.decode(record.value)))
             except codec.DecodeError:
                 result.bad += 1
         outcome = await store.apply_batch(conn, batch)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
+from typing import TypeGuard
 
 import redis.asyncio as aioredis
 
@@ -34,13 +35,17 @@ class KeyRow:
     key_sha256: bytes
     active: bool  # key not revoked and tenant not disabled
     limits: Limits
+    # Unix time from which the key is refused (None: never). Checked against the wall clock
+    # on every use, so a cached row does not outlive its key.
+    expires_at: float | None = None
 
 
 KEY_QUERY = """
 SELECT k.id, k.tenant_id, k.key_sha256,
        (k.revoked_at IS NULL AND t.disabled_at IS NULL),
        q.name, q.requests_per_minute, q.tokens_per_day, q.tokens_per_month,
-       q.max_concurrent_streams, q.max_tokens_per_request, q.max_sockets
+       q.max_concurrent_streams, q.max_tokens_per_request, q.max_sockets,
+       extract(epoch FROM k.expires_at)::float8
 FROM api_keys k JOIN tenants t ON t.id = k.tenant_id JOIN quota_tiers q ON q.name = t.tier
 WHERE k.id = %s
 """
@@ -63,6 +68,7 @@ def pg_lookup(pool: object) -> Lookup:
             key_sha256=bytes(row[2]),
             active=bool(row[3]),
             limits=Limits(row[4], *(int(v) for v in row[5:11])),
+            expires_at=None if row[11] is None else float(row[11]),
         )
 
     return lookup
@@ -72,10 +78,17 @@ class KeyCache:
     """Verified key rows by key id, kept `ttl_s` seconds: a revoked key is refused at most
     `ttl_s` later (on the next action of an open socket)."""
 
-    def __init__(self, lookup: Lookup, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        lookup: Lookup,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ):
         self.lookup = lookup
         self.ttl_s = ttl_s
         self.clock = clock
+        self.wall_clock = wall_clock
         self._rows: dict[str, tuple[float, KeyRow | None]] = {}
 
     async def row(self, key_id: str) -> KeyRow | None:
@@ -95,14 +108,20 @@ class KeyCache:
         if key_id is None:
             return None
         row = await self.row(key_id)
-        if row is None or not row.active or not apikeys.matches(key, row.key_sha256):
+        if not self._usable(row) or not apikeys.matches(key, row.key_sha256):
             return None
         return Principal(row.tenant_id, row.key_id, row.limits)
+
+    def _usable(self, row: KeyRow | None) -> TypeGuard[KeyRow]:
+        """Not revoked, tenant not disabled, not expired."""
+        if row is None or not row.active:
+            return False
+        return row.expires_at is None or self.wall_clock() < row.expires_at
 
     async def still_valid(self, principal: Principal) -> Principal | None:
         """Re-check an authenticated principal (revocation, tier change) through the cache."""
         row = await self.row(principal.key_id)
-        if row is None or not row.active or row.tenant_id != principal.tenant_id:
+        if not self._usable(row) or row.tenant_id != principal.tenant_id:
             return None
         return Principal(row.tenant_id, row.key_id, row.limits)
 
@@ -128,16 +147,19 @@ def cookie_value(cookie_header: str | None, name: str = SESSION_COOKIE) -> str |
     return morsel.value if morsel is not None and morsel.value else None
 
 
-def origin_allowed(origin: str | None, allowed: list[str], host: str | None) -> bool:
+def origin_allowed(
+    origin: str | None, allowed: list[str], host: str | None, tls: bool = False
+) -> bool:
     """Browsers always send Origin on upgrades; clients that send none are not browsers (and
     authenticate with a bearer key). `*` allows any origin; an empty list allows only the
-    gateway's own host."""
+    gateway's own host: https only when the gateway serves TLS itself (behind a TLS proxy it
+    sees plain requests from https pages, so both)."""
     if origin is None:
         return True
     if "*" in allowed or origin in allowed:
         return True
     if not allowed and host:
-        return origin in (f"http://{host}", f"https://{host}")
+        return origin == f"https://{host}" or (not tls and origin == f"http://{host}")
     return False
 
 

@@ -102,6 +102,10 @@ class Watch:
         self.state = RequestState(request_id=request_id, submitted_at_ms=submitted_at_ms)
         self.parked: list[events_pb2.Event] | None = [] if catching_up else None
         self.finished = False
+        # Called once, right after the first token frame / the done frame is queued on the
+        # socket (the gateway's client-side latency histograms).
+        self.on_first_token: Callable[[], None] | None = None
+        self.on_done: Callable[[], None] | None = None
 
     @property
     def sent_seq(self) -> int:
@@ -136,9 +140,15 @@ class Watch:
             seq = event.token_delta.seq
             if seq > self.after_seq:
                 self.outbox.put(protocol.token(self.request_id, seq, event.token_delta.text))
+                if self.on_first_token is not None:
+                    self.on_first_token()
+                    self.on_first_token = None
         if state.terminal:
             self.finished = True
             self.outbox.put(done_frame(state))
+            if self.on_done is not None:
+                self.on_done()
+                self.on_done = None
 
 
 class Router:

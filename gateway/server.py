@@ -32,20 +32,31 @@ import psycopg
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from opentelemetry import trace
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from psycopg_pool import AsyncConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from gateway import auth, protocol
+from gateway.delivery_trace import DeliverySpans
+from gateway.metrics import GatewayMetrics
 from gateway.quota import Limits, Quota
 from gateway.router import Outbox, Router, Watch
 from gateway.settings import Settings, split_partitions
-from llmstream import codec, quota_keys
+from llmstream import codec, quota_keys, telemetry, tracing
+from llmstream.fold import finish_reason_name
+from llmstream.tracing import SpanKind, Status, StatusCode
 
 log = logging.getLogger("gateway")
+# websockets logs every request header (Authorization, Cookie) and every frame (prompts) at
+# DEBUG: its logger stays at INFO whatever LLMSTREAM_LOG_LEVEL says.
+ws_log = logging.getLogger("gateway.websockets")
+ws_log.setLevel(logging.INFO)
 
 META_TTL_S = 48 * 3600
 # A socket's entry in its tenant's socket set lives this long unless refreshed (a crashed
@@ -71,6 +82,13 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _outcome(event: Any) -> str:
+    """A terminal event's outcome label: the finish reason, or the failure code."""
+    if event.HasField("failed"):
+        return str(event.failed.code) or "failed"
+    return finish_reason_name(event.completed.finish_reason)
+
+
 @dataclass(eq=False)
 class Conn:
     ws: ServerConnection
@@ -81,22 +99,8 @@ class Conn:
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     drained: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.sockets = Gauge("gateway_sockets", "Open WebSockets", registry=r)
-        self.inflight = Gauge("gateway_inflight_requests", "Requests accepted here", registry=r)
-        self.submits = Counter("gateway_submits", "Submits by result", ["result"], registry=r)
-        self.frames_out = Counter("gateway_frames_sent", "Frames sent to clients", registry=r)
-        self.invalid = Counter("gateway_invalid_frames", "Client frames refused", registry=r)
-        self.events = Counter("gateway_token_events", "Token events consumed", registry=r)
-        self.slow_closes = Counter("gateway_slow_closes", "Sockets closed (4008)", registry=r)
-        self.resumes = Counter("gateway_resumes", "Resumes by kind", ["kind"], registry=r)
-        self.grace_cancels = Counter("gateway_grace_cancels", "Disconnect cancels", registry=r)
-        self.prompt_lag = Gauge("gateway_prompt_lag", "Unfinished prompts (workers)", registry=r)
+    received_at: float = 0.0  # monotonic time the frame being handled was read
+    session_id: str | None = None  # opened with a browser session: re-checked on each action
 
 
 def _response(
@@ -132,7 +136,10 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.s = settings
         self.router = Router()
-        self.metrics = Metrics()
+        self.delivery_spans = DeliverySpans(settings.tokens_topic)
+        self.metrics = GatewayMetrics(
+            settings.gateway_id, lambda: len(self.conns), lambda: len(self.inflight)
+        )
         self.conns: set[Conn] = set()
         self.inflight: dict[str, float] = {}  # accepted here, not terminal yet
         self.recent_terminal: dict[str, None] = {}  # bounded, insertion-ordered
@@ -142,9 +149,10 @@ class Gateway:
         self.draining = False
         # Upgrades authenticated by process_request, picked up by the handler (weak: a
         # handshake that fails after process_request leaves nothing behind).
-        self._pending: weakref.WeakKeyDictionary[ServerConnection, tuple[auth.Principal, str]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Value: (principal, socket id, browser session id or None for a bearer key).
+        self._pending: weakref.WeakKeyDictionary[
+            ServerConnection, tuple[auth.Principal, str, str | None]
+        ] = weakref.WeakKeyDictionary()
         self._rr = 0
         self._resume_slots = asyncio.Semaphore(settings.max_resumes)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -163,11 +171,17 @@ class Gateway:
         self.borrow_consumer: AIOKafkaConsumer | None = None
         self._borrow_lock = asyncio.Lock()
         self.prompt_lag = 0
+        # Undecodable records on the tokens topic: skipped, logged at most every 10 s.
+        self._undecodable_skipped = 0
+        self._undecodable_logged_at = -1e9
 
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         s = self.s
+        # /metrics is served on the main port, so the provider is needed however the gateway
+        # is started (CLI or in-process); a no-op if one exists already.
+        telemetry.setup_metrics("gateway")
         self._load_static()
         # A blocking pool: under a burst (hundreds of upgrades at once) callers wait up to 5 s
         # for one of a bounded number of connections instead of failing with "Too many
@@ -179,12 +193,27 @@ class Gateway:
                 timeout=5,
                 socket_timeout=5,
                 socket_connect_timeout=5,
+                # A pool given explicitly gets no retries by default: after a Redis restart
+                # every pooled connection would fail one command (HTTP 500 upgrades). Retried
+                # on a new connection instead; not after a timeout (the command may have run).
+                retry=Retry(
+                    ExponentialBackoff(cap=1.0, base=0.05),
+                    3,
+                    supported_errors=(aioredis.ConnectionError,),
+                ),
             )
         )
         self.quota = Quota(self.redis)
         self.sessions = auth.Sessions(self.redis, s.session_ttl_s)
+        # check: a pooled connection is tested before use, so the first key lookups after a
+        # PostgreSQL restart get a fresh connection instead of failing (HTTP 500 upgrades).
         self.pool = AsyncConnectionPool(
-            s.database_url, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
+            s.database_url,
+            min_size=1,
+            max_size=4,
+            open=False,
+            kwargs={"autocommit": True},
+            check=AsyncConnectionPool.check_connection,
         )
         await self.pool.open(wait=True, timeout=15)
         self.keys = auth.KeyCache(auth.pg_lookup(self.pool), s.auth_cache_s)
@@ -210,7 +239,9 @@ class Gateway:
             bootstrap_servers=s.bootstrap,
             group_id=None,
             enable_auto_commit=False,
-            fetch_max_wait_ms=10,
+            # A long poll over fixed partitions: the broker answers as soon as an event
+            # arrives, so this only bounds empty fetches (10 ms cost 5% of a core idle).
+            fetch_max_wait_ms=100,
             client_id=s.gateway_id,
         )
         await self.consumer.start()
@@ -241,6 +272,8 @@ class Gateway:
             s.host,
             s.port,
             process_request=self._process_request,
+            logger=ws_log,
+            ssl=s.ssl_context(),
             compression=None,
             max_size=max(1 << 20, 4 * s.max_frame_bytes),
             close_timeout=2,
@@ -251,7 +284,9 @@ class Gateway:
             s.port = next(iter(self.server.sockets)).getsockname()[1]
         log.info(
             "gateway listening",
-            extra={"fields": {"port": s.port, "partitions": self.owned, "id": s.gateway_id}},
+            extra=telemetry.fields(
+                port=s.port, partitions=self.owned, id=s.gateway_id, tls=bool(s.tls_cert)
+            ),
         )
 
     async def drain(self) -> None:
@@ -329,20 +364,43 @@ class Gateway:
                     self.low[tp.partition] = rec.offset + 1
                     try:
                         event = codec.decode(rec.value)
-                    except codec.DecodeError:
+                    except codec.DecodeError as exc:
+                        self._undecodable(rec, str(exc))
                         continue
-                    self.metrics.events.inc()
+                    self.metrics.token_events += 1
                     try:
-                        self.router.deliver(event)
+                        delivered = self.router.deliver(event)
+                        self.delivery_spans.on_event(event, tp.partition, rec.offset, delivered)
                     except Exception:  # one bad event must not stop delivery to everyone
                         log.exception("routing an event failed")
                     if event.WhichOneof("body") in TERMINALS:
-                        if event.request_id in self.inflight and event.tenant_id:
-                            finished.append((event.tenant_id, event.request_id))
+                        if event.request_id in self.inflight:
+                            self.metrics.requests[_outcome(event)] += 1
+                            if event.tenant_id:
+                                finished.append((event.tenant_id, event.request_id))
                         self._terminal(event.request_id)
             if finished:
                 self._spawn(self._free_streams(finished))
             await asyncio.sleep(0)
+
+    def _undecodable(self, rec: Any, reason: str) -> None:
+        """A record that is not an llmstream event is skipped (the aggregator parks it in the
+        dead-letter topic); one log line per 10 s at most, with the count skipped since."""
+        self._undecodable_skipped += 1
+        now = time.monotonic()
+        if now - self._undecodable_logged_at < 10:
+            return
+        log.warning(
+            "undecodable record skipped",
+            extra=telemetry.fields(
+                reason=reason,
+                topic=rec.topic,
+                partition=rec.partition,
+                offset=rec.offset,
+                skipped=self._undecodable_skipped,
+            ),
+        )
+        self._undecodable_logged_at, self._undecodable_skipped = now, 0
 
     async def _free_streams(self, finished: list[tuple[str, str]]) -> None:
         """Free the concurrent-stream slots of finished requests at once (ZREM is idempotent;
@@ -369,7 +427,7 @@ class Gateway:
                     done = meta.offset if meta is not None and meta.offset >= 0 else 0
                     lag += max(0, ends[tp] - done)
                 self.prompt_lag = lag
-                self.metrics.prompt_lag.set(lag)
+                self.metrics.prompt_lag = lag
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -394,7 +452,6 @@ class Gateway:
             cutoff = time.monotonic() - lease_s
             for rid in [r for r, t in self.inflight.items() if t < cutoff]:
                 del self.inflight[rid]
-            self.metrics.inflight.set(len(self.inflight))
 
     def _overloaded(self) -> bool:
         lag = self.s.max_prompt_lag
@@ -456,21 +513,22 @@ class Gateway:
             if not batch:
                 await asyncio.sleep(0.02)
                 continue
-            for records in batch.values():
+            for tp, records in batch.items():
                 for rec in records:
                     try:
                         event = codec.decode(rec.value)
-                    except codec.DecodeError:
+                    except codec.DecodeError as exc:
+                        self._undecodable(rec, str(exc))
                         continue
                     try:
-                        self.router.deliver(event)
+                        delivered = self.router.deliver(event)
+                        self.delivery_spans.on_event(event, tp.partition, rec.offset, delivered)
                     except Exception:
                         log.exception("routing an event failed")
             await asyncio.sleep(0)
 
     def _terminal(self, request_id: str) -> None:
-        if self.inflight.pop(request_id, None) is not None:
-            self.metrics.inflight.set(len(self.inflight))
+        self.inflight.pop(request_id, None)
         self.recent_terminal[request_id] = None
         if len(self.recent_terminal) > 100_000:
             for rid in list(self.recent_terminal)[:50_000]:
@@ -526,10 +584,7 @@ class Gateway:
         if path == "/readyz":
             return await self._readyz()
         if path == "/metrics":
-            self.metrics.sockets.set(len(self.conns))
-            return _response(
-                200, generate_latest(self.metrics.registry), "text/plain; version=0.0.4"
-            )
+            return _response(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
         if path == "/v1/sessions":
             return await self._sessions(method, request.headers)
         if path.startswith("/v1/requests/") and method == "GET":
@@ -545,7 +600,7 @@ class Gateway:
         headers = request.headers
         if self.draining:
             return _json_response(503, {"error": protocol.OVERLOADED, "message": "draining"})
-        if not auth.origin_allowed(headers.get("Origin"), self.s.origins, headers.get("Host")):
+        if not self._origin_allowed(headers):
             return _json_response(403, {"error": protocol.FORBIDDEN, "message": "origin"})
         if len(self.conns) + len(self._pending) >= self.s.max_sockets:
             return _json_response(
@@ -565,11 +620,20 @@ class Gateway:
             _now_ms(),
             SOCKET_LEASE_MS,
         ):
+            self.metrics.quota_refusals["sockets"] += 1
             return _json_response(
                 429, {"error": protocol.QUOTA_EXCEEDED, "message": "too many sockets for tenant"}
             )
-        self._pending[connection] = (principal, socket_id)
+        # A socket opened with a session cookie lives only as long as its session.
+        session_id = None
+        if auth.bearer(headers.get("Authorization")) is None:
+            session_id = auth.cookie_value(headers.get("Cookie"))
+        self._pending[connection] = (principal, socket_id, session_id)
         return None
+
+    def _origin_allowed(self, headers: Headers) -> bool:
+        origin, host = headers.get("Origin"), headers.get("Host")
+        return auth.origin_allowed(origin, self.s.origins, host, tls=bool(self.s.tls_cert))
 
     async def _readyz(self) -> Response:
         checks: dict[str, str] = {}
@@ -605,13 +669,17 @@ class Gateway:
                 return _json_response(
                     401, {"error": protocol.UNAUTHORIZED, "message": "invalid API key"}
                 )
-            if not auth.origin_allowed(headers.get("Origin"), self.s.origins, headers.get("Host")):
+            if not self._origin_allowed(headers):
                 return _json_response(403, {"error": protocol.FORBIDDEN, "message": "origin"})
             sid = await self.sessions.create(principal)
             return _json_response(
                 200,
                 {"tenant_id": principal.tenant_id, "expires_in_s": self.s.session_ttl_s},
-                Set_Cookie=auth.set_cookie(sid, self.s.session_ttl_s, self.s.cookie_secure),
+                # Secure whenever the browser reached us over TLS (ours, or a proxy's: set
+                # LLMSTREAM_GATEWAY_COOKIE_SECURE=1 there).
+                Set_Cookie=auth.set_cookie(
+                    sid, self.s.session_ttl_s, self.s.cookie_secure or bool(self.s.tls_cert)
+                ),
             )
         if method == "DELETE":
             old = auth.cookie_value(headers.get("Cookie"))
@@ -669,16 +737,15 @@ class Gateway:
         if pending is None:  # not an upgrade we checked (cannot happen)
             await ws.close(1008, "unauthorized")
             return
-        principal, socket_id = pending
+        principal, socket_id, session_id = pending
         wake = asyncio.Event()
 
         def on_overflow() -> None:
             self._spawn(self._close_slow(ws))
 
         outbox = Outbox(self.s.send_buffer, wake.set, on_overflow)
-        conn = Conn(ws, principal, outbox, wake, id=socket_id)
+        conn = Conn(ws, principal, outbox, wake, id=socket_id, session_id=session_id)
         self.conns.add(conn)
-        self.metrics.sockets.set(len(self.conns))
         sender = asyncio.create_task(self._sender(conn))
         conn.outbox.put(
             protocol.hello(
@@ -692,17 +759,31 @@ class Gateway:
             async for frame in ws:
                 if conn.outbox.overflowed:
                     break
+                conn.received_at = time.monotonic()
                 try:
                     msg = protocol.parse(frame, self.s.max_frame_bytes)
                 except protocol.ProtocolError as exc:
-                    self.metrics.invalid.inc()
+                    self.metrics.invalid_frames += 1
                     conn.outbox.put(exc.frame())
+                    continue
+                except Exception:  # a parser bug must not end the socket (nor show a traceback)
+                    log.exception("parsing a frame failed")
+                    conn.outbox.put(protocol.error(protocol.INTERNAL, "internal error"))
                     continue
                 try:
                     await self._dispatch(conn, msg)
                 except Exception:
                     log.exception("frame handling failed")
-                    conn.outbox.put(protocol.error(protocol.INTERNAL, "internal error"))
+                    # With the frame's client_ref, so that the client knows which submit failed
+                    # (e.g. no Redis connection free within 5 s under a burst) and retries it.
+                    conn.outbox.put(
+                        protocol.error(
+                            protocol.INTERNAL,
+                            "internal error",
+                            client_ref=getattr(msg, "client_ref", None),
+                            retry_after_ms=1000,
+                        )
+                    )
         except ConnectionClosed:
             pass
         finally:
@@ -722,7 +803,7 @@ class Gateway:
     async def _close_slow(self, ws: ServerConnection) -> None:
         """A socket fell `send_buffer` frames behind: close it (4008); if even the close frame
         cannot be written in time, drop the TCP connection."""
-        self.metrics.slow_closes.inc()
+        self.metrics.send_buffer_overflows += 1
         try:
             await asyncio.wait_for(
                 ws.close(protocol.CLOSE_SLOW_CONSUMER, "send buffer full: reconnect and resume"),
@@ -749,9 +830,13 @@ class Gateway:
                     continue
                 n = 0
                 while outbox.frames and n < 64 and not outbox.overflowed:
-                    await ws.send(outbox.frames.popleft())
+                    # Encoded here, not by websockets: a lone surrogate that slipped through
+                    # (protocol.parse refuses them) must not make the send fail and kill the
+                    # socket; it becomes "?". The same one encode either way.
+                    frame = outbox.frames.popleft().encode("utf-8", "replace")
+                    await ws.send(frame, text=True)
                     n += 1
-                self.metrics.frames_out.inc(n)
+                self.metrics.frames_sent += n
                 await asyncio.sleep(0)  # let other sockets send too
         except ConnectionClosed:
             return
@@ -763,7 +848,6 @@ class Gateway:
         t = conn.principal.tenant_id
         assert self.quota is not None
         self._spawn(self.quota.close_socket(t, self._member(conn)))
-        self.metrics.sockets.set(len(self.conns))
         now = _now_ms()
         for rid, watch in conn.watches.items():
             self.router.remove(watch)
@@ -805,7 +889,7 @@ class Gateway:
         if attached is not None and int(attached) > since_ms:
             return
         await self._produce_cancel(request_id, tenant_id, "disconnect")
-        self.metrics.grace_cancels.inc()
+        self.metrics.grace_cancels += 1
 
     async def _produce_cancel(self, request_id: str, tenant_id: str, reason: str) -> None:
         assert self.producer is not None
@@ -818,12 +902,18 @@ class Gateway:
 
     async def _dispatch(self, conn: Conn, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Ping):
-            conn.outbox.put(protocol.pong(msg.data))
+            conn.outbox.put(msg.reply or protocol.pong(msg.data))
             return
         assert self.keys is not None
         principal = await self.keys.still_valid(conn.principal)
+        reason = "API key revoked or expired"
+        if principal is not None and conn.session_id is not None:
+            assert self.sessions is not None
+            found = await self.sessions.lookup(conn.session_id)  # slides its TTL, like any use
+            if found is None or found[0] != principal.key_id:
+                principal, reason = None, "session expired or signed out"
         if principal is None:
-            conn.outbox.put(protocol.error(protocol.UNAUTHORIZED, "API key revoked or expired"))
+            conn.outbox.put(protocol.error(protocol.UNAUTHORIZED, reason))
             self._spawn(self._close_after_flush(conn, protocol.CLOSE_UNAUTHORIZED, "unauthorized"))
             return
         conn.principal = principal
@@ -832,21 +922,34 @@ class Gateway:
         elif isinstance(msg, protocol.Cancel):
             await self._cancel(conn, msg)
         else:
-            await self._resume(conn, msg.request_id, msg.after_seq, None)
+            await self._resume(conn, msg.request_id, msg.after_seq, msg.client_ref)
 
     # ---- submit / cancel / resume ------------------------------------------------------------
 
     async def _submit(self, conn: Conn, msg: protocol.Submit) -> None:
+        # The root span of the request's trace (one per submit, whatever its outcome).
+        with tracing.tracer().start_as_current_span(
+            "submit",
+            kind=SpanKind.SERVER,
+            attributes={
+                "llmstream.tenant_id": conn.principal.tenant_id,
+                "llmstream.model": msg.model,
+            },
+        ):
+            await self._accept_submit(conn, msg)
+
+    async def _accept_submit(self, conn: Conn, msg: protocol.Submit) -> None:
         assert self.redis is not None and self.quota is not None and self.producer is not None
         p = conn.principal
         ref = msg.client_ref
         if self.draining:
+            self.metrics.submits["draining"] += 1
             conn.outbox.put(
                 protocol.error(protocol.OVERLOADED, "draining", client_ref=ref, retry_after_ms=500)
             )
             return
         if self._overloaded():
-            self.metrics.submits.labels("overloaded").inc()
+            self.metrics.submits["overloaded"] += 1
             conn.outbox.put(
                 protocol.error(
                     protocol.OVERLOADED,
@@ -863,6 +966,7 @@ class Gateway:
         if shed and max_tokens > shed and self._shedding():
             max_tokens, capped = shed, "load"
         request_id = "req_" + uuid.uuid4().hex
+        trace.get_current_span().set_attribute("llmstream.request_id", request_id)
         idem_key = None
         if msg.idempotency_key:
             idem_key = _idem_key(p.tenant_id, msg.idempotency_key)
@@ -871,13 +975,13 @@ class Gateway:
                 existing: Any = await self.redis.get(idem_key)
                 if existing:
                     rid = existing.decode() if isinstance(existing, bytes) else str(existing)
-                    self.metrics.submits.labels("idempotent").inc()
+                    self.metrics.submits["idempotent"] += 1
                     # A concurrent first submit may still be reserving: give it a moment.
                     for _ in range(40):
                         if await self._meta(conn, rid) is not None:
                             break
                         await asyncio.sleep(0.025)
-                    await self._resume(conn, rid, 0, ref)
+                    await self._resume(conn, rid, 0, ref, existing=True)
                     return
         estimate = protocol.estimate_prompt_tokens(msg)
         reserved = estimate + max_tokens
@@ -889,7 +993,8 @@ class Gateway:
         if not decision.ok:
             if idem_key:
                 await self.redis.delete(idem_key)
-            self.metrics.submits.labels("quota").inc()
+            self.metrics.submits["quota"] += 1
+            self.metrics.quota_refusals[decision.limit or "unknown"] += 1
             conn.outbox.put(
                 protocol.error(
                     protocol.QUOTA_EXCEEDED,
@@ -901,8 +1006,6 @@ class Gateway:
             return
         partition = self.owned[self._rr % len(self.owned)]
         self._rr += 1
-        # A new W3C trace per request: workers and the model server continue it.
-        ev.trace.traceparent = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
         s = ev.submitted
         s.model = msg.model
         if msg.prompt is not None:
@@ -948,15 +1051,36 @@ class Gateway:
         conn.watches[request_id] = watch
         self.router.add(watch)
         self.inflight[request_id] = time.monotonic()
-        self.metrics.inflight.set(len(self.inflight))
+        received = conn.received_at
+        watch.on_first_token = lambda: self.metrics.record_ttft(time.monotonic() - received)
+        watch.on_done = lambda: self.metrics.record_e2e(time.monotonic() - received)
         conn.outbox.put(protocol.accepted(request_id, ref, max_tokens, capped=capped))
+        # The prompt event carries this span's context: the worker and the model server
+        # continue the request's trace from it.
+        send_span = tracing.tracer().start_span(
+            f"send {self.s.prompts_topic}",
+            kind=SpanKind.PRODUCER,
+            attributes=tracing.kafka_attributes("send", self.s.prompts_topic, key=request_id),
+        )
+        ev.trace.traceparent, ev.trace.tracestate = tracing.trace_context_of(send_span)
         try:
             fut = await self.producer.send(
                 self.s.prompts_topic, codec.encode(ev), key=codec.key(ev), headers=codec.headers(ev)
             )
-            await asyncio.wait_for(fut, 30)
-        except Exception:
+            sent = await asyncio.wait_for(fut, 30)
+            send_span.set_attributes(
+                {
+                    "messaging.destination.partition.id": str(sent.partition),
+                    "messaging.kafka.offset": sent.offset,
+                }
+            )
+            send_span.end()
+        except Exception as exc:
+            send_span.record_exception(exc)
+            send_span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            send_span.end()
             log.exception("producing a prompt failed")
+            self.metrics.submits["failed"] += 1
             await self.quota.release(p.tenant_id, request_id, at_ms, reserved)
             if idem_key:
                 await self.redis.delete(idem_key)
@@ -974,7 +1098,17 @@ class Gateway:
                 )
             )
             return
-        self.metrics.submits.labels("accepted").inc()
+        self.metrics.submits["accepted"] += 1
+        if telemetry.log_prompts():
+            with telemetry.log_context(request_id=request_id, tenant_id=p.tenant_id):
+                log.info(
+                    "prompt",
+                    extra=telemetry.fields(
+                        model=msg.model,
+                        prompt=msg.prompt,
+                        messages=[{"role": m.role, "content": m.content} for m in msg.messages],
+                    ),
+                )
 
     async def _hgetall(self, key: str) -> dict[str, str]:
         assert self.redis is not None
@@ -998,13 +1132,23 @@ class Gateway:
         meta = await self._meta(conn, msg.request_id)
         if meta is None:
             conn.outbox.put(
-                protocol.error(protocol.NOT_FOUND, "no such request", request_id=msg.request_id)
+                protocol.error(
+                    protocol.NOT_FOUND,
+                    "no such request",
+                    request_id=msg.request_id,
+                    client_ref=msg.client_ref,
+                )
             )
             return
         await self._produce_cancel(msg.request_id, conn.principal.tenant_id, "client")
 
     async def _resume(
-        self, conn: Conn, request_id: str, after_seq: int, client_ref: str | None
+        self,
+        conn: Conn,
+        request_id: str,
+        after_seq: int,
+        client_ref: str | None,
+        existing: bool = False,
     ) -> None:
         """Follow a request from `after_seq` on: replay its events from its reply partition,
         then continue live (from the own consumer, or a borrowed partition of another
@@ -1052,7 +1196,7 @@ class Gateway:
             borrowed=None if owned else (topic, partition),
         )
         conn.watches[request_id] = watch
-        if client_ref is not None:
+        if existing:  # an idempotent resubmit is answered like any submit
             conn.outbox.put(protocol.accepted(request_id, client_ref, 0, existing=True))
         # Live events are parked from now on; the catch-up replays up to the end offset taken
         # after this point, so replay + live overlap and dedup by seq leaves no gap.
@@ -1075,7 +1219,7 @@ class Gateway:
                     )
                 )
                 return
-        self.metrics.resumes.labels("owned" if owned else "borrowed").inc()
+        self.metrics.resumes["owned" if owned else "borrowed"] += 1
         conn.tasks[request_id] = asyncio.create_task(self._catch_up(conn, watch, tp, start))
 
     async def _catch_up(self, conn: Conn, watch: Watch, tp: TopicPartition, start: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +69,9 @@ class Settings:
     heartbeat_s: float = 15.0
     auth_cache_s: float = 5.0
     session_ttl_s: int = 3600
-    cookie_secure: bool = False
+    cookie_secure: bool = False  # also implied by serving TLS (tls_cert)
+    tls_cert: str = ""  # PEM files: serve https/wss
+    tls_key: str = ""
     drain_s: float = 5.0
     default_model: str = "smollm2"
     redis_url: str = ""
@@ -79,6 +82,15 @@ class Settings:
         if not self.gateway_id:
             self.gateway_id = f"gateway-{socket.gethostname()}-{os.getpid()}"
 
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS server context (https/wss), or None to serve plain http/ws."""
+        if not self.tls_cert:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.tls_cert, self.tls_key or None)
+        return ctx
+
     @classmethod
     def from_env(cls) -> Settings:
         spec = config.get("GATEWAY_PARTITIONS").strip()
@@ -86,6 +98,11 @@ class Settings:
             partitions = parse_partitions(spec) if spec else None
         except ValueError as exc:
             raise config.ConfigError(f"{config.PREFIX}GATEWAY_PARTITIONS: {exc}") from None
+        tls_cert, tls_key = config.get("GATEWAY_TLS_CERT"), config.get("GATEWAY_TLS_KEY")
+        if bool(tls_cert) != bool(tls_key):
+            raise config.ConfigError(
+                f"set both {config.PREFIX}GATEWAY_TLS_CERT and {config.PREFIX}GATEWAY_TLS_KEY"
+            )
         return cls(
             gateway_id=config.get("GATEWAY_ID"),
             host=config.get("GATEWAY_HOST"),
@@ -110,6 +127,8 @@ class Settings:
             auth_cache_s=float(config.get_int("GATEWAY_AUTH_CACHE_S")),
             session_ttl_s=config.get_int("GATEWAY_SESSION_TTL_S"),
             cookie_secure=config.get("GATEWAY_COOKIE_SECURE") == "1",
+            tls_cert=tls_cert,
+            tls_key=tls_key,
             drain_s=float(config.get_int("GATEWAY_DRAIN_S")),
             default_model=config.get("GATEWAY_DEFAULT_MODEL"),
             redis_url=config.redis_url(),

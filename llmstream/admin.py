@@ -43,7 +43,12 @@ async def create_tenant(name: str, tier: str, database_url: str | None = None) -
         return str(row[0])
 
 
-async def create_key(tenant_name: str, database_url: str | None = None) -> apikeys.NewKey:
+async def create_key(
+    tenant_name: str, database_url: str | None = None, expires_in_s: float | None = None
+) -> apikeys.NewKey:
+    """A new key of the tenant; with `expires_in_s`, refused from that many seconds on."""
+    if expires_in_s is not None and expires_in_s <= 0:
+        raise AdminError("the expiry must be in the future")
     new = apikeys.generate()
     async with await _connect(database_url) as conn:
         cur = await conn.execute("SELECT id FROM tenants WHERE name = %s", (tenant_name,))
@@ -51,8 +56,9 @@ async def create_key(tenant_name: str, database_url: str | None = None) -> apike
         if row is None:
             raise AdminError(f"no tenant named {tenant_name!r}")
         await conn.execute(
-            "INSERT INTO api_keys (id, tenant_id, key_sha256) VALUES (%s, %s, %s)",
-            (new.key_id, row[0], new.sha256),
+            "INSERT INTO api_keys (id, tenant_id, key_sha256, expires_at) VALUES"
+            " (%s, %s, %s, now() + make_interval(secs => %s))",
+            (new.key_id, row[0], new.sha256, expires_in_s),
         )
     return new
 
@@ -74,7 +80,9 @@ async def key_is_active(key: str) -> bool:
         return False
     async with await _connect() as conn:
         cur = await conn.execute(
-            "SELECT key_sha256 FROM api_keys WHERE id = %s AND revoked_at IS NULL", (key_id,)
+            "SELECT key_sha256 FROM api_keys WHERE id = %s AND revoked_at IS NULL"
+            " AND (expires_at IS NULL OR expires_at > now())",
+            (key_id,),
         )
         row = await cur.fetchone()
     return row is not None and isinstance(row[0], bytes) and apikeys.matches(key, row[0])
@@ -93,6 +101,25 @@ def _print_rows(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> float:
+    """`90s`, `30m`, `12h`, `30d` (or plain seconds) -> seconds."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:])
+    number = text[:-1] if unit is not None else text
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (examples: 90s, 30m, 12h, 30d)"
+        ) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmstream")
     sub = parser.add_subparsers(dest="group", required=True)
@@ -109,6 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     kc = keys.add_parser("create", help="create an API key (printed once)")
     kc.add_argument("--tenant", required=True, help="tenant name")
+    kc.add_argument(
+        "--expires-in",
+        type=duration_s,
+        metavar="DURATION",
+        help="refuse the key after this long: 90s, 30m, 12h, 30d (default: never expires)",
+    )
     kr = keys.add_parser("revoke", help="revoke an API key")
     kr.add_argument("key", help="the key, or its id (the part after lsk_)")
     keys.add_parser("list", help="list API keys (ids only)")
@@ -132,7 +165,7 @@ async def _run(args: argparse.Namespace) -> int:
                 rows,
             )
     elif args.action == "create":
-        new = await create_key(args.tenant)
+        new = await create_key(args.tenant, expires_in_s=args.expires_in)
         print(new.key)
         print(f"key id {new.key_id}: store the key now, it is not shown again", file=sys.stderr)
     elif args.action == "revoke":
@@ -140,10 +173,10 @@ async def _run(args: argparse.Namespace) -> int:
         print("revoked")
     else:
         rows = await list_rows(
-            "SELECT k.id, t.name, k.created_at, k.revoked_at FROM api_keys k"
+            "SELECT k.id, t.name, k.created_at, k.expires_at, k.revoked_at FROM api_keys k"
             " JOIN tenants t ON t.id = k.tenant_id ORDER BY t.name, k.created_at"
         )
-        _print_rows(("KEY ID", "TENANT", "CREATED", "REVOKED"), rows)
+        _print_rows(("KEY ID", "TENANT", "CREATED", "EXPIRES", "REVOKED"), rows)
     return 0
 
 

@@ -23,10 +23,12 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "aggregator": ("aggregator.cli", "Run the aggregator (events -> PostgreSQL/Redis)."),
     "replay": ("aggregator.replay_cli", "Fold a topic's events into request state."),
     "bench": ("llmstream.bench", "Run the benchmarks (results in bench/results/)."),
+    "chaos": ("llmstream.chaos.runner", "Fault injection suite (results in bench/results/)."),
     "infra": ("llmstream.infra.cli", "Local Kafka/PostgreSQL/Redis: up | down | status."),
     "tenants": ("llmstream.admin", "Manage tenants: create NAME [--tier T] | list."),
     "keys": ("llmstream.admin", "Manage API keys: create --tenant NAME | revoke KEY_ID | list."),
     "up": ("llmstream.up", "Start infra and every service; Ctrl-C stops them."),
+    "top": ("llmstream.top", "Live summary of the running services' metrics in the terminal."),
 }
 
 

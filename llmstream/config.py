@@ -149,8 +149,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GATEWAY_COOKIE_SECURE",
         "0",
-        "1: the session cookie gets the `Secure` attribute (set it behind HTTPS).",
+        "1: the session cookie gets the `Secure` attribute (set it behind HTTPS). Always set "
+        "when the gateway serves TLS itself.",
     ),
+    Setting(
+        "GATEWAY_TLS_CERT",
+        "",
+        "PEM certificate (chain) file: the gateway serves https/wss on its port. Empty: plain "
+        "http/ws (TLS terminated in front of it, or local use).",
+    ),
+    Setting("GATEWAY_TLS_KEY", "", "PEM private key of `LLMSTREAM_GATEWAY_TLS_CERT`."),
     Setting(
         "GATEWAY_DEFAULT_MODEL",
         "smollm2",
@@ -181,6 +189,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("MODEL_SERVER_ADMIN", "1", "Serve ModelAdminService (load/unload/hot swap): 1 or 0."),
     Setting(
+        "MODEL_SERVER_TLS_CERT",
+        "",
+        "PEM certificate (chain) file: the model server's gRPC port speaks TLS. Empty: plaintext.",
+    ),
+    Setting("MODEL_SERVER_TLS_KEY", "", "PEM private key of `LLMSTREAM_MODEL_SERVER_TLS_CERT`."),
+    Setting(
         "MODEL_SERVER_MAX_QUEUE",
         "64",
         "Per model: admitted requests waiting for a decode slot (RESOURCE_EXHAUSTED beyond).",
@@ -202,6 +216,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("STATE_DIR", _default_state_dir(), "Data, logs and pid files of local infrastructure."),
     Setting("CACHE_DIR", _default_cache_dir(), "Downloaded jars and other caches."),
     Setting("LOG_LEVEL", "INFO", "Log level of every service (JSON lines on stderr)."),
+    Setting(
+        "LOG_PROMPTS",
+        "0",
+        "1: the gateway logs the text of every accepted prompt (a `prompt` line with request_id "
+        "and tenant_id). 0: prompt text is never logged (prompts are user data).",
+    ),
+    Setting(
+        "TRACES_FILE",
+        "",
+        "Also write every finished trace span as a JSON line to this file (tests, looking at a "
+        "trace without a collector). Exporters otherwise follow the standard `OTEL_*` variables "
+        "(docs/tracing.md).",
+    ),
     Setting("STARTUP_TIMEOUT_S", "60", "How long `infra up` waits for each component."),
     Setting(
         "AGGREGATOR_GROUP",
@@ -224,6 +251,12 @@ SETTINGS: tuple[Setting, ...] = (
         "WORKER_ID", "", "Id of a worker replica in events and logs. Empty: worker-<host>-<pid>."
     ),
     Setting("WORKER_GROUP", "llmstream-workers", "Consumer group of the workers (prompts topic)."),
+    Setting(
+        "WORKER_MODEL_SERVER_TLS_CA",
+        "",
+        "PEM file of the CA that signed the model servers' certificates: workers connect to them "
+        "with TLS. `system`: TLS with the system's CA store. Empty: plaintext gRPC.",
+    ),
     Setting(
         "WORKER_MAX_INFLIGHT",
         "256",

@@ -1,10 +1,12 @@
 """A whole llmstream deployment as local processes, for end-to-end tests and benchmarks.
 
 `local_stack()` creates fresh topics and a fresh migrated database (so runs never see each
-other), starts a synthetic model server, workers, the aggregator and a gateway as real
-`llmstream` processes against the infrastructure of `llmstream infra up`, waits until the
-gateway is ready, and removes everything afterwards. Processes can be killed and restarted by
-name while it runs (fault tests).
+other), starts synthetic model server(s), workers, the aggregator and gateway replica(s) as real
+`llmstream` processes against the infrastructure of `llmstream infra up` (the one the
+LLMSTREAM_* variables of this process name), waits until every gateway is ready, and removes
+everything afterwards. Processes can be killed and restarted by name while it runs (fault
+tests): `model-server`, `worker-<i>`, `aggregator`, `gateway`; further replicas are
+`model-server-<i>` and `gateway-<i>` (i >= 1).
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ class Stack:
     gateway_port: int
     commands: dict[str, list[str]]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Every replica, first one first: gateway_ports[0] == gateway_port and
+    # model_servers[0] == model_server.
+    gateway_ports: list[int] = field(default_factory=list)
+    model_servers: list[str] = field(default_factory=list)
+    # process name -> port of its /metrics (a gateway's is its main port); `metrics=True`.
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
         """Start (or restart) process `name`; its output is appended to `tmp/<name>.log`."""
@@ -107,7 +115,14 @@ async def local_stack(
     ttft_ms: float = 5,
     itl_ms: float = 2,
     extra_env: dict[str, str] | None = None,
+    gateways: int = 1,
+    model_servers: int = 1,
+    metrics: bool = False,
+    engine_args: list[str] | None = None,
 ) -> AsyncIterator[Stack]:
+    """Gateway replica i owns an even share of the tokens partitions (`--replica-index i`);
+    the workers use every model server replica. With `metrics`, every process serves
+    /metrics (ports in `Stack.metrics_ports`)."""
     bootstrap = config.kafka_bootstrap()
     base = f"stack.{uuid.uuid4().hex[:8]}"
     topics = [f"{base}.prompts", f"{base}.tokens", f"{base}.dlq"]
@@ -122,7 +137,9 @@ async def local_stack(
             await conn.execute(f'CREATE DATABASE "{db_name}"'.encode())
         db = make_conninfo(server_db, dbname=db_name)
         await migrate.apply(db)
-        ms_port, gw_port = free_port(), free_port()
+        ms_ports = [free_port() for _ in range(model_servers)]
+        gw_ports = [free_port() for _ in range(gateways)]
+        ms_addrs = [f"127.0.0.1:{p}" for p in ms_ports]
         env = {
             **os.environ,
             "LLMSTREAM_DATABASE_URL": db,
@@ -133,8 +150,8 @@ async def local_stack(
             "LLMSTREAM_TOKENS_PARTITIONS": str(partitions),
             "LLMSTREAM_WORKER_GROUP": f"{base}.workers",
             "LLMSTREAM_AGGREGATOR_GROUP": f"{base}.aggregator",
-            "LLMSTREAM_MODEL_SERVERS": f"127.0.0.1:{ms_port}",
-            "LLMSTREAM_GATEWAY_PORT": str(gw_port),
+            "LLMSTREAM_MODEL_SERVERS": ",".join(ms_addrs),
+            "LLMSTREAM_GATEWAY_PORT": str(gw_ports[0]),
             "LLMSTREAM_GATEWAY_MAX_INFLIGHT": "20000",
             "LLMSTREAM_WORKER_MAX_INFLIGHT": "1024",
             "LLMSTREAM_WORKER_METRICS_PORT": "0",
@@ -142,21 +159,38 @@ async def local_stack(
             "LLMSTREAM_LOG_LEVEL": "INFO",
             **(extra_env or {}),
         }
+        # `engine_args` (e.g. `--engine llamacpp ...`) replace the synthetic engine's.
+        synthetic = [
+            "--engine", "synthetic", "--synthetic-ttft-ms", str(ttft_ms),
+            "--synthetic-itl-ms", str(itl_ms), "--max-concurrency", "2048", "--max-queue", "2048",
+        ]  # fmt: skip
         commands = {
-            "model-server": [
-                "model-server", "--engine", "synthetic", "--port", str(ms_port),
-                "--metrics-port", "0", "--synthetic-ttft-ms", str(ttft_ms),
-                "--synthetic-itl-ms", str(itl_ms), "--max-concurrency", "2048",
-                "--max-queue", "2048", "--drain-timeout-s", "0",
-            ],
+            **{_replica("model-server", i): [
+                "model-server", "--port", str(port), "--metrics-port", "0",
+                "--drain-timeout-s", "0", *(engine_args or synthetic),
+            ] for i, port in enumerate(ms_ports)},
             **{f"worker-{i}": ["worker", "--id", f"{base}.w{i}"] for i in range(workers)},
             "aggregator": ["aggregator", "--no-migrate"],
-            "gateway": ["gateway", "--id", f"{base}.gw"],
+            **{_replica("gateway", i): [
+                "gateway", "--id", f"{base}.gw" + (f"{i}" if i else ""), "--port", str(port),
+                "--replica-index", str(i), "--replicas", str(gateways),
+            ] for i, port in enumerate(gw_ports)},
         }  # fmt: skip
-        stack = Stack(tmp, env, db, topics[0], topics[1], f"127.0.0.1:{ms_port}", gw_port, commands)
+        stack = Stack(
+            tmp, env, db, topics[0], topics[1], ms_addrs[0], gw_ports[0], commands,
+            gateway_ports=gw_ports, model_servers=ms_addrs,
+        )  # fmt: skip
+        if metrics:
+            for name, argv in commands.items():
+                if argv[0] == "gateway":
+                    stack.metrics_ports[name] = int(argv[argv.index("--port") + 1])
+                else:  # a later --metrics-port overrides the "0" some commands carry
+                    stack.metrics_ports[name] = free_port()
+                    argv += ["--metrics-port", str(stack.metrics_ports[name])]
         for name in commands:
             stack.start(name)
-        await _wait_ready(gw_port, stack)
+        for port in gw_ports:
+            await _wait_ready(port, stack)
         yield stack
     finally:
         if stack is not None:
@@ -166,6 +200,11 @@ async def local_stack(
             server_db, autocommit=True, connect_timeout=10
         ) as conn:
             await conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'.encode())
+
+
+def _replica(name: str, index: int) -> str:
+    """Process name of replica `index`: the first keeps the plain name."""
+    return f"{name}-{index}" if index else name
 
 
 async def _wait_ready(port: int, stack: Stack, within_s: float = 60.0) -> None:

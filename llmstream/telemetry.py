@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from opentelemetry import trace
+
 from llmstream import config
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -74,6 +76,11 @@ class JsonFormatter(logging.Formatter):
             value = var.get()
             if value is not None:
                 entry[key] = value
+        if "trace_id" not in entry:
+            # Inside a span (llmstream/tracing.py) the line carries that span's trace.
+            ctx = trace.get_current_span().get_span_context()
+            if ctx.is_valid:
+                entry["trace_id"] = f"{ctx.trace_id:032x}"
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
             entry.update(extra)
@@ -99,6 +106,11 @@ def setup_logging(service: str, level: str | None = None) -> None:
 def fields(**kv: Any) -> dict[str, Any]:
     """`log.info("msg", extra=fields(a=1))` adds structured fields to the JSON line."""
     return {"fields": kv}
+
+
+def log_prompts() -> bool:
+    """Whether prompt text may be logged: only with LLMSTREAM_LOG_PROMPTS=1 (opt-in)."""
+    return config.get("LOG_PROMPTS") == "1"
 
 
 _metrics_ready = False

@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from llmstream import config, ports, telemetry
+from llmstream import config, ports, telemetry, tracing
 from model_server.engines import ENGINES
 from model_server.registry import ModelSpec
 from model_server.settings import ModelsConfigError, load_models_file
@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--max-message-bytes", type=int, default=config.get_int("MODEL_SERVER_MAX_MESSAGE_BYTES")
     )
+    srv.add_argument(
+        "--tls-cert",
+        default=config.get("MODEL_SERVER_TLS_CERT"),
+        help="PEM certificate: serve gRPC over TLS (with --tls-key)",
+    )
+    srv.add_argument("--tls-key", default=config.get("MODEL_SERVER_TLS_KEY"))
     srv.add_argument(
         "--start-timeout-s",
         type=float,
@@ -160,12 +166,16 @@ def main(argv: Sequence[str]) -> int:
         request_timeout_s=args.request_timeout_s,
     )
     try:
+        tracing.setup_tracing("model-server")
         if args.models:
             specs = load_models_file(args.models, base)
         else:
             specs = [single_model_spec(args, base)]
-    except ModelsConfigError as exc:
+    except (ModelsConfigError, config.ConfigError) as exc:
         print(f"llmstream model-server: {exc}", file=sys.stderr)
+        return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("llmstream model-server: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
     ports.ensure_free(args.host, args.port, "model server gRPC", "LLMSTREAM_MODEL_SERVER_PORT")
     if args.metrics_port:
@@ -190,6 +200,8 @@ def main(argv: Sequence[str]) -> int:
         start_timeout_s=args.start_timeout_s,
         admin=args.admin,
         default_limits=base,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
     if args.uvloop:
         try:

@@ -26,6 +26,7 @@ from llmstream.v1 import (
     model_service_pb2,
     model_service_pb2_grpc,
 )
+from model_server.decode_guard import DecodeGuard
 from model_server.metrics import ServerMetrics
 from model_server.registry import EngineFactory, ModelRegistry, ModelSpec, default_factory
 from model_server.service import ModelAdminService, ModelService, ServerState
@@ -58,6 +59,15 @@ class ServerConfig:
     # Keepalive: notice dead clients (a crashed worker) so that their sequences are aborted.
     keepalive_time_ms: int = 20_000
     keepalive_timeout_ms: int = 10_000
+    # PEM files: serve gRPC over TLS (workers need LLMSTREAM_WORKER_MODEL_SERVER_TLS_CA).
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+def tls_credentials(cert_path: str, key_path: str) -> grpc.ServerCredentials:
+    """Server credentials from PEM files (read once at start)."""
+    with open(key_path, "rb") as key, open(cert_path, "rb") as cert:
+        return grpc.ssl_server_credentials([(key.read(), cert.read())])
 
 
 class ModelServer:
@@ -95,7 +105,11 @@ class ModelServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        server = grpc.aio.server(
+            options=options,
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+            interceptors=[DecodeGuard()],  # undecodable requests: INVALID_ARGUMENT
+        )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelService(self.registry, self.metrics, self.state), server
         )
@@ -109,13 +123,22 @@ class ModelServer:
         if cfg.reflection:
             names.append(reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            self.port = server.add_secure_port(address, tls_credentials(cfg.tls_cert, cfg.tls_key))
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {cfg.host}:{cfg.port}")
         await self._set_health(NOT_SERVING)
         await server.start()
         self._server = server
-        log.info("model server listening on %s:%d", cfg.host, self.port)
+        log.info(
+            "model server listening on %s:%d (%s)",
+            cfg.host,
+            self.port,
+            "TLS" if cfg.tls_cert else "plaintext",
+        )
         self._tasks.append(asyncio.create_task(self._health_updater()))
         return self.port
 

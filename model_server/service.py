@@ -17,8 +17,10 @@ from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import json_format
+from opentelemetry.context import Context
 
-from llmstream import telemetry
+from llmstream import telemetry, tracing
+from llmstream.tracing import Span, SpanKind, Status, StatusCode
 from llmstream.v1 import (
     common_pb2,
     model_admin_pb2,
@@ -114,14 +116,14 @@ def finish_message(f: Finished) -> model_service_pb2.GenerateResponse:
 QUIET_CODES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE"})
 
 
-def trace_id_of(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
-    """The trace id of a W3C `traceparent` in the call's metadata (for log lines)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "traceparent" and isinstance(value, str):
-            parts = value.split("-")
-            if len(parts) == 4 and len(parts[1]) == 32:
-                return parts[1]
-    return None
+def remote_trace_context(context: grpc.aio.ServicerContext[Any, Any]) -> Context | None:
+    """The caller's span as a remote parent, from W3C trace context in the call's metadata."""
+    found = {
+        key: value
+        for key, value in context.invocation_metadata() or ()
+        if key in ("traceparent", "tracestate") and isinstance(value, str)
+    }
+    return tracing.context_of(found.get("traceparent", ""), found.get("tracestate", ""))
 
 
 def log_finished(gen: Generation, handle: ModelHandle) -> None:
@@ -168,6 +170,32 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         context: grpc.aio.ServicerContext[
             model_service_pb2.GenerateRequest, model_service_pb2.GenerateResponse
         ],
+    ) -> None:
+        # The server span continues the worker's trace (W3C traceparent in the metadata).
+        with tracing.tracer().start_as_current_span(
+            tracing.GENERATE_METHOD,
+            context=remote_trace_context(context),
+            kind=SpanKind.SERVER,
+            attributes=tracing.grpc_attributes(),
+            record_exception=False,  # an abort is a status, set below; not an exception
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                await self._generate(context, span)
+            except BaseException:
+                code = context.code()  # set by abort(); None when the call was cancelled
+                if code is not None and code != grpc.StatusCode.OK:
+                    span.set_status(Status(StatusCode.ERROR, code.name))
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
+                raise
+            span.set_attribute("rpc.grpc.status_code", 0)
+
+    async def _generate(
+        self,
+        context: grpc.aio.ServicerContext[
+            model_service_pb2.GenerateRequest, model_service_pb2.GenerateResponse
+        ],
+        span: Span,
     ) -> None:
         try:
             first = await asyncio.wait_for(context.read(), self.state.start_timeout_s)
@@ -218,14 +246,26 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         protocol_error: list[str] = []
         reader = asyncio.create_task(self._read_control(context, gen, protocol_error))
         overloaded: Overloaded | None = None
-        trace_id = trace_id_of(context)
-        with telemetry.log_context(request_id=parsed.request_id, trace_id=trace_id):
+        span.set_attributes({"llmstream.request_id": parsed.request_id, "llmstream.model": model})
+        first_token = True
+        with telemetry.log_context(request_id=parsed.request_id):
             try:
                 async with contextlib.aclosing(gen.run()) as events:
                     async for event in events:
                         if isinstance(event, Delta):
+                            if first_token:
+                                first_token = False
+                                span.add_event("first_token")
                             await context.write(delta_message(event))
                         else:
+                            span.add_event(
+                                "finish",
+                                {
+                                    "llmstream.finish_reason": event.reason.value,
+                                    "llmstream.completion_tokens": event.completion_tokens,
+                                    "llmstream.queue_us": event.queue_us,
+                                },
+                            )
                             await context.write(finish_message(event))
             except Overloaded as err:
                 overloaded = err

@@ -8,7 +8,7 @@ import os
 import socket
 from collections.abc import Sequence
 
-from llmstream import config, telemetry, topics
+from llmstream import config, telemetry, topics, tracing
 from worker.service import Settings, serve
 
 
@@ -76,6 +76,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         drain_timeout_s=args.drain_timeout_s,
         session_timeout_ms=args.session_timeout_ms,
         blocklist=args.blocklist,
+        model_server_tls_ca=config.get("WORKER_MODEL_SERVER_TLS_CA"),
     )
 
 
@@ -83,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = settings_from(args)
+        tracing.setup_tracing("worker")
     except config.ConfigError as exc:
         print(f"llmstream worker: {exc}")
         return 2

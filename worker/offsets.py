@@ -53,3 +53,8 @@ class PartitionOffsets:
 
     def committed(self, offset: int) -> None:
         self._committed = offset
+
+    @property
+    def last_committed(self) -> int | None:
+        """The offset last passed to `committed()` (None before the first commit)."""
+        return self._committed

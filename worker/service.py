@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from llmstream import codec, telemetry
+from llmstream import codec, telemetry, tracing
 from llmstream.fold import RequestState, finish_reason_name, fold
+from llmstream.tracing import Span, SpanKind, Status, StatusCode
 from llmstream.v1 import common_pb2, events_pb2, model_service_pb2, model_service_pb2_grpc
 from worker.coalesce import Coalescer
 from worker.core import (
@@ -65,6 +68,9 @@ class Settings:
     session_timeout_ms: int = 10_000
     blocklist: str = ""
     takeover_margin_ms: int = 60_000
+    # PEM CA file of the model servers' TLS certificates ("system": the system store);
+    # empty: plaintext gRPC.
+    model_server_tls_ca: str = ""
     cancel_grace_s: float = 2.0
 
 
@@ -86,6 +92,7 @@ class Run:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     emitter: Emitter | None = None
+    tokens_span: Span | None = None  # `send <tokens>`: ended when the request leaves
 
     @property
     def request_id(self) -> str:
@@ -162,9 +169,15 @@ class Emitter:
         self._last = fut
         self.events += 1
 
-    async def send(self, event: events_pb2.Event) -> None:
+    async def send(self, event: events_pb2.Event, *, gates: bool = True) -> None:
+        """`gates=False`: the next delta does not wait for this event's acknowledgement
+        (`started`: the first token follows it at once, often in the same batch, instead of
+        an ack round trip later)."""
         async with self._lock:
+            last = self._last
             await self._send(event)
+            if not gates:
+                self._last = last
 
     def previous_acked(self) -> bool:
         return self._last is None or self._last.done()
@@ -286,7 +299,9 @@ class Worker:
             client_id=s.worker_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            fetch_max_wait_ms=10,
+            # A long poll: the broker answers as soon as a prompt arrives, so this only bounds
+            # empty fetches (10 ms cost 5% of a core per idle worker in polling).
+            fetch_max_wait_ms=100,
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=max(1000, s.session_timeout_ms // 4),
             max_poll_interval_ms=300_000,
@@ -315,10 +330,17 @@ class Worker:
             client_id=s.worker_id,
             enable_idempotence=True,
             acks="all",
-            linger_ms=2,
+            # No linger: an event leaves at once when the producer is idle (2 ms less per token
+            # at low load); under load, aiokafka's one request in flight per broker batches the
+            # events that arrive meanwhile anyway.
+            linger_ms=0,
             # aiokafka keeps one batch per partition in flight; a larger batch lets the
             # events of many requests wait in it instead of in `send` (less CPU per event).
             max_batch_size=512 * 1024,
+            # How long a batch waits for a partition leader before it fails, which stops the
+            # worker (see _execute). aiokafka's 40 s default is less than a broker restart can
+            # take on a busy machine (`llmstream chaos`: stop + 10 s + start took 43 s once).
+            request_timeout_ms=120_000,
         )
 
     # ---------------------------------------------------------------- lifecycle
@@ -519,6 +541,7 @@ class Worker:
                         self.lookahead.seek(tp, start)
                 assigned = want
             if not assigned:
+                self.metrics.prompt_lag = {}
                 await asyncio.sleep(0.1)
                 continue
             try:
@@ -543,10 +566,17 @@ class Worker:
                         continue
                     self._early_cancel(event.request_id, event.cancel_requested.reason)
             now = time.monotonic()
+            lag: dict[tuple[str, int], int] = {}
             for tp in assigned:
                 high = self.lookahead.highwater(tp)
                 if high is not None and await self.lookahead.position(tp) >= high:
                     self._lookahead_synced[tp] = now
+                offsets = self.offsets.get(tp)
+                if high is not None and offsets is not None:
+                    done = offsets.last_committed
+                    done = self._lookahead_from.get(tp) if done is None else done
+                    lag[(tp.topic, tp.partition)] = max(0, high - (done or 0))
+            self.metrics.prompt_lag = lag
 
     async def _await_lookahead(self, run: Run, within_s: float = 0.5) -> None:
         """Wait (bounded) until the cancel lookahead has read `run`'s partition to its end at
@@ -573,6 +603,10 @@ class Worker:
         """Why a submit cannot be served at all (it goes to the dead-letter topic), or None."""
         reply = event.submitted.reply
         topic = reply.topic or self.settings.tokens_topic
+        if topic != self.settings.tokens_topic:
+            # Gateways reply on the deployment's tokens topic. Any other name would cost a
+            # metadata wait (10 s, all prompts stalled) per record: refused at once.
+            return f"reply topic {topic!r} is not the tokens topic {self.settings.tokens_topic!r}"
         if topic not in self._partitions:
             try:
                 parts = await asyncio.wait_for(self.producer.partitions_for(topic), 10.0)
@@ -690,15 +724,19 @@ class Worker:
     def _stub(self, replica: str) -> model_service_pb2_grpc.ModelServiceStub:
         stub = self._stubs.get(replica)
         if stub is None:
-            channel = grpc.aio.insecure_channel(
-                replica,
-                options=[
-                    ("grpc.initial_reconnect_backoff_ms", 100),
-                    ("grpc.min_reconnect_backoff_ms", 100),
-                    ("grpc.max_reconnect_backoff_ms", 1000),
-                    ("grpc.max_receive_message_length", 16 << 20),
-                ],
-            )
+            options = [
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+                ("grpc.max_receive_message_length", 16 << 20),
+            ]
+            ca = self.settings.model_server_tls_ca
+            if ca:
+                roots = None if ca == "system" else Path(ca).read_bytes()
+                credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+                channel = grpc.aio.secure_channel(replica, credentials, options=options)
+            else:
+                channel = grpc.aio.insecure_channel(replica, options=options)
             self._channels[replica] = channel
             stub = model_service_pb2_grpc.ModelServiceStub(channel)
             self._stubs[replica] = stub
@@ -721,10 +759,9 @@ class Worker:
 
     async def _execute(self, run: Run) -> None:
         submit = run.submit
-        with telemetry.log_context(
-            request_id=run.request_id,
-            tenant_id=submit.tenant_id,
-            trace_id=_trace_id(submit.trace.traceparent),
+        with (
+            self._process_span(run),
+            telemetry.log_context(request_id=run.request_id, tenant_id=submit.tenant_id),
         ):
             try:
                 await self._execute_inner(run)
@@ -747,6 +784,44 @@ class Worker:
             except Exception as exc:
                 log.exception("request crashed")
                 await self._crashed(run, exc)
+
+    @contextlib.contextmanager
+    def _process_span(self, run: Run) -> Iterator[None]:
+        """The worker's span of one request, continuing the trace the prompt event carries."""
+        submit = run.submit
+        parent = tracing.context_of(submit.trace.traceparent, submit.trace.tracestate)
+        with tracing.tracer().start_as_current_span(
+            f"process {run.tp.topic}",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes=tracing.kafka_attributes(
+                "process",
+                run.tp.topic,
+                partition=run.tp.partition,
+                key=run.request_id,
+                offset=run.offset,
+                group=self.settings.group,
+            ),
+        ):
+            try:
+                yield
+            finally:
+                if run.tokens_span is not None:
+                    run.tokens_span.end()
+
+    def _traced(self, run: Run, env: Envelope, topic: str, partition: int) -> Envelope:
+        """Starts the span of this worker's token events; every event it produces for the
+        request carries that span's context (the gateway and aggregator continue from it)."""
+        span = tracing.tracer().start_span(
+            f"send {topic}",
+            kind=SpanKind.PRODUCER,
+            attributes=tracing.kafka_attributes(
+                "send", topic, partition=partition, key=run.request_id
+            ),
+        )
+        run.tokens_span = span
+        traceparent, tracestate = tracing.trace_context_of(span)
+        return dataclasses.replace(env, traceparent=traceparent, tracestate=tracestate)
 
     async def _crashed(self, run: Run, exc: Exception) -> None:
         """A bug: end the request with `failed` internal rather than block its partition."""
@@ -774,7 +849,13 @@ class Worker:
             self.metrics.requests.add(1, {"outcome": "skipped_terminal"})
             self._finished(run)
             return
-        env = envelope_of(run.submit, s.worker_id)
+        reply = run.submit.submitted.reply
+        env = self._traced(
+            run,
+            envelope_of(run.submit, s.worker_id),
+            reply.topic or s.tokens_topic,
+            reply.partition,
+        )
         em = Emitter(
             self,
             run,
@@ -906,8 +987,22 @@ class Worker:
         await self._terminal(run, em, event)
 
     async def _terminal(self, run: Run, em: Emitter, event: events_pb2.Event) -> None:
+        sent_at = time.monotonic()
         await em.send(event)
         await em.settle()
+        self.metrics.produce_latency.record(time.monotonic() - sent_at)
+        if run.tokens_span is not None:
+            body = event.WhichOneof("body")
+            run.tokens_span.add_event(
+                "finish",
+                {
+                    "llmstream.outcome": body or "",
+                    "llmstream.last_seq": em.last_seq,
+                    "llmstream.events": em.events,
+                },
+            )
+            if body == "failed":
+                run.tokens_span.set_status(Status(StatusCode.ERROR, event.failed.code))
         self.stats["failed" if event.HasField("failed") else "completed"] += 1
         self.stats["events"] += em.events
         self.stats["model_deltas"] += em.deltas_in
@@ -948,11 +1043,19 @@ class Worker:
             priority=sub.priority,
             continuation_token_ids=em.token_ids,
         )
-        metadata: list[tuple[str, str]] = [("x-llmstream-worker", self.settings.worker_id)]
-        if run.submit.trace.traceparent:
-            metadata.append(("traceparent", run.submit.trace.traceparent))
-            if run.submit.trace.tracestate:
-                metadata.append(("tracestate", run.submit.trace.tracestate))
+        # The model server continues the trace from this client span (gRPC metadata).
+        rpc_span = tracing.tracer().start_span(
+            tracing.GENERATE_METHOD,
+            kind=SpanKind.CLIENT,
+            attributes={**tracing.grpc_attributes(replica), "llmstream.attempt": attempt + 1},
+        )
+        traceparent, tracestate = tracing.trace_context_of(rpc_span)
+        metadata: list[tuple[str, str]] = [
+            ("x-llmstream-worker", self.settings.worker_id),
+            ("traceparent", traceparent),
+        ]
+        if tracestate:
+            metadata.append(("tracestate", tracestate))
         call = self._stub(replica).Generate(metadata=tuple(metadata))
         outcome = _Outcome(attempt=attempt)
         started = False
@@ -979,7 +1082,8 @@ class Worker:
                     await em.send(
                         em.env.started(
                             self.settings.worker_id, replica, version, attempt, em.last_seq
-                        )
+                        ),
+                        gates=False,
                     )
                 kind = msg.WhichOneof("kind")
                 if kind == "finish":
@@ -1000,6 +1104,8 @@ class Worker:
                     outcome.own_message = "max_tokens reached"
                     stop_now.set()
                     continue
+                if not em.deltas_in and run.tokens_span is not None:
+                    run.tokens_span.add_event("first_token", {"llmstream.seq": em.last_seq + 1})
                 await em.push(delta.text, list(delta.token_ids))
         except grpc.aio.AioRpcError as exc:
             if outcome.own_reason is None:
@@ -1013,6 +1119,7 @@ class Worker:
         finally:
             stopper.cancel()
             call.cancel()
+            _end_rpc_span(rpc_span, outcome)
         return outcome
 
     async def _stopper(
@@ -1064,9 +1171,16 @@ def _server_cancelled(message: str) -> grpc.aio.AioRpcError:
     )
 
 
-def _trace_id(traceparent: str) -> str | None:
-    parts = traceparent.split("-")
-    return parts[1] if len(parts) == 4 else None
+def _end_rpc_span(span: Span, outcome: _Outcome) -> None:
+    if outcome.error is not None:
+        code = outcome.error.code()
+        span.set_status(Status(StatusCode.ERROR, code.name))
+    elif outcome.finish is not None or outcome.own_reason is not None:
+        code = grpc.StatusCode.OK
+    else:
+        code = grpc.StatusCode.CANCELLED
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    span.end()
 
 
 async def serve(settings: Settings) -> int:

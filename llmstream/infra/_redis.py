@@ -1,7 +1,9 @@
 """Private Redis server from the Debian package (or an external one via LLMSTREAM_REDIS_URL).
 
-Layout ($LLMSTREAM_STATE_DIR/redis/): redis.pid, redis.log, port (56379 upward, chosen once).
-No persistence (--save "" --appendonly no): Redis holds only caches and presence data.
+Layout ($LLMSTREAM_STATE_DIR/redis/): redis.pid, redis.log, port (56379 upward, chosen once),
+appendonlydir/. Append-only file, fsync every second (as docker-compose.yml runs it): Redis
+holds the quota counters and the gateways' request metadata (resume), which a restart must not
+lose (`llmstream chaos` restarts it mid-stream); no RDB snapshots.
 """
 
 from __future__ import annotations
@@ -162,7 +164,9 @@ def up() -> ComponentStatus:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes",
+                "--appendfsync",
+                "everysec",
                 "--daemonize",
                 "yes",
                 "--dir",

@@ -53,6 +53,24 @@ def test_tenant_key_lifecycle(db_env: str) -> None:
     assert row is not None and row[0] is not None
 
 
+def test_a_key_can_be_made_to_expire(db_env: str) -> None:
+    name = f"exp-{uuid.uuid4().hex[:6]}"
+    assert cli("tenants", "create", name).returncode == 0
+    run = cli("keys", "create", "--tenant", name, "--expires-in", "12h")
+    assert run.returncode == 0, run.stderr
+    key_id = apikeys.key_id_of(run.stdout.strip())
+    with psycopg.connect(db_env) as conn:
+        row = conn.execute(
+            "SELECT expires_at - created_at FROM api_keys WHERE id = %s", (key_id,)
+        ).fetchone()
+    assert row is not None and abs(row[0].total_seconds() - 12 * 3600) < 60
+    listed = cli("keys", "list")
+    assert "EXPIRES" in listed.stdout.splitlines()[0]
+    bad = cli("keys", "create", "--tenant", name, "--expires-in", "soon")
+    assert bad.returncode == 2
+    assert "not a duration: 'soon'" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_bad_input_is_one_clear_line(db_env: str) -> None:
     unknown_tier = cli("tenants", "create", "x-tier", "--tier", "platinum")
     assert unknown_tier.returncode == 1

@@ -12,8 +12,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from gateway import testing
+from gateway.quota import Quota
 from gateway.testing import Client, FakeWorker, Topics
 from llmstream import admin, ports
 
@@ -55,6 +57,23 @@ async def test_load_shedding_caps_then_refuses(topics: Topics, db_env: str, redi
         await c.submit("d", max_tokens=5)
         assert (await c.wait_ref("d"))["type"] == "accepted"
         await c.close()
+
+
+async def test_a_submit_failing_inside_the_gateway_gets_an_error_with_its_client_ref(
+    topics: Topics, db_env: str, redis_url: str
+) -> None:
+    s = testing.settings(topics, redis_url, db_env, "gw-o", [0, 1])
+    key = await new_key()
+    async with testing.running(s) as gw:
+        c = await Client.connect(s.port, key)
+        # Quota checks now go to a port where no Redis listens: the submit fails inside.
+        dead = aioredis.Redis(port=ports.free_port(), socket_connect_timeout=1)
+        gw.quota = Quota(dead)
+        await c.submit("lost", max_tokens=5)
+        err = await c.wait_ref("lost")
+        assert (err["type"], err["code"], err["retry_after_ms"]) == ("error", "internal", 1000)
+        await c.close()
+        await dead.aclose()
 
 
 async def test_idle_socket_gets_heartbeats(topics: Topics, db_env: str, redis_url: str) -> None:

@@ -78,3 +78,76 @@ def test_services_wait_for_healthy_dependencies() -> None:
     for name, svc in llmstream_services().items():
         if name != "init":
             assert svc["depends_on"]["init"]["condition"] == "service_completed_successfully"
+
+
+# ---- observability: Prometheus, Grafana, OpenTelemetry collector, Jaeger ----------------------
+
+
+def _flag(command: list[str], flag: str) -> str | None:
+    return command[command.index(flag) + 1] if flag in command else None
+
+
+def metrics_endpoint(svc: dict[str, Any]) -> tuple[str, int]:
+    """(bind address, port) of a compose llmstream service's /metrics, as the code resolves
+    them: flag, else the service's LLMSTREAM_* variable, else the documented default."""
+    command, env = svc["command"], svc.get("environment", {})
+
+    def setting(name: str) -> str:
+        return str(env.get(config.PREFIX + name, config.get(name)))
+
+    kind = command[0]
+    if kind == "gateway":  # /metrics on the main port
+        return setting("GATEWAY_HOST"), int(setting("GATEWAY_PORT"))
+    if kind == "model-server":
+        host = _flag(command, "--metrics-host") or _flag(command, "--host")
+        port = _flag(command, "--metrics-port") or setting("MODEL_SERVER_METRICS_PORT")
+        return host or setting("MODEL_SERVER_HOST"), int(port)
+    prefix = {"worker": "WORKER", "aggregator": "AGGREGATOR"}[kind]
+    port = _flag(command, "--metrics-port") or setting(f"{prefix}_METRICS_PORT")
+    return _flag(command, "--metrics-host") or "127.0.0.1", int(port)
+
+
+def prometheus_targets() -> list[tuple[str, str, int]]:
+    """(job, compose service, port) of every scrape target in deploy/prometheus."""
+    cfg = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    out = []
+    for job in cfg["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, port = target.rsplit(":", 1)
+                out.append((job["job_name"], host, int(port)))
+        for dns in job.get("dns_sd_configs", []):
+            out.extend((job["job_name"], name, int(dns["port"])) for name in dns["names"])
+    return out
+
+
+def test_observability_services_and_their_configs_exist() -> None:
+    services = compose()["services"]
+    assert {"prometheus", "grafana", "otel-collector", "jaeger"} <= set(services)
+    for name in ("prometheus", "grafana", "otel-collector"):
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            assert (REPO / source).exists(), f"{name}: {source} does not exist"
+    assert (REPO / "deploy" / "grafana" / "dashboards" / "llmstream.json").exists()
+
+
+def test_every_scrape_target_is_a_service_metrics_port() -> None:
+    services = llmstream_services()
+    scraped = set()
+    for job, host, port in prometheus_targets():
+        assert host in services, f"job {job}: {host} is not an llmstream service in compose"
+        bind, served = metrics_endpoint(services[host])
+        assert port == served, f"job {job}: scrapes {host}:{port}, /metrics is on {served}"
+        assert bind == "0.0.0.0", f"{host}: /metrics bound to {bind}, unreachable for Prometheus"
+        scraped.add(host)
+    assert scraped == set(services) - {"init"}, "every llmstream service is scraped"
+
+
+def test_services_send_traces_to_the_collector() -> None:
+    services = compose()["services"]
+    collector = yaml.safe_load((REPO / "deploy" / "otel" / "collector.yaml").read_text())
+    http = collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    for name, svc in llmstream_services().items():
+        endpoint = svc["environment"].get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        assert endpoint == f"http://otel-collector:{http.rsplit(':', 1)[1]}", name
+    assert services["otel-collector"]["depends_on"] == ["jaeger"]

@@ -134,6 +134,18 @@ def test_token_text_survives_any_content(text: str) -> None:
 
 
 @settings(max_examples=300, deadline=None)
+@given(st.text(), st.integers(0, 2**40), st.text())
+def test_token_frame_is_the_json_of_its_fields(request_id: str, seq: int, text: str) -> None:
+    fields = {
+        "type": "token",
+        "request_id": request_id,
+        "seq": seq,
+        "text": protocol.clean_text(text),
+    }
+    assert protocol.token(request_id, seq, text) == protocol._dump(fields)
+
+
+@settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(), st.binary().map(lambda b: b.decode("latin-1"))))
 def test_parse_never_raises_anything_but_protocol_error(raw: str) -> None:
     with contextlib.suppress(ProtocolError):

@@ -83,6 +83,28 @@ async def test_key_cache_expires_and_checks_secret() -> None:
     assert await cache.still_valid(p) is None
 
 
+async def test_an_expired_key_is_refused_even_from_the_cache() -> None:
+    from llmstream import apikeys
+
+    new = apikeys.generate()
+    limits = quota.Limits("free", 1, 1, 1, 1, 1, 1)
+    row = auth.KeyRow(new.key_id, "t1", new.sha256, True, limits, expires_at=1000.0)
+    lookups: list[str] = []
+
+    async def lookup(key_id: str) -> auth.KeyRow | None:
+        lookups.append(key_id)
+        return row
+
+    wall = [999.0]
+    cache = auth.KeyCache(lookup, 60, clock=lambda: 0.0, wall_clock=lambda: wall[0])
+    p = await cache.verify_key(new.key)
+    assert p is not None
+    wall[0] = 1000.0
+    assert await cache.still_valid(p) is None
+    assert await cache.verify_key(new.key) is None
+    assert lookups == [new.key_id]  # refused from the cached row: no lookup needed
+
+
 def test_reserve_args_use_shared_key_layout() -> None:
     at = 1_700_000_000_000
     limits = quota.Limits("x", 10, 100, 1000, 2, 50, 4)

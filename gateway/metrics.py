@@ -1,0 +1,178 @@
+"""OpenTelemetry instruments of the gateway, served on its main port at `/metrics`.
+
+The hot path (every token event, every frame) only bumps plain ints on `GatewayMetrics`;
+observable instruments read them when Prometheus scrapes, so counting costs nothing per token.
+Latencies seen by the client are histograms recorded once per request. Every series carries
+`gateway_id`: tests run several replicas in one process, and the label keeps them apart (in a
+deployment it is one value per process). docs/metrics.md lists every series and interval.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from opentelemetry import metrics as otel_metrics
+
+# The model server's vLLM TTFT boundaries (1 ms ... 2560 s): client-side and engine-side TTFT
+# line up bucket by bucket. End-to-end latency uses them too: vLLM's request-latency buckets
+# start at 0.3 s, too coarse for streams that finish in tens of milliseconds.
+from model_server.metrics import TTFT_BUCKETS
+
+# Label values that exist from the start (at 0), so rate() and alerts see them before the
+# first occurrence.
+SUBMIT_RESULTS = ("accepted", "idempotent", "quota", "overloaded", "draining", "failed")
+RESUME_KINDS = ("owned", "borrowed")
+QUOTA_LIMITS = (
+    "concurrent_streams",
+    "requests_per_minute",
+    "tokens_per_day",
+    "tokens_per_month",
+    "sockets",
+)
+
+
+class GatewayMetrics:
+    """Counts of one gateway replica. Bump the attributes directly; `record_*` for latencies."""
+
+    def __init__(
+        self,
+        gateway_id: str,
+        sockets: Callable[[], int],
+        inflight: Callable[[], int],
+        meter: Any | None = None,
+    ) -> None:
+        self.gateway_id = gateway_id
+        self.sockets = sockets
+        self.inflight = inflight
+        self.prompt_lag = 0
+        self.token_events = 0
+        self.frames_sent = 0
+        self.invalid_frames = 0
+        self.send_buffer_overflows = 0
+        self.grace_cancels = 0
+        self.submits: Counter[str] = Counter(dict.fromkeys(SUBMIT_RESULTS, 0))
+        self.requests: Counter[str] = Counter()
+        self.resumes: Counter[str] = Counter(dict.fromkeys(RESUME_KINDS, 0))
+        self.quota_refusals: Counter[str] = Counter(dict.fromkeys(QUOTA_LIMITS, 0))
+        self.attrs = {"gateway_id": gateway_id}
+        if meter is None:
+            # One set of instruments per process (the SDK ignores the callbacks of a second
+            # instrument with the same name); its callbacks report every live replica.
+            global _shared
+            _live.add(self)
+            if _shared is None:
+                _shared = _Instruments(otel_metrics.get_meter("llmstream.gateway"), _live_list)
+            self._instruments = _shared
+        else:
+            self._instruments = _Instruments(meter, lambda: [self])
+
+    def record_ttft(self, seconds: float) -> None:
+        self._instruments.ttft.record(seconds, self.attrs)
+
+    def record_e2e(self, seconds: float) -> None:
+        self._instruments.e2e.record(seconds, self.attrs)
+
+
+_live: weakref.WeakSet[GatewayMetrics] = weakref.WeakSet()
+_shared: _Instruments | None = None
+
+
+def _live_list() -> list[GatewayMetrics]:
+    return list(_live)
+
+
+Observations = Iterable[otel_metrics.Observation]
+
+
+class _Instruments:
+    def __init__(self, m: Any, replicas: Callable[[], list[GatewayMetrics]]) -> None:
+        self._replicas = replicas
+
+        def value(read: Callable[[GatewayMetrics], float]) -> Callable[[Any], Observations]:
+            return lambda _options: [
+                otel_metrics.Observation(read(g), g.attrs) for g in self._replicas()
+            ]
+
+        def by_label(
+            label: str, read: Callable[[GatewayMetrics], Counter[str]]
+        ) -> Callable[[Any], Observations]:
+            return lambda _options: [
+                otel_metrics.Observation(n, {**g.attrs, label: k})
+                for g in self._replicas()
+                for k, n in list(read(g).items())
+            ]
+
+        def gauge(name: str, desc: str, read: Callable[[GatewayMetrics], float]) -> None:
+            m.create_observable_gauge(name, callbacks=[value(read)], unit="1", description=desc)
+
+        def counter(name: str, desc: str, cb: Callable[[Any], Observations]) -> None:
+            m.create_observable_counter(name, callbacks=[cb], unit="1", description=desc)
+
+        gauge("gateway_sockets", "Open WebSockets.", lambda g: g.sockets())
+        gauge(
+            "gateway_inflight_requests",
+            "Requests accepted by this replica whose terminal event it has not read yet.",
+            lambda g: g.inflight(),
+        )
+        gauge(
+            "gateway_prompt_lag",
+            "Prompts in the log not yet committed by the workers (0 unless "
+            "LLMSTREAM_GATEWAY_MAX_PROMPT_LAG is set).",
+            lambda g: g.prompt_lag,
+        )
+        counter(
+            "gateway_submits",
+            "Submit frames by result (accepted, idempotent, quota, overloaded, draining, failed).",
+            by_label("result", lambda g: g.submits),
+        )
+        counter(
+            "gateway_requests",
+            "Requests accepted here that ended, by outcome (finish reason or failure code).",
+            by_label("outcome", lambda g: g.requests),
+        )
+        counter(
+            "gateway_resumes",
+            "Resumes by kind (owned: own partition; borrowed: another replica's).",
+            by_label("kind", lambda g: g.resumes),
+        )
+        counter(
+            "gateway_quota_refusals",
+            "Submits and upgrades refused by a tenant quota, by limit.",
+            by_label("limit", lambda g: g.quota_refusals),
+        )
+        counter(
+            "gateway_send_buffer_overflows",
+            "Sockets closed with 4008 because their send buffer was full.",
+            value(lambda g: g.send_buffer_overflows),
+        )
+        counter("gateway_frames_sent", "Frames written to sockets.", value(lambda g: g.frames_sent))
+        counter(
+            "gateway_invalid_frames",
+            "Client frames refused by the protocol parser.",
+            value(lambda g: g.invalid_frames),
+        )
+        counter(
+            "gateway_token_events",
+            "Events read from this replica's tokens partitions.",
+            value(lambda g: g.token_events),
+        )
+        counter(
+            "gateway_grace_cancels",
+            "Requests cancelled because nobody followed them after the disconnect grace period.",
+            value(lambda g: g.grace_cancels),
+        )
+        self.ttft = m.create_histogram(
+            "gateway_time_to_first_token_seconds",
+            unit="s",
+            description="Submit frame read -> first token frame queued on the same socket.",
+            explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
+        )
+        self.e2e = m.create_histogram(
+            "gateway_e2e_request_latency_seconds",
+            unit="s",
+            description="Submit frame read -> done frame queued on the same socket.",
+            explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
+        )
