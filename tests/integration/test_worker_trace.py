@@ -1,16 +1,21 @@
-"""Trace context of a prompt continues into the gRPC call: an in-process worker against a
+"""Trace context of a prompt continues into the gRPC call and the token events: an in-process worker against a
 recording ModelService (a stand-in that streams two deltas) on real Kafka."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 import pytest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from llmstream import tracing
 from llmstream.v1 import common_pb2, model_service_pb2, model_service_pb2_grpc
 from worker.service import Settings, Worker
 from worker.testing import (
@@ -68,7 +73,28 @@ async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
     await delete_topics(t)
 
 
-async def test_traceparent_reaches_grpc_metadata_and_events(topics: Topics) -> None:
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """This test's own provider: the result must not depend on whether another test of the
+    session installed the global one (without any, spans are no-ops that pass the parent on)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "worker"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "tracer", lambda: provider.get_tracer("test"))
+    yield exporter
+    provider.shutdown()
+
+
+def parse(traceparent: str) -> tuple[str, str]:
+    """(trace id, parent span id) of a W3C traceparent."""
+    version, trace_id, span_id, flags = traceparent.split("-")
+    assert (version, flags) == ("00", "01")
+    return trace_id, span_id
+
+
+async def test_traceparent_reaches_grpc_metadata_and_events(
+    topics: Topics, spans: InMemorySpanExporter
+) -> None:
     recorder = Recorder()
     server = grpc.aio.server()
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(recorder, server)
@@ -96,15 +122,33 @@ async def test_traceparent_reaches_grpc_metadata_and_events(topics: Topics) -> N
         st = got.check_contract(rid)
         assert st.text == "hello" and st.finish_reason == "stop"
         assert st.model_version == "rec-7" and st.model_server == f"127.0.0.1:{port}"
-        assert recorder.metadata[0]["traceparent"] == submit.trace.traceparent
-        assert recorder.metadata[0]["tracestate"] == "vendor=1"
         assert recorder.metadata[0]["x-llmstream-worker"] == "w-trace"
         assert recorder.starts[0].request_id == rid and recorder.starts[0].max_tokens == 10
-        for ev in got.events[rid]:
-            assert ev.trace.traceparent == submit.trace.traceparent
-            assert ev.trace.tracestate == "vendor=1"
     finally:
         worker.request_stop()
         await asyncio.wait_for(task, 30)
         await server.stop(0)
     assert worker.stats["completed"] == 1
+
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    process = finished[f"process {topics.prompts}"]
+    client = finished["llmstream.v1.ModelService/Generate"]
+    produce_span = finished[f"send {topics.tokens}"]
+    trace_id, gateway_span = parse(submit.trace.traceparent)
+    # The worker continues the prompt's trace: its span's parent is the one in the event.
+    assert f"{process.context.trace_id:032x}" == trace_id
+    assert process.parent is not None and f"{process.parent.span_id:016x}" == gateway_span
+    assert client.parent is not None and client.parent.span_id == process.context.span_id
+    assert produce_span.parent is not None
+    assert produce_span.parent.span_id == process.context.span_id
+    # gRPC metadata carries the client span; every token event carries the produce span;
+    # the vendor's tracestate travels along both.
+    assert parse(recorder.metadata[0]["traceparent"]) == (
+        trace_id,
+        f"{client.context.span_id:016x}",
+    )
+    assert recorder.metadata[0]["tracestate"] == "vendor=1"
+    for ev in got.events[rid]:
+        assert parse(ev.trace.traceparent) == (trace_id, f"{produce_span.context.span_id:016x}")
+        assert ev.trace.tracestate == "vendor=1"
+    assert [e.name for e in produce_span.events] == ["first_token", "finish"]
