@@ -328,7 +328,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     async with fresh_topics(bootstrap, partitions=3) as topics, fresh_database(server_db) as db:
         items = list(synthetic.interleaved(plans, topics.prompts, topics.tokens, width=100))
         results["fold"] = bench_fold(items)
-        print("fold", results["fold"], flush=True)
+        print("fold", results["fold"], file=sys.stderr, flush=True)
         producer = await new_producer(bootstrap, linger_ms=20)
         t = time.perf_counter()
         try:
@@ -337,7 +337,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await producer.stop()
         results["produce_events_per_s"] = round(len(items) / (time.perf_counter() - t))
         results["replay"] = await bench_replay(bootstrap, topics.both, len(items))
-        print("replay", results["replay"], flush=True)
+        print("replay", results["replay"], file=sys.stderr, flush=True)
 
         group = f"bench-{uuid.uuid4().hex[:6]}"
         port = args.metrics_port
@@ -368,14 +368,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "events_per_s_incl_startup": round(len(items) / total),
                 "events_per_s_steady": steady,
             }
-            print("projection", results["projection_catch_up"], flush=True)
+            print("projection", results["projection_catch_up"], file=sys.stderr, flush=True)
             results["lag_under_load"] = []
             for tpe in args.tokens_per_event:
                 lag = await lag_under_load(
                     bootstrap, topics, db, group, args.rate, tpe, args.seconds, port
                 )
                 results["lag_under_load"].append(lag)
-                print("lag", lag, flush=True)
+                print("lag", lag, file=sys.stderr, flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
@@ -389,7 +389,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if args.ledger_rows:
             async with fresh_database(server_db) as db2:
                 results["rollup"] = await bench_rollup(db2, args.ledger_rows)
-                print("rollup", results["rollup"], flush=True)
+                print("rollup", results["rollup"], file=sys.stderr, flush=True)
     return results
 
 
@@ -425,4 +425,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     results = await main_async(ns)
     results["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
+    replayed, catch_up = results["replay"], results["projection_catch_up"]
+    results["facts"] = [  # for the summary of `llmstream bench`
+        {
+            "what": "replay: token events read back from Kafka and folded",
+            "value": f"{replayed['events_per_s']:,.0f} events/s",
+        },
+        {
+            "what": "projection into PostgreSQL (one aggregator, catch-up)",
+            "value": f"{catch_up['events_per_s_steady']:,.0f} events/s",
+        },
+    ]
     return results

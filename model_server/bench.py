@@ -211,7 +211,7 @@ async def bench_synthetic(quick: bool) -> dict[str, Any]:
             res["server_overhead_us_per_token"] = round(
                 server_cpu / res["tokens"] * 1e6 - engine_cost * 1e6, 2
             )
-            print(json.dumps({"synthetic_max_rate": res}), flush=True)
+            print(json.dumps({"synthetic_max_rate": res}), file=sys.stderr, flush=True)
             runs.append(res)
     out["max_rate"] = runs
     async with ServerProcess(
@@ -222,7 +222,7 @@ async def bench_synthetic(quick: bool) -> dict[str, Any]:
         res["server_cpu_us_per_token"] = round((cpu_seconds(srv.pid) - s0) / res["tokens"] * 1e6, 2)
         res["configured_itl_ms"] = 20
         res["configured_ttft_ms"] = 20
-        print(json.dumps({"synthetic_paced": res}), flush=True)
+        print(json.dumps({"synthetic_paced": res}), file=sys.stderr, flush=True)
         out["paced_256_streams"] = res
     return out
 
@@ -321,8 +321,8 @@ async def bench_llamacpp(quick: bool, repeat: int) -> dict[str, Any]:
         direct.close()
         out["server"].append(median_run(server_runs))
         out["direct"].append(median_run(direct_runs))
-        print(json.dumps({"llamacpp_server": out["server"][-1]}), flush=True)
-        print(json.dumps({"llamacpp_direct": out["direct"][-1]}), flush=True)
+        print(json.dumps({"llamacpp_server": out["server"][-1]}), file=sys.stderr, flush=True)
+        print(json.dumps({"llamacpp_direct": out["direct"][-1]}), file=sys.stderr, flush=True)
     out["prompt_tokens"] = len(ids)
     return out
 
@@ -340,4 +340,38 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.ms_only in (None, "llamacpp"):
         results["llamacpp"] = await bench_llamacpp(args.ms_quick, args.ms_repeat)
     results["load_average_at_end"] = os.getloadavg()
+    results["facts"] = facts(results)
     return results
+
+
+def facts(results: dict[str, Any]) -> list[dict[str, str]]:
+    """Lines for the summary of `llmstream bench`."""
+    out = []
+    if "synthetic" in results:
+        rates = results["synthetic"]["max_rate"]
+        out.append(
+            {
+                "what": "model server alone (gRPC), synthetic zero delay, "
+                + " / ".join(str(r["streams"]) for r in rates)
+                + " streams",
+                "value": " / ".join(f"{r['tokens_per_s']:,.0f}" for r in rates)
+                + " tokens/s; server overhead "
+                + " / ".join(f"{r['server_overhead_us_per_token']}" for r in rates)
+                + " µs/token",
+            }
+        )
+    if "llamacpp" in results:
+        lc = results["llamacpp"]
+        pairs = zip(lc["server"], lc["direct"], strict=True)
+        out.append(
+            {
+                "what": "model server (gRPC) vs llama-cpp-python in-process, SmolLM2, "
+                + " / ".join(str(r["streams"]) for r in lc["server"])
+                + " streams",
+                "value": " / ".join(
+                    f"{s['tokens_per_s']:.0f} vs {d['tokens_per_s']:.0f}" for s, d in pairs
+                )
+                + " tokens/s",
+            }
+        )
+    return out

@@ -1,5 +1,6 @@
-"""`llmstream bench pipeline` at a tiny size: the harness runs and writes its results.
-(Speed is never asserted in tests; `make bench` measures it.)"""
+"""`llmstream bench` at a tiny size: every scenario of the harness runs end to end and writes
+its results, the combined record, the summary and the plots. (Speed is never asserted in
+tests; `make bench` measures it.)"""
 
 from __future__ import annotations
 
@@ -14,26 +15,102 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def read_result(folder: Path) -> dict[str, Any]:
-    (result_file,) = folder.glob("*-pipeline.json")
-    data: dict[str, Any] = json.loads(result_file.read_text())
+async def bench(folder: Path, *args: str, timeout_s: float = 240) -> tuple[str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llmstream.cli", "bench", *args, "--results-dir", str(folder),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return out.decode(), err.decode()
+
+
+def suite(folder: Path, name: str) -> dict[str, Any]:
+    (result_file,) = folder.glob(f"*-{name}.json")
+    result: dict[str, Any] = json.loads(result_file.read_text())["result"]
+    return result
+
+
+def combined_file(folder: Path) -> Path:
+    (path,) = [p for p in folder.glob("*.json") if "-" not in p.stem]  # <stamp>.json
+    return path
+
+
+def combined(folder: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(combined_file(folder).read_text())
     return data
 
 
-async def test_pipeline_bench_runs_end_to_end(tmp_path: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "llmstream.cli", "bench", "pipeline",
+def is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def assert_clean_run(run: dict[str, Any], requests: int, tokens: int) -> None:
+    assert (run["requests"], run["errors"], run["tokens"]) == (requests, 0, tokens), run
+    assert run["ttft_ms"]["p50"] > 0
+    cdf = run["ttft_cdf_ms"]
+    assert len(cdf) == 101 and cdf == sorted(cdf)
+
+
+async def test_pipeline_paced_and_gateway_scenarios_run_end_to_end(tmp_path: Path) -> None:
+    out, err = await bench(
+        tmp_path, "pipeline", "paced", "gateway",
         "--pipe-streams", "2", "--pipe-repeat", "1", "--pipe-requests", "2",
-        "--pipe-tokens", "8", "--results-dir", str(tmp_path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        "--pipe-tokens", "8", "--pipe-rates", "10", "--pipe-rate-seconds", "1",
+        "--paced-streams", "6", "--paced-tokens", "5", "--paced-ttft-ms", "5",
+        "--paced-itl-ms", "5", "--paced-ramp-s", "0.1", "--paced-repeat", "1",
+        "--gateway-sockets", "20", "--gateway-repeat", "1", "--gateway-hold-s", "0.5",
+        "--gateway-requests", "12",
     )  # fmt: skip
-    _, err = await asyncio.wait_for(proc.communicate(), 180)
-    assert proc.returncode == 0, err.decode()[-3000:]
-    record = read_result(tmp_path)
-    (scenario,) = record["result"]["scenarios"]
+    (scenario,) = suite(tmp_path, "pipeline")["scenarios"]
     for path in ("direct", "pipeline"):
-        assert scenario[path]["requests"] == 4
-        assert scenario[path]["errors"] == 0
-        assert scenario[path]["tokens"] == 4 * 8
-    assert {g["result"] for g in record["result"]["goals"]} <= {"PASS", "MISS"}
-    assert b"PASS" in err or b"MISS" in err
+        assert_clean_run(scenario[path], requests=4, tokens=4 * 8)
+    (open_loop,) = suite(tmp_path, "pipeline")["open_loop"]
+    for path in ("direct", "pipeline"):
+        run = open_loop[path]
+        assert run["requests"] > 0 and run["errors"] == 0 and run["tokens"] == 8 * run["requests"]
+    paced = suite(tmp_path, "paced")
+    (scenario,) = paced["scenarios"]
+    for path in ("direct", "pipeline"):
+        assert_clean_run(scenario[path], requests=6, tokens=6 * 5)
+    assert paced["configured_itl_ms"] == 5 and scenario["offered_tokens_per_s"] == 6 * 200
+    assert scenario["direct"]["itl_ms"]["p50"] > 0  # direct messages are spread out in time
+    gateway = suite(tmp_path, "gateway")
+    (idle,) = gateway["idle"]
+    assert (idle["opened"], idle["held"], idle["gateway_alive"]) == (20, 20, True)
+    assert idle["gateway_rss_kib_after"] > idle["gateway_rss_kib_before"] > 0
+    assert gateway["requests"] == 2  # 12 minus the 10 warm-up requests
+
+    record = combined(tmp_path)
+    assert set(record["suites"]) == {"pipeline", "paced", "gateway"}
+    assert record["machine"]["cpus"] >= 1
+    goals = [g for s in record["suites"].values() for g in s["result"].get("goals", [])]
+    assert goals and {g["result"] for g in goals} <= {"PASS", "MISS"}
+    assert len(record["plots"]) == 3
+    for name in record["plots"]:
+        assert is_png(tmp_path / name)
+
+    assert "| scenario | path |" in out
+    assert "| 1 zero-delay | pipeline | 2 | 4 | 0 |" in out
+    assert "| 1 zero-delay open loop | pipeline | 10/s |" in out
+    assert "| 2 paced | direct | 6 | 6 | 0 |" in out
+    assert "gateway idle WebSocket at 20 sockets" in out
+    assert f"goals: {sum(g['result'] == 'PASS' for g in goals)} of {len(goals)} PASS" in out
+    assert "PASS" in err or "MISS" in err
+
+    again, _ = await bench(tmp_path, "--report", str(combined_file(tmp_path)), timeout_s=60)
+    assert again.strip() == out.strip()
+
+
+async def test_llamacpp_scenario_runs_against_llama_cpp_server(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp.server.app", reason="needs the llamacpp extra")
+    await bench(
+        tmp_path, "llamacpp", "--llama-streams", "1", "--llama-requests", "1",
+        "--llama-tokens", "4", "--llama-repeat", "1", "--no-plots",
+    )  # fmt: skip
+    result = suite(tmp_path, "llamacpp")
+    (scenario,) = result["scenarios"]
+    for path in ("pipeline", "direct", "llama.cpp server"):
+        assert_clean_run(scenario[path], requests=1, tokens=4)
+    assert scenario["llama_cpp_server_threads"] == 1
+    assert {g["result"] for g in result["goals"]} <= {"PASS", "MISS"} and len(result["goals"]) == 2

@@ -84,3 +84,15 @@ async def test_fast_acks_send_every_delta_at_once() -> None:
     assert len(producer.sent) == 5
     await em.settle()
     em.close()
+
+
+async def test_the_first_delta_does_not_wait_for_the_started_ack() -> None:
+    em, producer = make(ack_s=10.0, coalesce_ms=1000)  # acks and the timer: far away
+    await em.send(em.env.started("w", "m:1", "v1", 1, 0), gates=False)
+    await em.push("first", [1])
+    await em.push("second", [2])  # the first delta is not acknowledged: this one waits
+    kinds = [e.WhichOneof("body") for e in decoded(producer)]
+    assert kinds == ["started", "token_delta"]
+    assert decoded(producer)[1].token_delta.text == "first"
+    assert not em.coalescer.empty
+    em.close()
