@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from llmstream import tracing
 from llmstream.v1 import common_pb2, model_service_pb2, model_service_pb2_grpc
 from worker.service import Settings, Worker
 from worker.testing import (
@@ -71,18 +67,6 @@ async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
     t = await create_topics(kafka_bootstrap)
     yield t
     await delete_topics(t)
-
-
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    """This test's own provider: the result must not depend on whether another test of the
-    session installed the global one (without any, spans are no-ops that pass the parent on)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": "worker"}))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(tracing, "tracer", lambda: provider.get_tracer("test"))
-    yield exporter
-    provider.shutdown()
 
 
 def parse(traceparent: str) -> tuple[str, str]:

@@ -40,16 +40,6 @@ def test_an_unsupported_exporter_is_a_one_line_config_error() -> None:
         tracing.exporter_names({"OTEL_TRACES_EXPORTER": "zipkin"})
 
 
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
-    """A private provider (the global one can be set only once per process)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": "test"}))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(tracing, "tracer", lambda: provider.get_tracer("test"))
-    return exporter
-
-
 def test_trace_context_round_trips_through_a_traceparent(spans: InMemorySpanExporter) -> None:
     with tracing.tracer().start_as_current_span("parent") as parent:
         traceparent, _ = tracing.trace_context_of(parent)
