@@ -18,7 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.server import Gateway as Gateway
 from gateway.settings import Settings
-from llmstream import codec, stack
+from llmstream import admin, codec, stack
 from llmstream.v1 import common_pb2, events_pb2
 
 # Token texts cycle through content that must survive the JSON/WebSocket path unchanged.
@@ -35,6 +35,14 @@ class Topics:
     prompts: str
     tokens: str
     partitions: int
+
+
+async def new_tenant(tier: str = "standard") -> tuple[str, str, str]:
+    """A new tenant of `tier` in the configured database and an API key of it:
+    (tenant id, tenant name, key)."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    tenant_id = await admin.create_tenant(name, tier)
+    return tenant_id, name, (await admin.create_key(name)).key
 
 
 async def create_topics(bootstrap: str, partitions: int = 4) -> Topics:

@@ -306,25 +306,11 @@ class Worker:
             heartbeat_interval_ms=max(1000, s.session_timeout_ms // 4),
             max_poll_interval_ms=300_000,
         )
-        self.reader = AIOKafkaConsumer(
-            bootstrap_servers=s.bootstrap,
-            group_id=None,
-            client_id=f"{s.worker_id}-takeover",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=50,
-        )
+        self.reader = _side_reader(s, "takeover")
         # Reads the assigned prompt partitions ahead of the group consumer, for cancels only:
         # a paused partition (in-flight bound) must not hold back the cancel of a running
         # request, and a cancel read ahead of its submit keeps that request from starting.
-        self.lookahead = AIOKafkaConsumer(
-            bootstrap_servers=s.bootstrap,
-            group_id=None,
-            client_id=f"{s.worker_id}-cancels",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=50,
-        )
+        self.lookahead = _side_reader(s, "cancels")
         self.producer = AIOKafkaProducer(
             bootstrap_servers=s.bootstrap,
             client_id=s.worker_id,
@@ -1168,6 +1154,18 @@ def _server_cancelled(message: str) -> grpc.aio.AioRpcError:
         grpc.aio.Metadata(),
         grpc.aio.Metadata(),
         details=f"model server cancelled the stream: {message or 'no reason'}",
+    )
+
+
+def _side_reader(s: Settings, purpose: str) -> AIOKafkaConsumer:
+    """A consumer outside the group (assigned partitions by hand, never commits)."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=s.bootstrap,
+        group_id=None,
+        client_id=f"{s.worker_id}-{purpose}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
     )
 
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 
 from gateway import testing
 from gateway.testing import Client, FakeWorker, Topics
-from llmstream import admin
 
 pytestmark = pytest.mark.integration
 
@@ -23,9 +21,8 @@ async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
 
 
 async def new_key(tier: str = "standard") -> tuple[str, str]:
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    tenant_id = await admin.create_tenant(name, tier)
-    return tenant_id, (await admin.create_key(name)).key
+    tenant_id, _name, key = await testing.new_tenant(tier)
+    return tenant_id, key
 
 
 async def test_submit_streams_exact_tokens_and_malformed_frames(

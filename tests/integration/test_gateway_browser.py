@@ -3,7 +3,6 @@ cancel one, reload mid-stream and see the other resume and finish exactly."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import pytest
 
 from gateway import testing
 from gateway.testing import FakeWorker, Topics
-from llmstream import admin
 
 pytestmark = pytest.mark.integration
 
@@ -32,9 +30,7 @@ async def test_page_streams_cancels_and_resumes_after_reload(
 ) -> None:
     pw_api = pytest.importorskip("playwright.async_api")
     s = testing.settings(topics, redis_url, db_env, "gw-web", [0, 1])
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    await admin.create_tenant(name, "standard")
-    key = (await admin.create_key(name)).key
+    _tenant, _name, key = await testing.new_tenant()
     ARTIFACTS.mkdir(exist_ok=True)
     async with (
         testing.running(s),

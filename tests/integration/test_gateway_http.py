@@ -6,7 +6,6 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,12 +27,6 @@ async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
     t = await testing.create_topics(kafka_bootstrap, partitions=2)
     yield t
     await testing.delete_topics(t)
-
-
-async def new_key(tier: str = "standard") -> tuple[str, str, str]:
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    tenant_id = await admin.create_tenant(name, tier)
-    return tenant_id, name, (await admin.create_key(name)).key
 
 
 def http(
@@ -60,8 +53,8 @@ async def ahttp(*args: Any, **kw: Any) -> tuple[int, dict[str, str], Any]:
 
 async def test_http_routes_and_request_status(topics: Topics, db_env: str, redis_url: str) -> None:
     s = testing.settings(topics, redis_url, db_env, "gw-h", [0, 1])
-    tenant, _name, key = await new_key()
-    _t2, _n2, other = await new_key()
+    tenant, _name, key = await testing.new_tenant()
+    _t2, _n2, other = await testing.new_tenant()
     async with testing.running(s), FakeWorker(topics):
         assert (await ahttp(s.port, "/healthz"))[0] == 200
         status, _h, body = await ahttp(s.port, "/readyz")
@@ -103,7 +96,7 @@ async def test_auth_on_upgrade_sessions_origin_and_revocation(
     topics: Topics, db_env: str, redis_url: str
 ) -> None:
     s = testing.settings(topics, redis_url, db_env, "gw-h", [0, 1], origins=["http://app.example"])
-    _tenant, _name, key = await new_key()
+    _tenant, _name, key = await testing.new_tenant()
     async with testing.running(s) as gw, FakeWorker(topics):
         url = f"ws://127.0.0.1:{s.port}/ws"
         for headers in ({}, {"Authorization": "Bearer lsk_nope"}):
@@ -143,7 +136,7 @@ async def test_auth_on_upgrade_sessions_origin_and_revocation(
 
 async def test_drain_closes_sockets_with_1012(topics: Topics, db_env: str, redis_url: str) -> None:
     s = testing.settings(topics, redis_url, db_env, "gw-h", [0, 1], drain_s=2)
-    _tenant, _name, key = await new_key()
+    _tenant, _name, key = await testing.new_tenant()
     gw = Gateway(s)
     await gw.start()
     try:

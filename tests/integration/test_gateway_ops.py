@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from gateway import testing
 from gateway.quota import Quota
 from gateway.testing import Client, FakeWorker, Topics
-from llmstream import admin, ports
+from llmstream import ports
 
 pytestmark = pytest.mark.integration
 
@@ -30,9 +30,7 @@ async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
 
 
 async def new_key() -> str:
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    await admin.create_tenant(name, "enterprise")
-    return (await admin.create_key(name)).key
+    return (await testing.new_tenant("enterprise"))[2]
 
 
 async def test_load_shedding_caps_then_refuses(topics: Topics, db_env: str, redis_url: str) -> None:

@@ -21,7 +21,7 @@ from aggregator.store import Settlement
 from gateway import testing
 from gateway.settings import Settings
 from gateway.testing import Client, FakeWorker, Topics
-from llmstream import admin, quota_keys
+from llmstream import quota_keys
 
 pytestmark = pytest.mark.integration
 
@@ -34,9 +34,8 @@ async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
 
 
 async def new_key(tier: str = "standard") -> tuple[str, str]:
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    tenant_id = await admin.create_tenant(name, tier)
-    return tenant_id, (await admin.create_key(name)).key
+    tenant_id, _name, key = await testing.new_tenant(tier)
+    return tenant_id, key
 
 
 def pair(t: Topics, redis_url: str, db: str, **kw: Any) -> tuple[Settings, Settings]:

@@ -15,7 +15,6 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,13 +35,6 @@ async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
     t = await testing.create_topics(kafka_bootstrap, partitions=2)
     yield t
     await testing.delete_topics(t)
-
-
-async def new_tenant(tier: str = "standard") -> tuple[str, str, str]:
-    """(tenant id, tenant name, API key)."""
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    tenant_id = await admin.create_tenant(name, tier)
-    return tenant_id, name, (await admin.create_key(name)).key
 
 
 def _http(
@@ -101,8 +93,8 @@ async def test_another_tenant_cannot_touch_a_request(
     topics: Topics, db_env: str, redis_url: str
 ) -> None:
     s = testing.settings(topics, redis_url, db_env, "gw-iso", [0, 1])
-    _ta, _na, key_a = await new_tenant()
-    _tb, _nb, key_b = await new_tenant()
+    _ta, _na, key_a = await testing.new_tenant()
+    _tb, _nb, key_b = await testing.new_tenant()
     async with testing.running(s), FakeWorker(topics, itl_s=0.02) as worker:
         a = await Client.connect(s.port, key_a)
         b = await Client.connect(s.port, key_b)
@@ -161,9 +153,9 @@ async def test_revoked_disabled_and_ended_credentials_are_refused_on_the_next_ac
     topics: Topics, db_env: str, redis_url: str
 ) -> None:
     s = testing.settings(topics, redis_url, db_env, "gw-iso", [0, 1], session_ttl_s=3)
-    _t1, _n1, revoked = await new_tenant()
-    t2, _n2, disabled = await new_tenant()
-    _t3, _n3, key3 = await new_tenant()
+    _t1, _n1, revoked = await testing.new_tenant()
+    t2, _n2, disabled = await testing.new_tenant()
+    _t3, _n3, key3 = await testing.new_tenant()
     async with testing.running(s), FakeWorker(topics):
         # Sockets opened while everything was valid, each used once.
         s1 = await Client.connect(s.port, revoked)
@@ -219,7 +211,7 @@ async def test_cross_origin_is_refused_and_the_cookie_is_locked_down(
 ) -> None:
     app = "https://app.example"
     s = testing.settings(topics, redis_url, db_env, "gw-iso", [0, 1], origins=[app])
-    _t, _n, key = await new_tenant()
+    _t, _n, key = await testing.new_tenant()
     async with testing.running(s):
         # Signing in from another origin is refused; from the app it sets a locked cookie.
         for origin in ("https://evil.example", "null", f"http://127.0.0.1:{s.port}"):
@@ -257,7 +249,7 @@ async def test_an_expired_key_is_refused_on_the_next_action(
     is refused on the next action after it — on its own socket and on sessions made from it
     — although the gateway still holds the key's row in its cache."""
     s = testing.settings(topics, redis_url, db_env, "gw-iso", [0, 1])
-    _t, name, _key = await new_tenant()
+    _t, name, _key = await testing.new_tenant()
     key = (await admin.create_key(name, expires_in_s=3)).key
     assert await admin.key_is_active(key)
     async with testing.running(s), FakeWorker(topics):

@@ -12,7 +12,7 @@ import pytest
 
 from gateway import testing
 from gateway.testing import Client, FakeWorker, Topics
-from llmstream import admin, telemetry
+from llmstream import telemetry
 
 pytestmark = pytest.mark.integration
 
@@ -61,9 +61,7 @@ async def test_prompt_text_is_logged_only_when_opted_in(
         monkeypatch.setenv("LLMSTREAM_LOG_PROMPTS", "1")
     else:
         monkeypatch.delenv("LLMSTREAM_LOG_PROMPTS", raising=False)
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    tenant_id = await admin.create_tenant(name, "standard")
-    key = (await admin.create_key(name)).key
+    tenant_id, _name, key = await testing.new_tenant()
     secret = f"confidential {uuid.uuid4().hex}"
     s = testing.settings(topics, redis_url, db_env, f"gw-{uuid.uuid4().hex[:6]}", [0, 1])
     async with testing.running(s), FakeWorker(topics):

@@ -11,7 +11,6 @@ import json
 import ssl
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from websockets.exceptions import InvalidStatus
 
 from gateway import testing
 from gateway.testing import Client, FakeWorker, Topics
-from llmstream import admin, stack
+from llmstream import stack
 from llmstream.v1 import model_service_pb2, model_service_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -143,9 +142,7 @@ async def test_gateway_serves_https_and_wss_with_a_secure_cookie(
         tls_key=str(certs.key),
     )
     assert not s.cookie_secure  # Secure must follow from serving TLS alone
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    await admin.create_tenant(name, "standard")
-    key = (await admin.create_key(name)).key
+    _tenant, _name, key = await testing.new_tenant()
     trust = ssl.create_default_context(cafile=str(certs.ca))
     async with testing.running(s), FakeWorker(topics):
         base = f"https://127.0.0.1:{s.port}"
