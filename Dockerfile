@@ -10,6 +10,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proto ./proto
 COPY llmstream ./llmstream
+COPY llmstream_tools ./llmstream_tools
 COPY gateway ./gateway
 COPY worker ./worker
 COPY model_server ./model_server

@@ -19,7 +19,7 @@ from opentelemetry import metrics as otel_metrics
 # The model server's vLLM TTFT boundaries (1 ms ... 2560 s): client-side and engine-side TTFT
 # line up bucket by bucket. End-to-end latency uses them too: vLLM's request-latency buckets
 # start at 0.3 s, too coarse for streams that finish in tens of milliseconds.
-from model_server.metrics import TTFT_BUCKETS
+from llmstream.metric_buckets import TTFT_BUCKETS
 
 # Label values that exist from the start (at 0), so rate() and alerts see them before the
 # first occurrence.

@@ -319,6 +319,33 @@ def get_int(name: str) -> int:
         raise ConfigError(f"{PREFIX}{name}={raw!r} is not an integer") from None
 
 
+def get_float(name: str) -> float:
+    raw = get(name)
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{PREFIX}{name}={raw!r} is not a number") from None
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def parse_bool(raw: str, what: str) -> bool:
+    """`1/true/yes/on` or `0/false/no/off/(empty)`, any case; anything else is an error (a typo
+    must not silently mean false)."""
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{what}={raw!r} is not a boolean: use 1/true/yes/on or 0/false/no/off")
+
+
+def get_bool(name: str) -> bool:
+    return parse_bool(get(name), PREFIX + name)
+
+
 class ConfigError(RuntimeError):
     """A configuration value is unusable; the message names the variable."""
 

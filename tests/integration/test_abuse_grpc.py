@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from llmstream.v1 import common_pb2, model_service_pb2, model_service_pb2_grpc
 from model_server.server import ModelServer
-from model_server.testing import generate, running_server, start, synthetic_spec
+from llmstream_tools.testing.model_server import generate, running_server, start, synthetic_spec
 
 pytestmark = pytest.mark.integration
 

@@ -23,8 +23,9 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from gateway.testing import Client
-from llmstream import codec, config, stack
+from llmstream_tools.testing.gateway import Client
+from llmstream import codec, config
+from llmstream_tools import stack
 from llmstream.v1 import common_pb2, events_pb2
 
 pytestmark = pytest.mark.integration

@@ -31,10 +31,11 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway import protocol, testing
+from gateway import protocol
+from llmstream_tools.testing import gateway as testing
 from gateway.server import Gateway
-from gateway.testing import FakeWorker, Topics
-from llmstream import admin
+from llmstream_tools.testing.gateway import FakeWorker, Topics
+from llmstream_tools import admin
 
 pytestmark = pytest.mark.integration
 

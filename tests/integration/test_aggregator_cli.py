@@ -13,8 +13,8 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from aggregator import synthetic
-from aggregator.testing import (
+from llmstream_tools.testing import synthetic_events as synthetic
+from llmstream_tools.testing.aggregator import (
     Topics,
     new_producer,
     produce,
@@ -76,7 +76,7 @@ async def test_metrics_graceful_stop_and_quota_rebuild(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "llmstream.cli",
+        "llmstream_tools.cli",
         "aggregator",
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
@@ -117,7 +117,7 @@ async def test_metrics_graceful_stop_and_quota_rebuild(
     rebuild = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "llmstream.cli",
+        "llmstream_tools.cli",
         "aggregator",
         "--rebuild-quota",
         env=env,

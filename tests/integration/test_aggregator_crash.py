@@ -17,8 +17,8 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
-from aggregator import synthetic
-from aggregator.testing import (
+from llmstream_tools.testing import synthetic_events as synthetic
+from llmstream_tools.testing.aggregator import (
     Topics,
     end_offsets,
     new_producer,
@@ -37,7 +37,7 @@ REQUESTS = 1000
 def start_aggregator(env: dict[str, str], log: Path, replica: int) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "llmstream.cli", "aggregator", "--no-migrate"],
+            [sys.executable, "-m", "llmstream_tools.cli", "aggregator", "--no-migrate"],
             # Static membership: a restarted replica gets its partitions back without waiting
             # for the killed one's session to expire.
             env={**env, "LLMSTREAM_AGGREGATOR_INSTANCE_ID": f"crash-test-{replica}"},
@@ -187,7 +187,7 @@ async def test_kill_dash_nine_never_double_bills_or_loses_a_bill(
     # After all that, a rebuild from the log is identical to the projection the crashes left.
     verify = await asyncio.create_subprocess_exec(
         sys.executable,
-        *("-m", "llmstream.cli", "replay", "--verify", "--quiet"),
+        *("-m", "llmstream_tools.cli", "replay", "--verify", "--quiet"),
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -11,12 +11,12 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
-from aggregator import synthetic
+from llmstream_tools.testing import synthetic_events as synthetic
 from aggregator.projection import Coords
 from aggregator.quota_settlement import QuotaSettler, rebuild_from_postgres
 from aggregator.service import Aggregator, Settings
 from aggregator.store import Batch, Fenced, ProjectionStore, Settlement
-from aggregator.testing import (
+from llmstream_tools.testing.aggregator import (
     Topics,
     fresh_topics,
     new_producer,

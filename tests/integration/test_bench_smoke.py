@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 async def bench(folder: Path, *args: str, timeout_s: float = 240) -> tuple[str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "llmstream.cli", "bench", *args, "--results-dir", str(folder),
+        sys.executable, "-m", "llmstream_tools.cli", "bench", *args, "--results-dir", str(folder),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), timeout_s)

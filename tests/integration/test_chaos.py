@@ -1,4 +1,4 @@
-"""Fault injection, quick version of `make chaos` (llmstream/chaos/): on a private Kafka /
+"""Fault injection, quick version of `make chaos` (llmstream_tools/chaos/): on a private Kafka /
 PostgreSQL / Redis instance and a whole local stack (two gateways, two workers, two synthetic
 model servers, the aggregator), each fault is injected while every request of its phase
 streams: kill -9 of a worker, a model server replica, a gateway replica (its clients reconnect
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from llmstream import infra
-from llmstream.chaos.runner import FAULTS, Options, run
+from llmstream_tools import infra
+from llmstream_tools.chaos.runner import FAULTS, Options, run
 
 pytestmark = pytest.mark.integration
 

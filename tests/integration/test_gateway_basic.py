@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway import testing
-from gateway.testing import Client, FakeWorker, Topics
+from llmstream_tools.testing import gateway as testing
+from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import testing
-from gateway.testing import FakeWorker, Topics
+from llmstream_tools.testing import gateway as testing
+from llmstream_tools.testing.gateway import FakeWorker, Topics
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from gateway import testing
+from llmstream_tools.testing import gateway as testing
 from gateway.quota import Quota
-from gateway.testing import Client, FakeWorker, Topics
+from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
 from llmstream import ports
 
 pytestmark = pytest.mark.integration

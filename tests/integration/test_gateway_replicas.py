@@ -18,9 +18,9 @@ from websockets.exceptions import InvalidStatus
 
 from aggregator.quota_settlement import QuotaSettler
 from aggregator.store import Settlement
-from gateway import testing
+from llmstream_tools.testing import gateway as testing
 from gateway.settings import Settings
-from gateway.testing import Client, FakeWorker, Topics
+from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
 from llmstream import quota_keys
 
 pytestmark = pytest.mark.integration

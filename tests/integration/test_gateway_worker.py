@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import testing
-from gateway.testing import Client
-from llmstream import admin, ports
-from worker import testing as wt
+from llmstream_tools.testing import gateway as testing
+from llmstream_tools.testing.gateway import Client
+from llmstream import ports
+from llmstream_tools import admin
+from llmstream_tools.testing import worker as wt
 
 pytestmark = pytest.mark.integration
 

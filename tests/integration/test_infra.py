@@ -1,4 +1,4 @@
-"""`llmstream.infra` against real processes.
+"""`llmstream_tools.infra` against real processes.
 
 The first tests use the shared infrastructure (`llmstream infra up` in the configured state
 dir) and leave it running. The others run in a throwaway LLMSTREAM_STATE_DIR with their own
@@ -21,8 +21,9 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from llmstream import config, infra
-from llmstream.infra import _common
+from llmstream import config
+from llmstream_tools import infra
+from llmstream_tools.infra import _common
 from llmstream.ports import free_port
 
 pytestmark = pytest.mark.integration

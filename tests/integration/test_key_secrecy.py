@@ -23,8 +23,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from gateway.testing import Client
-from llmstream import apikeys, config, stack
+from llmstream_tools.testing.gateway import Client
+from llmstream import apikeys, config
+from llmstream_tools import stack
 
 pytestmark = pytest.mark.integration
 

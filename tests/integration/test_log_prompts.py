@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from gateway import testing
-from gateway.testing import Client, FakeWorker, Topics
+from llmstream_tools.testing import gateway as testing
+from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
 from llmstream import telemetry
 
 pytestmark = pytest.mark.integration

@@ -4,7 +4,7 @@ against the same processes.
 
 Counts must equal what the test did (requests, tokens, events read back from the clients),
 histograms must hold one observation per request, gauges must settle at their idle values,
-and every metric the code declares (llmstream/metric_catalog.py) must be exported, except the
+and every metric the code declares (llmstream_tools/metric_catalog.py) must be exported, except the
 few that only appear once their event happens.
 """
 
@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from gateway.testing import Client
-from llmstream import metric_catalog
-from llmstream import promstats as ps
-from llmstream.stack import Stack, local_stack
+from llmstream_tools.testing.gateway import Client
+from llmstream_tools import metric_catalog
+from llmstream_tools import promstats as ps
+from llmstream_tools.stack import Stack, local_stack
 
 pytestmark = pytest.mark.integration
 
@@ -120,7 +120,7 @@ async def top(stack: Stack, *args: str) -> str:
         for x in (flag, ",".join(f"127.0.0.1:{n}" for n in nums))
     ]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "llmstream.cli", "top", "--once", *flags, *args,
+        sys.executable, "-m", "llmstream_tools.cli", "top", "--once", *flags, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -21,7 +21,7 @@ import pytest_asyncio
 
 from model_server.registry import ModelSpec
 from model_server.server import ModelServer
-from model_server.testing import running_server, synthetic_spec
+from llmstream_tools.testing.model_server import running_server, synthetic_spec
 from model_server.types import ModelLimits
 
 

@@ -30,7 +30,7 @@ from model_server.engine import Engine
 from model_server.engines.synthetic import SyntheticEngine
 from model_server.metrics import ServerMetrics
 from model_server.registry import ModelSpec, ModelState, default_factory
-from model_server.testing import eventually, generate, running_server, start, synthetic_spec
+from llmstream_tools.testing.model_server import eventually, generate, running_server, start, synthetic_spec
 from model_server.types import ModelLimits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +120,7 @@ async def test_sigterm_drains_a_real_process() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "llmstream.cli",
+        "llmstream_tools.cli",
         "model-server",
         "--engine=synthetic",
         f"--port={port}",

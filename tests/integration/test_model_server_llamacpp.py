@@ -16,7 +16,7 @@ from llmstream.v1 import common_pb2, model_service_pb2, model_service_pb2_grpc
 from model_server.engines.llamacpp import LlamaCppEngine
 from model_server.registry import ModelSpec
 from model_server.server import ModelServer
-from model_server.testing import generate, running_server, start
+from llmstream_tools.testing.model_server import generate, running_server, start
 from model_server.types import ModelLimits
 
 pytest.importorskip(

@@ -9,7 +9,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from llmstream.v1 import model_service_pb2, model_service_pb2_grpc
-from model_server.testing import running_server, start, synthetic_spec
+from llmstream_tools.testing.model_server import running_server, start, synthetic_spec
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from model_server.engine import Engine
 from model_server.engines.vllm import VllmApi, VllmEngine
 from model_server.registry import ModelSpec
 from model_server.rng import mix
-from model_server.testing import generate, running_server, start
+from llmstream_tools.testing.model_server import generate, running_server, start
 from model_server.types import ModelLimits
 
 

@@ -25,8 +25,8 @@ import websockets
 
 from llmstream import quota_keys
 from llmstream.fold import TERMINAL, fold_all
-from llmstream.stack import Stack, local_stack
-from worker.testing import read_all
+from llmstream_tools.stack import Stack, local_stack
+from llmstream_tools.testing.worker import read_all
 
 pytestmark = pytest.mark.integration
 
@@ -177,7 +177,7 @@ async def test_thousand_requests_bill_exactly_once_through_aggregator_crashes(
 
     # The database is a projection of the log: a rebuild from Kafka matches it.
     verify = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "llmstream.cli", "replay", "--verify",
+        sys.executable, "-m", "llmstream_tools.cli", "replay", "--verify",
         env=stack.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out_b, err_b = await asyncio.wait_for(verify.communicate(), 120)

@@ -14,9 +14,10 @@ import uuid
 import psycopg
 import pytest
 
-from aggregator import replay, synthetic
+from aggregator import replay
+from llmstream_tools.testing import synthetic_events as synthetic
 from aggregator.service import Aggregator, Settings
-from aggregator.testing import (
+from llmstream_tools.testing.aggregator import (
     Topics,
     end_offsets,
     new_producer,
@@ -46,7 +47,7 @@ async def cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "llmstream.cli",
+        "llmstream_tools.cli",
         "replay",
         *args,
         env=env,
@@ -166,7 +167,7 @@ async def test_follow_prints_requests_as_they_finish(kafka_bootstrap: str, topic
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "llmstream.cli",
+        "llmstream_tools.cli",
         "replay",
         "--follow",
         "--json",

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import websockets
 
-from llmstream.stack import local_stack
+from llmstream_tools.stack import local_stack
 
 pytestmark = pytest.mark.integration
 

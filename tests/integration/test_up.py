@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from llmstream import config, infra
+from llmstream import config
+from llmstream_tools import infra
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.integration
 def test_up_reuses_running_infra_prints_key_and_stops_cleanly(db_env: str) -> None:
     before = {s.name: s.pid for s in infra.status()}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmstream.cli", "up", "--no-services"],
+        [sys.executable, "-m", "llmstream_tools.cli", "up", "--no-services"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -49,7 +50,7 @@ def test_up_reuses_running_infra_prints_key_and_stops_cleanly(db_env: str) -> No
 
     # A second run prints the same key (kept in the state dir, still valid).
     again = subprocess.Popen(
-        [sys.executable, "-m", "llmstream.cli", "up", "--no-services"],
+        [sys.executable, "-m", "llmstream_tools.cli", "up", "--no-services"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -70,7 +71,7 @@ def test_up_reuses_running_infra_prints_key_and_stops_cleanly(db_env: str) -> No
 def test_up_with_unreachable_database_fails_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMSTREAM_DATABASE_URL", "postgresql://u:p@127.0.0.1:1/none")
     run = subprocess.run(
-        [sys.executable, "-m", "llmstream.cli", "up", "--no-services"],
+        [sys.executable, "-m", "llmstream_tools.cli", "up", "--no-services"],
         capture_output=True,
         text=True,
         timeout=90,

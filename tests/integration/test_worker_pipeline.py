@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llmstream.ports import free_port
-from worker.testing import (
+from llmstream_tools.testing.worker import (
     Proc,
     Topics,
     cancel_event,

@@ -16,7 +16,7 @@ import pytest
 
 from llmstream.ports import free_port
 from llmstream.v1 import events_pb2
-from worker.testing import (
+from llmstream_tools.testing.worker import (
     Collected,
     Proc,
     Topics,

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from llmstream.v1 import common_pb2, model_service_pb2, model_service_pb2_grpc
 from worker.service import Settings, Worker
-from worker.testing import (
+from llmstream_tools.testing.worker import (
     Topics,
     collect,
     create_topics,

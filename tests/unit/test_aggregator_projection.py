@@ -8,7 +8,8 @@ import json
 import random
 from decimal import Decimal
 
-from aggregator import projection, synthetic
+from aggregator import projection
+from llmstream_tools.testing import synthetic_events as synthetic
 from aggregator.ledger import Price, PriceBook
 from aggregator.projection import Coords, Stored
 from llmstream import codec

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from aggregator import replay, replay_cli, synthetic
+from aggregator import replay, replay_cli
+from llmstream_tools.testing import synthetic_events as synthetic
 from aggregator.projection import Coords
 from llmstream import codec
 

@@ -1,4 +1,4 @@
-"""The chaos suite's verdicts (llmstream/chaos/check.py): what counts as lost, duplicated, a
+"""The chaos suite's verdicts (llmstream_tools/chaos/check.py): what counts as lost, duplicated, a
 billing mismatch, and how recovery time is read from frame arrival times."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from llmstream.chaos.check import (
+from llmstream_tools.chaos.check import (
     ClientStream,
     FaultResult,
     LedgerRow,
@@ -18,7 +18,7 @@ from llmstream.chaos.check import (
     table,
     tally,
 )
-from llmstream.chaos.runner import FAULTS, add_arguments, main, options_from
+from llmstream_tools.chaos.runner import FAULTS, add_arguments, main, options_from
 from llmstream.fold import RequestState, Status
 
 EXPECTED = "alpha beta gamma"

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-from llmstream import cli
+from llmstream_tools import cli
 
 
 def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from llmstream import cli, config
+from llmstream import config
+from llmstream_tools import cli
 
 REPO = Path(__file__).resolve().parents[2]
 

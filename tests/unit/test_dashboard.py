@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from llmstream import metric_catalog
+from llmstream_tools import metric_catalog
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -24,7 +24,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from llmstream import cli, config
+from llmstream import config
+from llmstream_tools import cli
 
 REPO = Path(__file__).resolve().parents[2]
 OVERLAYS = sorted(p.name for p in (REPO / "deploy" / "k8s" / "overlays").iterdir())

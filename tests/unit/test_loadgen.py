@@ -1,4 +1,4 @@
-"""The load generator's pure parts (llmstream/loadgen.py): quantiles, summaries, the table, and
+"""The load generator's pure parts (llmstream_tools/bench/loadgen.py): quantiles, summaries, the table, and
 the server-sent-event client read against a scripted HTTP peer (chunk boundaries anywhere,
 CRLF lines, a keep-alive connection the server closes)."""
 
@@ -10,8 +10,8 @@ import itertools
 import json
 import math
 
-from llmstream import loadgen
-from llmstream.loadgen import OpenAITarget, Sample
+from llmstream_tools.bench import loadgen
+from llmstream_tools.bench.loadgen import OpenAITarget, Sample
 
 
 def test_quantiles_are_nearest_rank() -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llmstream import metric_catalog, telemetry
+from llmstream import telemetry
+from llmstream_tools import metric_catalog
 
 REPO = Path(__file__).resolve().parents[2]
 SECTIONS = {

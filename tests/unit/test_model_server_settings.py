@@ -13,7 +13,7 @@ from model_server.engines.synthetic import SyntheticEngine
 from model_server.errors import InvalidArgument
 from model_server.registry import ModelHandle, ModelSpec, ModelState
 from model_server.settings import ModelsConfigError, load_models_file, parse_models
-from model_server.testing import start
+from llmstream_tools.testing.model_server import start
 from model_server.types import ModelLimits
 from model_server.validation import parse_start, prepare
 

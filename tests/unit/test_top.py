@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from llmstream import config, promstats, top
+from llmstream import config
+from llmstream_tools import promstats, top
 
 HIST = """\
 # HELP h_seconds x

@@ -1,0 +1,56 @@
+"""`llmstream infra up|down|status|init`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+import psycopg
+
+from llmstream import config
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llmstream infra",
+        description="Local Kafka (KRaft), PostgreSQL and Redis for development and tests.",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("up", help="start what is missing, create topics, apply migrations (idempotent)")
+    sub.add_parser("down", help="stop what `infra up` started (data is kept)")
+    sub.add_parser("status", help="each component with its address and state")
+    sub.add_parser(
+        "init",
+        help="only create topics and apply migrations on servers that already run "
+        "(the docker-compose init job)",
+    )
+    args = parser.parse_args(list(argv))
+
+    from llmstream import migrate
+    from llmstream_tools import infra
+
+    try:
+        if args.action == "down":
+            stopped = infra.down()
+            print(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop")
+            return 0
+        if args.action == "status":
+            statuses = infra.status()
+            for s in statuses:
+                print(f"{s.name:<10} {s.address:<45} {s.state}")
+            return 0 if all(s.state.startswith("running") for s in statuses) else 3
+        if args.action == "up":
+            for s in infra.up():
+                print(f"{s.name:<10} {s.address:<45} {s.state}")
+        infra.ensure_topics()
+        applied = asyncio.run(migrate.apply(config.database_url()))
+        print(f"topics ready; migrations applied: {', '.join(applied) or 'none pending'}")
+        return 0
+    except (infra.InfraError, config.ConfigError, migrate.MigrationError) as exc:
+        print(f"llmstream infra {args.action}: {exc}", file=sys.stderr)
+        return 1
+    except psycopg.OperationalError as exc:
+        print(f"llmstream infra {args.action}: PostgreSQL unreachable: {exc}", file=sys.stderr)
+        return 1
