@@ -45,10 +45,25 @@ _RANK = {
 
 TERMINAL = frozenset({Status.COMPLETED, Status.CANCELLED, Status.FAILED})
 
+# Event bodies that end a request: exactly one of them per request counts (`extra_terminals`).
+TERMINAL_BODIES = frozenset({"completed", "failed"})
+
 
 def finish_reason_name(reason: common_pb2.FinishReason.ValueType) -> str:
     """`FINISH_REASON_STOP` -> `stop` (the spelling used in JSON, SQL and the WebSocket)."""
     return common_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+
+
+def is_terminal(event: events_pb2.Event) -> bool:
+    return event.WhichOneof("body") in TERMINAL_BODIES
+
+
+def outcome(event: events_pb2.Event) -> str:
+    """A terminal event's outcome label (metrics, spans): its finish reason, or its failure
+    code (`failed` when it has none)."""
+    if event.HasField("failed"):
+        return event.failed.code or "failed"
+    return finish_reason_name(event.completed.finish_reason)
 
 
 @dataclass
