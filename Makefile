@@ -55,6 +55,8 @@ llmstream/v1/.generated: $(PROTOS) $(VENV)/.installed
 lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@# Layers: tooling -> services (independent of each other) -> runtime core (pyproject.toml).
+	$(BIN)/lint-imports
 
 typecheck:
 	$(BIN)/mypy

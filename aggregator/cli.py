@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -17,19 +14,7 @@ import redis.asyncio as aioredis
 from aggregator.quota_settlement import QuotaSettler, rebuild_from_postgres
 from aggregator.service import Settings, serve
 from aggregator.store import ProjectionStore
-from llmstream import config, migrate, ports, quota_keys, telemetry, topics, tracing
-
-log = logging.getLogger("aggregator")
-
-
-def flag(value: str) -> bool:
-    """`1/true/yes/on` -> True, `0/false/no/off/''` -> False (for LLMSTREAM_* switches)."""
-    v = value.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off", ""):
-        return False
-    raise config.ConfigError(f"not a boolean: {value!r} (use 1 or 0)")
+from llmstream import config, migrate, quota_keys, runner, topics
 
 
 def parser() -> argparse.ArgumentParser:
@@ -108,49 +93,36 @@ async def _rebuild_quota(group: str) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(
+        bootstrap=config.kafka_bootstrap(),
+        database_url=config.database_url(),
+        redis_url=config.redis_url(),
+        topics=args.topics or [topics.prompts(), topics.tokens()],
+        group=args.group,
+        batch_max=args.batch_max,
+        store_text=config.get_bool("STORE_TEXT"),
+        dlq_topic=None if args.no_dlq else (topics.dlq() or None),
+        instance_id=args.instance_id or None,
+        session_timeout_ms=args.session_timeout_ms,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    # Until the event loop installs its own handler: SIGTERM while starting exits cleanly.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    telemetry.setup_logging("aggregator")
-    try:
-        tracing.setup_tracing("aggregator")
+    metrics = runner.Listen(
+        args.metrics_host,
+        args.metrics_port,
+        "aggregator metrics",
+        "LLMSTREAM_AGGREGATOR_METRICS_PORT",
+    )
+    proc = runner.ServiceProcess(name="aggregator", metrics=None if args.rebuild_quota else metrics)
+
+    async def run(shutdown: runner.Shutdown) -> int:
         if not args.no_migrate:
-            asyncio.run(migrate.apply(config.database_url()))
+            await migrate.apply(config.database_url())
         if args.rebuild_quota:
-            return asyncio.run(_rebuild_quota(args.group))
-        if args.metrics_port:
-            ports.ensure_free(
-                args.metrics_host,
-                args.metrics_port,
-                "aggregator metrics",
-                "LLMSTREAM_AGGREGATOR_METRICS_PORT",
-            )
-            telemetry.setup_metrics("aggregator", port=args.metrics_port, host=args.metrics_host)
-        settings = Settings(
-            bootstrap=config.kafka_bootstrap(),
-            database_url=config.database_url(),
-            redis_url=config.redis_url(),
-            topics=args.topics or [topics.prompts(), topics.tokens()],
-            group=args.group,
-            batch_max=args.batch_max,
-            store_text=flag(config.get("STORE_TEXT")),
-            dlq_topic=None if args.no_dlq else (topics.dlq() or None),
-            instance_id=args.instance_id or None,
-            session_timeout_ms=args.session_timeout_ms,
-        )
-        try:
-            import uvloop
-        except ImportError:
-            return asyncio.run(serve(settings))
-        return uvloop.run(serve(settings))
-    except config.ConfigError as exc:
-        print(f"llmstream aggregator: {exc}", file=sys.stderr)
-        return 2
-    except ports.PortInUse:
-        raise  # one line, printed by `llmstream`
-    except Exception:
-        # Start-up failures (PostgreSQL, Kafka or Redis unreachable): one log line, exit 1,
-        # and let the supervisor restart us.
-        log.exception("aggregator stopped on an error")
-        return 1
+            return await _rebuild_quota(args.group)
+        return await serve(_settings(args), shutdown)
+
+    return runner.run(proc, run)

@@ -23,11 +23,12 @@ from psycopg import sql
 from aggregator import pgtext
 from aggregator.projection import Coords
 from aggregator.store import PROJECTION_TABLES, Batch, ProjectionStore
-from llmstream import codec
+from llmstream import codec, kafka
 from llmstream.fold import RequestState, fold
+from llmstream.kafka import PartitionRange
 from llmstream.v1 import events_pb2
 
-TIMEOUT_S = 15.0
+TIMEOUT_S = kafka.CALL_TIMEOUT_S
 
 
 class ReplayError(RuntimeError):
@@ -69,26 +70,13 @@ class Start:
     time_ms: int | None = None
 
 
-@dataclass
-class PartitionRange:
-    tp: TopicPartition
-    start: int
-    end: int | None  # exclusive; None: follow
-
-    @property
-    def empty(self) -> bool:
-        return self.end is not None and self.start >= self.end
-
-
 def new_consumer(bootstrap: str) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        auto_offset_reset="earliest",
-        request_timeout_ms=int(TIMEOUT_S * 1000),
+    """A reader of committed events only (aborted transactions are not history)."""
+    return kafka.reader(
+        kafka.Connection(bootstrap),
+        "llmstream-replay",
         fetch_max_wait_ms=100,
+        isolation_level="read_committed",
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
 
@@ -133,39 +121,6 @@ async def resolve(
             end = stop_at.get((tp.topic, tp.partition), starts[tp])
         ranges.append(PartitionRange(tp, starts[tp], end))
     return ranges
-
-
-async def read(
-    consumer: AIOKafkaConsumer,
-    ranges: Sequence[PartitionRange],
-    stop: asyncio.Event | None = None,
-    max_records: int = 5000,
-) -> AsyncIterator[list[Any]]:
-    """Batches of records of the ranges (each partition in order) until every bounded range is
-    read; forever with unbounded (follow) ranges, until `stop` is set."""
-    active = {r.tp: r for r in ranges if not r.empty}
-    if not active:
-        return
-    consumer.assign(list(active))
-    for r in active.values():
-        consumer.seek(r.tp, r.start)
-    while active and not (stop is not None and stop.is_set()):
-        data = await asyncio.wait_for(
-            consumer.getmany(timeout_ms=500, max_records=max_records), TIMEOUT_S * 2
-        )
-        out = []
-        for tp, records in data.items():
-            rng = active.get(tp)
-            if rng is None:
-                continue
-            end = rng.end
-            out += [rec for rec in records if end is None or rec.offset < end]
-        if out:
-            yield out
-        for tp, r in list(active.items()):
-            if r.end is not None and await consumer.position(tp) >= r.end:
-                del active[tp]
-                consumer.pause(tp)
 
 
 def total_records(ranges: Iterable[PartitionRange]) -> int | None:
@@ -313,7 +268,7 @@ async def rebuild(
     """Project the ranges into `store`'s (fresh) schema with the aggregator's transaction."""
     result = RebuildResult()
     started = time.monotonic()
-    async for records in read(consumer, ranges, max_records=batch_max):
+    async for records in kafka.read_range(consumer, ranges, max_records=batch_max):
         batch = Batch()
         for record in records:
             coords = coords_of(record)
@@ -469,7 +424,6 @@ __all__ = [
     "new_consumer",
     "parse_time",
     "partitions",
-    "read",
     "rebuild",
     "resolve",
 ]

@@ -21,10 +21,9 @@ from aiokafka.errors import KafkaError
 from google.protobuf.json_format import MessageToDict
 
 from aggregator import replay
-from aggregator.cli import flag
 from aggregator.projection import Coords
 from aggregator.store import ProjectionStore
-from llmstream import config, topics
+from llmstream import config, kafka, topics
 from llmstream.fold import RequestState
 from llmstream.v1 import events_pb2
 
@@ -223,7 +222,7 @@ async def _fold(args: argparse.Namespace, out: TextIO) -> int:
                     line = "  ".join(table_row(s, with_text))
                 print(line, file=out, flush=True)
 
-        async for records in replay.read(consumer, ranges, stop=stop):
+        async for records in kafka.read_range(consumer, ranges, stop=stop):
             replay.fold_records(records, folded, args.request_id, on_terminal, on_event)
             if progress is not None:
                 progress.add(len(records))
@@ -285,7 +284,7 @@ async def _rebuild(args: argparse.Namespace, out: TextIO) -> int:
         store = ProjectionStore(
             args.group,
             schema=args.schema,
-            store_text=flag(config.get("STORE_TEXT")),
+            store_text=config.get_bool("STORE_TEXT"),
             quota_outbox=False,
             prices_schema=live_schema,
         )

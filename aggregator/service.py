@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,8 @@ from aggregator.metrics import AggregatorMetrics
 from aggregator.projection import BadEvent, Coords
 from aggregator.quota_settlement import QuotaSettler
 from aggregator.store import Batch, BatchOutcome, Fenced, ProjectionStore, TopicPartitionKey
-from llmstream import codec, tracing
+from llmstream import codec, kafka, tracing
+from llmstream.runner import Shutdown
 from llmstream.telemetry import fields
 from llmstream.tracing import Span, SpanKind
 
@@ -124,6 +124,7 @@ class Aggregator:
         self.pool: AsyncConnectionPool | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        self.dead_letters: kafka.DeadLetterWriter | None = None
         self.redis: aioredis.Redis | None = None
         self.settler: QuotaSettler | None = None
         # Next offsets committed to PostgreSQL by this process (for lag and Kafka commits).
@@ -155,25 +156,22 @@ class Aggregator:
             s.redis_url, socket_timeout=_NETWORK_TIMEOUT_S, socket_connect_timeout=5
         )
         self.settler = QuotaSettler(self.redis)
+        conn = kafka.Connection(s.bootstrap)
         if s.dlq_topic:
-            self.producer = AIOKafkaProducer(
-                bootstrap_servers=s.bootstrap,
-                enable_idempotence=True,
-                acks="all",
-                request_timeout_ms=int(_NETWORK_TIMEOUT_S * 1000),
+            self.producer = kafka.event_producer(
+                conn, s.group, request_timeout_ms=int(_NETWORK_TIMEOUT_S * 1000)
             )
             await asyncio.wait_for(self.producer.start(), 30)
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.bootstrap,
-            group_id=s.group,
-            group_instance_id=s.instance_id or None,
-            enable_auto_commit=False,
-            # Only used when PostgreSQL has no offset yet and a seek was missed: never skip.
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
+            self.dead_letters = kafka.DeadLetterWriter(self.producer, s.dlq_topic, by=s.group)
+        self.consumer = kafka.group_consumer(
+            conn,
+            s.instance_id or s.group,
+            s.group,
             session_timeout_ms=s.session_timeout_ms,
-            heartbeat_interval_ms=max(1000, s.session_timeout_ms // 3),
             fetch_max_wait_ms=s.fetch_max_wait_ms,
+            heartbeat_interval_ms=max(1000, s.session_timeout_ms // 3),
+            group_instance_id=s.instance_id or None,
+            isolation_level="read_committed",
             fetch_min_bytes=s.fetch_min_bytes,
             max_partition_fetch_bytes=4 * 1024 * 1024,
             request_timeout_ms=int(_NETWORK_TIMEOUT_S * 1000) + s.session_timeout_ms,
@@ -477,22 +475,11 @@ class Aggregator:
         ]
         # Counted after the commit would be nicer, but a crash in between only re-counts.
         self._log_bad(bad)
-        if self.producer is None or not self.s.dlq_topic:
+        if self.dead_letters is None:
             return
         for r, reason in undecodable:
-            headers = [
-                *list(r.headers or ()),
-                ("dlq-reason", reason.encode()),
-                ("dlq-source", f"{r.topic}/{r.partition}@{r.offset}".encode()),
-                ("dlq-consumer", self.s.group.encode()),
-            ]
             try:
-                await asyncio.wait_for(
-                    self.producer.send_and_wait(
-                        self.s.dlq_topic, r.value, key=r.key, headers=headers
-                    ),
-                    _NETWORK_TIMEOUT_S,
-                )
+                await asyncio.wait_for(self.dead_letters.send(r, reason), _NETWORK_TIMEOUT_S)
                 self.metrics.dlq.add(1, {"result": "sent"})
             except (KafkaError, TimeoutError) as exc:
                 # Never block billing on the dead-letter topic: the record stays in its topic
@@ -621,15 +608,8 @@ class Aggregator:
         self._stats_events = 0
 
 
-def install_signal_handlers(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-
-async def serve(settings: Settings) -> int:
-    stop = asyncio.Event()
-    install_signal_handlers(stop)
+async def serve(settings: Settings, shutdown: Shutdown) -> int:
+    """Project until SIGTERM/SIGINT, finishing the batch in progress."""
     agg = Aggregator(settings)
-    await agg.run(stop)
+    await agg.run(shutdown.requested)
     return 0

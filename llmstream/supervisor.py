@@ -45,9 +45,7 @@ class Supervisor:
             log.error("%s: loop %s ended while running", self.service, task.get_name())
         else:
             reason = f"{type(exc).__name__}: {exc}"
-            log.error(
-                "%s: loop %s died", self.service, task.get_name(), exc_info=exc
-            )
+            log.error("%s: loop %s died", self.service, task.get_name(), exc_info=exc)
         self.failures.append(f"{task.get_name()}: {reason}")
         self.failed.set()
 

@@ -26,9 +26,15 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "chaos": ("llmstream_tools.chaos.runner", "Fault injection suite (results in bench/results/)."),
     "infra": ("llmstream_tools.infra.cli", "Local Kafka/PostgreSQL/Redis: up | down | status."),
     "tenants": ("llmstream_tools.admin", "Manage tenants: create NAME [--tier T] | list."),
-    "keys": ("llmstream_tools.admin", "Manage API keys: create --tenant NAME | revoke KEY_ID | list."),
+    "keys": (
+        "llmstream_tools.admin",
+        "Manage API keys: create --tenant NAME | revoke KEY_ID | list.",
+    ),
     "up": ("llmstream_tools.up", "Start infra and every service; Ctrl-C stops them."),
-    "top": ("llmstream_tools.top", "Live summary of the running services' metrics in the terminal."),
+    "top": (
+        "llmstream_tools.top",
+        "Live summary of the running services' metrics in the terminal.",
+    ),
 }
 
 

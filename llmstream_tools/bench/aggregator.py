@@ -34,6 +34,8 @@ from typing import Any
 import psycopg
 
 from aggregator import replay
+from llmstream import codec, config, kafka
+from llmstream.fold import fold
 from llmstream_tools.testing import synthetic_events as synthetic
 from llmstream_tools.testing.aggregator import (
     end_offsets,
@@ -44,8 +46,6 @@ from llmstream_tools.testing.aggregator import (
     stored_offsets,
     wait_caught_up,
 )
-from llmstream import codec, config
-from llmstream.fold import fold
 
 
 def bench_fold(items: list[synthetic.Produced]) -> dict[str, Any]:
@@ -71,7 +71,7 @@ async def bench_replay(bootstrap: str, topics: list[str], expected: int) -> dict
         ranges = await replay.resolve(consumer, tps, replay.Start(), follow=False)
         folded = replay.Folded()
         start = time.perf_counter()
-        async for records in replay.read(consumer, ranges):
+        async for records in kafka.read_range(consumer, ranges):
             replay.fold_records(records, folded)
         elapsed = time.perf_counter() - start
     finally:

@@ -31,12 +31,12 @@ from typing import Any
 
 import psycopg
 
-from llmstream_tools.testing.aggregator import fresh_database
-from llmstream_tools.testing import gateway as testing
 from llmstream import config
+from llmstream.ports import free_port
 from llmstream_tools import admin
 from llmstream_tools.bench import loadgen
-from llmstream.ports import free_port
+from llmstream_tools.testing import gateway as testing
+from llmstream_tools.testing.aggregator import fresh_database
 
 IDLE_SOCKET_GOAL_KIB = 40
 HELD_SOCKETS_GOAL = 5000

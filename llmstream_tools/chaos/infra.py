@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmstream import config
-from llmstream_tools import infra
 from llmstream.ports import free_port
+from llmstream_tools import infra
 
 # Settings that would point this process or its children at other servers.
 _EXTERNAL = ("KAFKA_BOOTSTRAP", "DATABASE_URL", "REDIS_URL")

@@ -35,11 +35,11 @@ import psycopg
 import redis.asyncio as aioredis
 
 from llmstream import config, quota_keys
+from llmstream.fold import fold_all
 from llmstream_tools import infra
 from llmstream_tools.chaos import check
 from llmstream_tools.chaos.client import Session
 from llmstream_tools.chaos.infra import private_infra
-from llmstream.fold import fold_all
 from llmstream_tools.stack import Stack, local_stack
 
 log = logging.getLogger("llmstream_tools.chaos")

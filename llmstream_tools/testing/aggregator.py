@@ -14,9 +14,9 @@ import psycopg
 from aiokafka import AIOKafkaProducer
 from psycopg.conninfo import make_conninfo
 
-from llmstream_tools.testing.synthetic_events import Produced
 from llmstream import codec, migrate
 from llmstream_tools import stack
+from llmstream_tools.testing.synthetic_events import Produced
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from gateway.server import Gateway as Gateway
 from gateway.settings import Settings
 from llmstream import codec
-from llmstream_tools import admin, stack
 from llmstream.v1 import common_pb2, events_pb2
+from llmstream_tools import admin, stack
 
 # Token texts cycle through content that must survive the JSON/WebSocket path unchanged.
 TRICKY = ['"q"', "new\nline", "emoji 🦜", "\\back", "tab\t", "</script>", "ünï", "{json}"]

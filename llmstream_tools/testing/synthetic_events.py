@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from llmstream import config, topics
 
-    p = argparse.ArgumentParser(prog="python -m llmstream_tools.testing.synthetic_events", description=main.__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m llmstream_tools.testing.synthetic_events", description=main.__doc__
+    )
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--tenants", nargs="+", default=["demo"])
     p.add_argument("--model", default="synthetic")

@@ -20,9 +20,9 @@ import grpc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from llmstream import codec
-from llmstream_tools import stack
 from llmstream.fold import RequestState, fold
 from llmstream.v1 import common_pb2, events_pb2, model_service_pb2, model_service_pb2_grpc
+from llmstream_tools import stack
 
 BIN = Path(sys.executable).parent
 MODEL = "synthetic"
