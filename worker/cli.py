@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import socket
 from collections.abc import Sequence
 
-from llmstream import config, telemetry, topics, tracing
-from worker.service import Settings, serve
+from llmstream import config, runner, topics
+from worker.service import Worker
+from worker.settings import Settings
 
 
 def parser() -> argparse.ArgumentParser:
+    """Flags default to the LLMSTREAM_* variables (a malformed one raises ConfigError)."""
     p = argparse.ArgumentParser(
         prog="llmstream worker",
         description="Consume prompts, stream each from a model server over gRPC and produce "
@@ -28,14 +29,14 @@ def parser() -> argparse.ArgumentParser:
         help="comma-separated host:port replicas",
     )
     p.add_argument("--max-inflight", type=int, default=config.get_int("WORKER_MAX_INFLIGHT"))
-    p.add_argument("--coalesce-ms", type=float, default=float(config.get("WORKER_COALESCE_MS")))
+    p.add_argument("--coalesce-ms", type=float, default=config.get_float("WORKER_COALESCE_MS"))
     p.add_argument("--coalesce-bytes", type=int, default=config.get_int("WORKER_COALESCE_BYTES"))
     p.add_argument("--max-tokens", type=int, default=config.get_int("WORKER_MAX_TOKENS"))
     p.add_argument("--timeout-ms", type=int, default=config.get_int("WORKER_TIMEOUT_MS"))
     p.add_argument("--retries", type=int, default=config.get_int("WORKER_RETRIES"))
-    p.add_argument("--backoff-ms", type=float, default=float(config.get("WORKER_BACKOFF_MS")))
+    p.add_argument("--backoff-ms", type=float, default=config.get_float("WORKER_BACKOFF_MS"))
     p.add_argument(
-        "--drain-timeout-s", type=float, default=float(config.get("WORKER_DRAIN_TIMEOUT_S"))
+        "--drain-timeout-s", type=float, default=config.get_float("WORKER_DRAIN_TIMEOUT_S")
     )
     p.add_argument(
         "--session-timeout-ms", type=int, default=config.get_int("WORKER_SESSION_TIMEOUT_MS")
@@ -76,32 +77,26 @@ def settings_from(args: argparse.Namespace) -> Settings:
         drain_timeout_s=args.drain_timeout_s,
         session_timeout_ms=args.session_timeout_ms,
         blocklist=args.blocklist,
-        model_server_tls_ca=config.get("WORKER_MODEL_SERVER_TLS_CA"),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Exit status: 0 after a drain, 1 after a fatal error or a dead background loop (the
+    orchestrator restarts the process), 2 for a configuration error."""
     try:
+        args = parser().parse_args(argv)
         settings = settings_from(args)
-        tracing.setup_tracing("worker")
     except config.ConfigError as exc:
-        print(f"llmstream worker: {exc}")
-        return 2
-    telemetry.setup_logging("worker", args.log_level)
-    if args.metrics_port:
-        try:
-            telemetry.setup_metrics("worker", port=args.metrics_port, host=args.metrics_host)
-        except OSError as exc:
-            print(f"llmstream worker: metrics port {args.metrics_port}: {exc}")
-            return 2
-    try:
-        import uvloop
+        return runner.fail("worker", str(exc))
+    proc = runner.ServiceProcess(
+        name="worker",
+        log_level=args.log_level,
+        metrics=runner.Listen(
+            args.metrics_host, args.metrics_port, "metrics", "LLMSTREAM_WORKER_METRICS_PORT"
+        ),
+    )
 
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        return asyncio.run(serve(settings))
-    except KeyboardInterrupt:
-        return 130
+    async def serve(shutdown: runner.Shutdown) -> int:
+        return await Worker(settings, shutdown).run()
+
+    return runner.run(proc, serve)

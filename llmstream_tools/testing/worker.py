@@ -15,12 +15,15 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
 from llmstream import codec
-from llmstream.fold import RequestState, fold
+from llmstream.fold import RequestState, fold, is_terminal
 from llmstream.v1 import common_pb2, events_pb2, model_service_pb2, model_service_pb2_grpc
 from llmstream_tools import stack
 
@@ -204,9 +207,7 @@ class Collected:
         return st
 
     def terminal_count(self, rid: str) -> int:
-        return sum(
-            1 for e in self.events.get(rid, []) if e.WhichOneof("body") in ("completed", "failed")
-        )
+        return sum(1 for e in self.events.get(rid, []) if is_terminal(e))
 
     def check_contract(self, rid: str) -> RequestState:
         """Seq 1..n without gap or repeat, exactly one terminal and it comes last."""
@@ -216,7 +217,7 @@ class Collected:
         assert seqs == list(range(1, len(seqs) + 1)), f"{rid}: seqs {seqs}"
         assert self.terminal_count(rid) == 1, f"{rid}: {self.terminal_count(rid)} terminals"
         last = evs[-1]
-        assert last.WhichOneof("body") in ("completed", "failed"), f"{rid}: ends with {last}"
+        assert is_terminal(last), f"{rid}: ends with {last}"
         term = last.completed if last.HasField("completed") else last.failed
         assert term.last_seq == len(seqs), f"{rid}: last_seq {term.last_seq} != {len(seqs)}"
         assert len(self.partitions[rid]) == 1, f"{rid}: events on several partitions"
@@ -255,7 +256,7 @@ async def collect(
                     assert rec.key == ev.request_id.encode()
                     out.events.setdefault(ev.request_id, []).append(ev)
                     out.partitions.setdefault(ev.request_id, set()).add(tp.partition)
-                    if ev.WhichOneof("body") in ("completed", "failed") and ev.request_id in wanted:
+                    if is_terminal(ev) and ev.request_id in wanted:
                         done.add(ev.request_id)
         # Linger briefly to catch duplicates that would arrive after the terminal.
         batch = await consumer.getmany(timeout_ms=300)
@@ -353,3 +354,25 @@ async def wait_assigned(procs: list[Proc], partitions: int, within_s: float = 30
         if time.monotonic() > end:
             raise TimeoutError(f"workers not all assigned: {latest}")
         await asyncio.sleep(0.1)
+
+
+def metrics_reader() -> tuple[InMemoryMetricReader, Any]:
+    """A meter whose instruments can be read back (`counter_values`), for an in-process
+    worker: `Worker(settings, meter=meter)`."""
+    reader = InMemoryMetricReader()
+    return reader, MeterProvider(metric_readers=[reader]).get_meter("test")
+
+
+def counter_values(reader: InMemoryMetricReader, name: str) -> dict[tuple[Any, ...], float]:
+    """A counter's non-zero values by their sorted attribute pairs."""
+    out: dict[tuple[Any, ...], float] = {}
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data is not None else ():
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.name != name:
+                    continue
+                for point in metric.data.data_points:
+                    if isinstance(point, NumberDataPoint) and point.value:
+                        out[tuple(sorted((point.attributes or {}).items()))] = point.value
+    return out

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from llmstream.fold import is_terminal
 from llmstream.ports import free_port
 from llmstream.v1 import events_pb2
 from llmstream_tools.testing.worker import (
@@ -98,7 +99,7 @@ async def test_kill9_worker_mid_generation_is_taken_over(
     assert await wait_progress(topics.bootstrap, topics.tokens, ids, n) == n
     w0.kill()
     before = await read_all(topics.bootstrap, topics.tokens)
-    assert not any(e.WhichOneof("body") in ("completed", "failed") for e in before)
+    assert not any(is_terminal(e) for e in before)
 
     procs.append(start_worker(tmp_path, env, "w1"))
     got = await collect(topics.bootstrap, topics.tokens, ids, within_s=40)
@@ -125,7 +126,7 @@ async def test_sigterm_drain_finishes_short_and_hands_over_long(
     await asyncio.sleep(0.1)
     assert await asyncio.to_thread(w0.term, 15) == 0
     logged = await read_all(topics.bootstrap, topics.tokens)
-    terminal = {e.request_id for e in logged if e.WhichOneof("body") in ("completed", "failed")}
+    terminal = {e.request_id for e in logged if is_terminal(e)}
     assert terminal == set(short_ids), "drain: short requests finish, long ones are left"
 
     procs.append(start_worker(tmp_path, env, "w1"))

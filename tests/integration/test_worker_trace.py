@@ -13,15 +13,18 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from llmstream.v1 import common_pb2, model_service_pb2, model_service_pb2_grpc
-from worker.service import Settings, Worker
 from llmstream_tools.testing.worker import (
     Topics,
     collect,
+    counter_values,
     create_topics,
     delete_topics,
+    metrics_reader,
     produce,
     submit_event,
 )
+from worker.service import Worker
+from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -84,6 +87,7 @@ async def test_traceparent_reaches_grpc_metadata_and_events(
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(recorder, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    reader, meter = metrics_reader()
     worker = Worker(
         Settings(
             bootstrap=topics.bootstrap,
@@ -94,7 +98,8 @@ async def test_traceparent_reaches_grpc_metadata_and_events(
             worker_id="w-trace",
             model_servers=[f"127.0.0.1:{port}"],
             session_timeout_ms=6000,
-        )
+        ),
+        meter=meter,
     )
     task = asyncio.create_task(worker.run())
     try:
@@ -112,7 +117,7 @@ async def test_traceparent_reaches_grpc_metadata_and_events(
         worker.request_stop()
         await asyncio.wait_for(task, 30)
         await server.stop(0)
-    assert worker.stats["completed"] == 1
+    assert counter_values(reader, "llmstream_worker_requests") == {(("outcome", "stop"),): 1}
 
     finished = {s.name: s for s in spans.get_finished_spans()}
     process = finished[f"process {topics.prompts}"]

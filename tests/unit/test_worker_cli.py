@@ -21,5 +21,5 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_bad_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--model-servers", " , "]) == 2
-    assert "no model servers" in capsys.readouterr().out
+    assert "no model servers" in capsys.readouterr().err
     assert cli.main(["--max-inflight", "0"]) == 2

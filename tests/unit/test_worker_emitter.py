@@ -1,17 +1,15 @@
-"""The Emitter (worker/service.py) against a fake producer: order, coalescing, timer flush."""
+"""The Emitter (worker/emitter.py) against a fake producer: order, coalescing, timer flush."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
-
-from aiokafka import TopicPartition
+from typing import Any
 
 from llmstream import codec
 from llmstream.fold import fold
 from llmstream.v1 import events_pb2
 from worker.core import envelope_of
-from worker.service import Emitter, Run, Settings, Worker
+from worker.emitter import Emitter
 
 
 class FakeProducer:
@@ -31,23 +29,17 @@ class FakeProducer:
 
 
 def make(ack_s: float, coalesce_ms: float) -> tuple[Emitter, FakeProducer]:
-    settings = Settings(
-        bootstrap="",
-        prompts_topic="p",
-        tokens_topic="toks",
-        dlq_topic="d",
-        group="g",
-        worker_id="w",
-        model_servers=["m:1"],
-        coalesce_ms=coalesce_ms,
+    producer = FakeProducer(ack_s)
+    submit = codec.new_event("r1", "t1")
+    em = Emitter(
+        producer,
+        "toks",
+        2,
+        envelope_of(submit, "w"),
+        coalesce_s=coalesce_ms / 1000,
         coalesce_bytes=1000,
     )
-    producer = FakeProducer(ack_s)
-    worker = cast(Worker, type("W", (), {"settings": settings, "producer": producer})())
-    submit = codec.new_event("r1", "t1")
-    submit.submitted.reply.partition = 2
-    run = Run(TopicPartition("p", 0), 0, 0, submit, needs_lookup=False)
-    return Emitter(worker, run, envelope_of(submit, "w"), 0, []), producer
+    return em, producer
 
 
 def decoded(producer: FakeProducer) -> list[events_pb2.Event]:
