@@ -23,10 +23,10 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from llmstream_tools.testing.gateway import Client
 from llmstream import codec, config
-from llmstream_tools import stack
 from llmstream.v1 import common_pb2, events_pb2
+from llmstream_tools import stack
+from llmstream_tools.testing.gateway import Client
 
 pytestmark = pytest.mark.integration
 
@@ -208,21 +208,26 @@ async def test_garbage_on_every_topic_is_dead_lettered_or_skipped(tmp_path: Path
         await c.close()
 
         # Dead letters: the worker parks the undecodable prompts and the unroutable submits;
-        # the aggregator the undecodable records of both topics; each with a reason.
-        def by(letters: list[dict[str, str]], header: str) -> list[dict[str, str]]:
-            return [h for h in letters if header in h]
+        # the aggregator the undecodable records of both topics; each with a reason. `dlq-by`
+        # names who parked it: a worker id, or the aggregator's consumer group.
+        aggregator_group = st.env["LLMSTREAM_AGGREGATOR_GROUP"]
+
+        def by_worker_of(letters: list[dict[str, str]]) -> list[dict[str, str]]:
+            return [h for h in letters if h.get("dlq-by", "") not in ("", aggregator_group)]
+
+        def by_aggregator_of(letters: list[dict[str, str]]) -> list[dict[str, str]]:
+            return [h for h in letters if h.get("dlq-by") == aggregator_group]
 
         letters = await dead_letters(
             bootstrap,
             dlq,
             lambda hs: (
-                len(by(hs, "dlq-producer")) >= n_bad + 3
-                and len(by(hs, "dlq-consumer")) >= 2 * n_bad
+                len(by_worker_of(hs)) >= n_bad + 3 and len(by_aggregator_of(hs)) >= 2 * n_bad
             ),
         )
         await asyncio.sleep(1)  # and then no more
         letters = await dead_letters(bootstrap, dlq, lambda hs: True)
-        by_worker, by_aggregator = by(letters, "dlq-producer"), by(letters, "dlq-consumer")
+        by_worker, by_aggregator = by_worker_of(letters), by_aggregator_of(letters)
         assert len(by_worker) == n_bad + 3  # + partitions 999 and -1, the unknown topic
         assert len(by_aggregator) == 2 * n_bad
         assert all(h["dlq-reason"] for h in by_worker + by_aggregator)

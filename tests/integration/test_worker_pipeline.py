@@ -243,12 +243,17 @@ async def test_poison_records_go_to_dlq(
     finally:
         await consumer.stop()
     assert len(records) == 3
-    reasons = sorted(dict(r.headers)["dlq-reason"].decode() for r in records)
+    headers = [{k: v.decode() for k, v in r.headers} for r in records]
+    reasons = sorted(h["dlq-reason"] for h in headers)
     assert "not a protobuf Event" in reasons[0] or "schema_version" in reasons[0]
     assert "reply partition 7 does not exist" in reasons[1]
     assert "newer than supported" in reasons[2]
-    records.sort(key=lambda r: dict(r.headers)["dlq-source"])
-    assert records[0].value == b"\xff\x00garbage"
+    assert {h["dlq-by"] for h in headers} == {"w0"}
+    # dlq-source: "<topic>/<partition>@<offset>"; the garbage was the first record of partition 0.
+    sources = [h["dlq-source"].rpartition("/") for h in headers]
+    assert {topic for topic, _, _ in sources} == {topics.prompts}
+    first = min(range(3), key=lambda i: tuple(map(int, sources[i][2].split("@"))))
+    assert records[first].value == b"\xff\x00garbage"
     assert await committed_equals_end(topics)
 
 
