@@ -1,6 +1,7 @@
 """Authentication: API keys (PostgreSQL, SHA-256, cached briefly), browser sessions (Redis,
 sliding TTL) and the Origin allow-list. Keys are never logged or stored outside the database
-hash; sessions store only the key id and tenant.
+hash; sessions store only the key id and tenant. `Authenticator` is what front ends call: who
+presents these credentials, and is that still so.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TypeGuard
 
 import redis.asyncio as aioredis
 
+from gateway.errors import UNAUTHORIZED, GatewayError
 from gateway.quota import Limits
 from llmstream import apikeys
 
@@ -197,6 +199,44 @@ class Sessions:
 
     async def delete(self, session_id: str) -> None:
         await self.client.delete(self._key(session_id))
+
+
+class Authenticator:
+    def __init__(self, keys: KeyCache, sessions: Sessions) -> None:
+        self.keys = keys
+        self.sessions = sessions
+
+    async def principal(self, authorization: str | None, cookie: str | None) -> Principal | None:
+        """The principal of a request's credentials: a bearer key, else a session cookie."""
+        key = bearer(authorization)
+        if key is not None:
+            return await self.keys.verify_key(key)
+        sid = cookie_value(cookie)
+        found = await self.sessions.lookup(sid) if sid is not None else None
+        if found is None:
+            return None
+        key_id, tenant_id = found
+        # The key's row supplies the limits; these are never used.
+        unknown = Limits("", 1, 1, 1, 1, 1, 1)
+        return await self.keys.still_valid(Principal(tenant_id, key_id, unknown))
+
+    async def recheck(self, principal: Principal, session_id: str | None) -> Principal:
+        """Before each action of a long-lived connection: the principal as it is now (a tier
+        may have changed), or `GatewayError` unauthorized if its key was revoked or expired,
+        or the session it was opened with ended (the lookup slides the session, like any use)."""
+        now = await self.keys.still_valid(principal)
+        if now is None:
+            raise GatewayError(UNAUTHORIZED, "API key revoked or expired")
+        if session_id is not None:
+            found = await self.sessions.lookup(session_id)
+            if found is None or found[0] != now.key_id:
+                raise GatewayError(UNAUTHORIZED, "session expired or signed out")
+        return now
+
+
+def session_id_of(authorization: str | None, cookie: str | None) -> str | None:
+    """The browser session a connection lives by: its cookie's, unless a bearer key opened it."""
+    return cookie_value(cookie) if bearer(authorization) is None else None
 
 
 def set_cookie(session_id: str, max_age_s: int, secure: bool) -> str:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import sys
+import contextlib
 from collections.abc import Sequence
 
-import uvloop
-
 from gateway.settings import Settings, parse_partitions
-from llmstream import config, ports, telemetry, tracing
+from llmstream import config, runner
+
+SERVICE = "gateway"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,42 +34,57 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grace-s",
         type=float,
-        default=float(config.get_int("GATEWAY_GRACE_S")),
+        default=config.get_float("GATEWAY_GRACE_S"),
         help="disconnect grace period before a cancel",
     )
     p.add_argument("--log-level", default=config.get("LOG_LEVEL"))
     return p
 
 
-async def _run(settings: Settings) -> None:
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings.from_env()
+    settings.host, settings.port = args.host, args.port
+    settings.gateway_id = args.id or settings.gateway_id
+    settings.partitions = parse_partitions(args.partitions) if args.partitions else None
+    settings.replica_index, settings.replicas = args.replica_index, args.replicas
+    settings.grace_s = args.grace_s
+    return settings
+
+
+async def serve(settings: Settings, shutdown: runner.Shutdown) -> int:
+    """Start, serve until SIGTERM, then drain (a second signal stops at once)."""
+    # Imported here: `--help` and configuration errors need none of the service's clients.
     from gateway.server import Gateway
 
     gw = Gateway(settings)
     await gw.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await gw.drain()
+    await shutdown.requested.wait()
+    drain = asyncio.create_task(gw.drain())
+    forced = asyncio.create_task(shutdown.forced.wait())
+    await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
+    forced.cancel()
+    if drain.done():
+        await drain  # a failed drain is the process's failure
+    else:
+        drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+        await gw.stop()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(list(argv) if argv is not None else None)
-    telemetry.setup_logging("gateway", args.log_level)
     try:
-        tracing.setup_tracing("gateway")
-        settings = Settings.from_env()
-        settings.host, settings.port = args.host, args.port
-        settings.gateway_id = args.id or settings.gateway_id
-        settings.partitions = parse_partitions(args.partitions) if args.partitions else None
-        settings.replica_index, settings.replicas = args.replica_index, args.replicas
-        settings.grace_s = args.grace_s
+        args = _parser().parse_args(list(argv) if argv is not None else None)
+        settings = _settings(args)
     except (config.ConfigError, ValueError) as exc:
-        print(f"llmstream gateway: {exc}", file=sys.stderr)
-        return 2
-    ports.ensure_free(settings.host, settings.port, "gateway", "LLMSTREAM_GATEWAY_PORT")
-    # uvloop like the other services: cheaper per event, and a socket's frames written in one
-    # loop iteration leave in one syscall (uvloop flushes queued writes once per iteration).
-    uvloop.run(_run(settings))
-    return 0
+        return runner.fail(SERVICE, str(exc))
+    proc = runner.ServiceProcess(
+        name=SERVICE,
+        log_level=args.log_level,
+        listens=[
+            runner.Listen(settings.host, settings.port, SERVICE, "LLMSTREAM_GATEWAY_PORT"),
+        ],
+        metrics_inline=True,
+    )
+    return runner.run(proc, lambda shutdown: serve(settings, shutdown))

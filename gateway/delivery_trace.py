@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from llmstream import tracing
+from llmstream.fold import TERMINAL_BODIES
 from llmstream.tracing import Span, SpanKind
 from llmstream.v1 import events_pb2
-
-TERMINAL_BODIES = ("completed", "failed")
 
 
 class DeliverySpans:

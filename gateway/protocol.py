@@ -2,7 +2,8 @@
 
 Pure: no I/O. `parse` turns one client frame into a `Submit`, `Cancel`, `Resume` or `Ping`,
 or raises `ProtocolError` whose `frame()` is the `invalid_request` error to send back (it names
-the offending field). Nothing here ever lets a traceback reach a client.
+the offending field). Nothing here ever lets a traceback reach a client. `error_frame` is the
+one WebSocket rendering of a `GatewayError`; `Frames` renders what a watch emits (tokens, done).
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_str  # JSON string literal, non-ASCII kept
 from typing import Any
 
-PROTOCOL = "llmstream.v1"
+from gateway.admission import ChatMessage as ChatMessage
+from gateway.admission import SubmitRequest
+from gateway.errors import FORBIDDEN as FORBIDDEN
+from gateway.errors import INTERNAL as INTERNAL
+from gateway.errors import INVALID_REQUEST as INVALID_REQUEST
+from gateway.errors import NOT_FOUND as NOT_FOUND
+from gateway.errors import OVERLOADED as OVERLOADED
+from gateway.errors import QUOTA_EXCEEDED as QUOTA_EXCEEDED
+from gateway.errors import UNAUTHORIZED as UNAUTHORIZED
+from gateway.errors import GatewayError
+from llmstream.fold import RequestState
 
-# Error codes (docs/protocol.md).
-UNAUTHORIZED = "unauthorized"
-FORBIDDEN = "forbidden"
-INVALID_REQUEST = "invalid_request"
-QUOTA_EXCEEDED = "quota_exceeded"
-OVERLOADED = "overloaded"
-NOT_FOUND = "not_found"
-INTERNAL = "internal"
+PROTOCOL = "llmstream.v1"
 
 # Close codes.
 CLOSE_SLOW_CONSUMER = 4008  # send buffer full: reconnect and resume
@@ -37,49 +41,24 @@ MAX_ID_CHARS = 128
 ROLES = frozenset({"system", "user", "assistant"})
 
 
-class ProtocolError(ValueError):
-    """A client frame is unusable; `frame()` is the error frame to send."""
+class ProtocolError(GatewayError):
+    """A client frame is unusable (`invalid_request`); `frame()` is the error frame to send."""
 
     def __init__(
-        self,
-        message: str,
-        field_name: str | None = None,
-        client_ref: str | None = None,
-        code: str = INVALID_REQUEST,
+        self, message: str, field_name: str | None = None, client_ref: str | None = None
     ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field_name
+        super().__init__(INVALID_REQUEST, message, field=field_name)
         self.client_ref = client_ref
-        self.code = code
 
     def frame(self) -> str:
-        return error(self.code, self.message, field_name=self.field, client_ref=self.client_ref)
+        return error_frame(self, self.client_ref)
 
 
 @dataclass(frozen=True)
-class ChatMessage:
-    role: str
-    content: str
+class Submit(SubmitRequest):
+    """A submit frame: the protocol-neutral request the admission takes, plus `client_ref`."""
 
-
-@dataclass(frozen=True)
-class Submit:
-    model: str
-    max_tokens: int
-    prompt: str | None = None
-    messages: tuple[ChatMessage, ...] = ()
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    idempotency_key: str | None = None
     client_ref: str | None = None
-
-    def prompt_chars(self) -> int:
-        if self.prompt is not None:
-            return len(self.prompt)
-        return sum(len(m.content) + len(m.role) for m in self.messages)
 
 
 @dataclass(frozen=True)
@@ -377,6 +356,18 @@ class Done:
         return _dump(out)
 
 
+def error_frame(err: GatewayError, client_ref: str | None = None) -> str:
+    """The `error` frame of a `GatewayError` (the one WebSocket rendering of every error)."""
+    return error(
+        err.code,
+        err.message,
+        request_id=err.request_id,
+        client_ref=client_ref,
+        field_name=err.field,
+        retry_after_ms=err.retry_after_ms,
+    )
+
+
 def error(
     code: str,
     message: str,
@@ -409,8 +400,38 @@ def heartbeat(now_ms: int) -> str:
     return _dump({"type": "heartbeat", "ts": now_ms})
 
 
-def estimate_prompt_tokens(msg: Submit) -> int:
-    """Quota estimate of prompt tokens before tokenization: ~4 characters per token (+4 per
-    chat message for the template). The terminal event's usage replaces it on settlement."""
-    chars = msg.prompt_chars()
-    return chars // 4 + 1 + 4 * len(msg.messages)
+def done_frame(state: RequestState) -> str:
+    """The `done` frame of a terminal request state; metrics from the events' wall clocks."""
+    tokens_per_s = None
+    total_ms = None
+    if state.finished_at_ms is not None and state.submitted_at_ms is not None:
+        total_ms = float(state.finished_at_ms - state.submitted_at_ms)
+    if state.first_token_at_ms is not None and state.finished_at_ms is not None:
+        span = (state.finished_at_ms - state.first_token_at_ms) / 1000
+        if span > 0 and state.completion_tokens > 1:
+            tokens_per_s = round((state.completion_tokens - 1) / span, 1)
+    ttft = state.ttft_ms
+    return Done(
+        request_id=state.request_id,
+        finish_reason=state.finish_reason or state.status.value,
+        prompt_tokens=state.prompt_tokens,
+        completion_tokens=state.completion_tokens,
+        last_seq=state.last_seq,
+        ttft_ms=float(ttft) if ttft is not None else None,
+        tokens_per_s=tokens_per_s,
+        total_ms=total_ms,
+        message=state.finish_message,
+        error_code=state.error_code,
+    ).frame()
+
+
+class Frames:
+    """What a watch (gateway/router.py) queues on a WebSocket: `token` and `done` frames."""
+
+    @staticmethod
+    def token(request_id: str, seq: int, text: str) -> str:
+        return token(request_id, seq, text)
+
+    @staticmethod
+    def done(state: RequestState) -> str:
+        return done_frame(state)

@@ -3,9 +3,10 @@
 - `Outbox`: a socket's bounded send queue. `put` refuses (and marks the socket overflowed)
   when the socket is `limit` frames behind; the shell then closes it with code 4008, so a
   stalled reader never grows gateway memory beyond `limit` frames.
-- `Watch`: one socket following one request. It folds every event it sees with the one fold
-  (llmstream/fold.py), so redelivered or replayed events are dropped by seq, and emits a
-  `token` frame per new seq above `after_seq` and one `done` frame at the terminal event.
+- `Watch`: one socket (or stream) following one request. It folds every event it sees with
+  the one fold (llmstream/fold.py), so redelivered or replayed events are dropped by seq, and
+  queues a token frame per new seq above `after_seq` and one done frame at the terminal event,
+  rendered by its `Frames` (the WebSocket's by default; an HTTP/SSE front end brings its own).
   While a catch-up read from Kafka runs, live events are parked in `parked` and replayed
   after it (dedup by seq makes the overlap harmless: no gap, no duplicate).
 - `Router`: request id -> watches (several sockets may watch one request).
@@ -15,10 +16,22 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from gateway import protocol
 from llmstream.fold import RequestState, fold
 from llmstream.v1 import events_pb2
+
+
+class Frames(Protocol):
+    """How a front end renders what a watch emits."""
+
+    def token(self, request_id: str, seq: int, text: str) -> str: ...
+
+    def done(self, state: RequestState) -> str: ...
+
+
+WEBSOCKET_FRAMES: Frames = protocol.Frames()
 
 
 class Outbox:
@@ -60,30 +73,6 @@ class Outbox:
         return len(self.frames)
 
 
-def done_frame(state: RequestState) -> str:
-    tokens_per_s = None
-    total_ms = None
-    if state.finished_at_ms is not None and state.submitted_at_ms is not None:
-        total_ms = float(state.finished_at_ms - state.submitted_at_ms)
-    if state.first_token_at_ms is not None and state.finished_at_ms is not None:
-        span = (state.finished_at_ms - state.first_token_at_ms) / 1000
-        if span > 0 and state.completion_tokens > 1:
-            tokens_per_s = round((state.completion_tokens - 1) / span, 1)
-    ttft = state.ttft_ms
-    return protocol.Done(
-        request_id=state.request_id,
-        finish_reason=state.finish_reason or state.status.value,
-        prompt_tokens=state.prompt_tokens,
-        completion_tokens=state.completion_tokens,
-        last_seq=state.last_seq,
-        ttft_ms=float(ttft) if ttft is not None else None,
-        tokens_per_s=tokens_per_s,
-        total_ms=total_ms,
-        message=state.finish_message,
-        error_code=state.error_code,
-    ).frame()
-
-
 class Watch:
     def __init__(
         self,
@@ -93,8 +82,10 @@ class Watch:
         submitted_at_ms: int | None = None,
         catching_up: bool = False,
         borrowed: tuple[str, int] | None = None,
+        frames: Frames = WEBSOCKET_FRAMES,
     ) -> None:
         self.request_id = request_id
+        self.frames = frames
         # (topic, partition) read for this watch on behalf of another replica, if any.
         self.borrowed = borrowed
         self.outbox = outbox
@@ -106,10 +97,6 @@ class Watch:
         # socket (the gateway's client-side latency histograms).
         self.on_first_token: Callable[[], None] | None = None
         self.on_done: Callable[[], None] | None = None
-
-    @property
-    def sent_seq(self) -> int:
-        return max(self.after_seq, self.state.last_seq)
 
     def on_live(self, event: events_pb2.Event) -> None:
         if self.parked is not None:
@@ -139,13 +126,13 @@ class Watch:
         if event.HasField("token_delta") and state.last_seq > before:
             seq = event.token_delta.seq
             if seq > self.after_seq:
-                self.outbox.put(protocol.token(self.request_id, seq, event.token_delta.text))
+                self.outbox.put(self.frames.token(self.request_id, seq, event.token_delta.text))
                 if self.on_first_token is not None:
                     self.on_first_token()
                     self.on_first_token = None
         if state.terminal:
             self.finished = True
-            self.outbox.put(done_frame(state))
+            self.outbox.put(self.frames.done(state))
             if self.on_done is not None:
                 self.on_done()
                 self.on_done = None

@@ -44,36 +44,56 @@ def split_partitions(count: int, index: int, replicas: int) -> list[int]:
     return list(range(start, start + base + (1 if index < extra else 0)))
 
 
+# Every default is the documented one in llmstream/config.py; Settings(...) built in-process
+# (tests, benchmarks) gets the same values as the environment's defaults.
+_DEFAULTS = {setting.name: setting.default for setting in config.SETTINGS}
+
+
+def _default_int(name: str) -> int:
+    return int(_DEFAULTS[name])
+
+
+def _default_float(name: str) -> float:
+    return float(_DEFAULTS[name])
+
+
+# How often the workers' prompt lag is read (only with GATEWAY_MAX_PROMPT_LAG; tests shorten it).
+LAG_INTERVAL_S = 1.0
+
+
 @dataclass
 class Settings:
-    gateway_id: str = ""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    bootstrap: str = "127.0.0.1:9092"
-    prompts_topic: str = "llmstream.prompts"
-    tokens_topic: str = "llmstream.tokens"
+    gateway_id: str = ""  # empty: gateway-<host>-<pid>
+    host: str = _DEFAULTS["GATEWAY_HOST"]
+    port: int = _default_int("GATEWAY_PORT")
+    bootstrap: str = _DEFAULTS["KAFKA_BOOTSTRAP"]
+    prompts_topic: str = _DEFAULTS["TOPIC_PROMPTS"]
+    tokens_topic: str = _DEFAULTS["TOPIC_TOKENS"]
     partitions: list[int] | None = None  # None: split_partitions(replica_index, replicas)
-    replica_index: int = 0
-    replicas: int = 1
+    replica_index: int = _default_int("GATEWAY_REPLICA_INDEX")
+    replicas: int = _default_int("GATEWAY_REPLICAS")
     origins: list[str] = field(default_factory=list)
-    grace_s: float = 30.0
-    send_buffer: int = 1024
-    max_frame_bytes: int = 65536
-    max_sockets: int = 10000
-    max_inflight: int = 5000
-    shed_max_tokens: int = 0
-    max_prompt_lag: int = 0
-    worker_group: str = "llmstream-workers"
-    lag_interval_s: float = 1.0
-    max_resumes: int = 256
-    heartbeat_s: float = 15.0
-    auth_cache_s: float = 5.0
-    session_ttl_s: int = 3600
-    cookie_secure: bool = False  # also implied by serving TLS (tls_cert)
-    tls_cert: str = ""  # PEM files: serve https/wss
-    tls_key: str = ""
-    drain_s: float = 5.0
-    default_model: str = "smollm2"
+    grace_s: float = _default_float("GATEWAY_GRACE_S")
+    send_buffer: int = _default_int("GATEWAY_SEND_BUFFER")
+    max_frame_bytes: int = _default_int("GATEWAY_MAX_FRAME_BYTES")
+    max_sockets: int = _default_int("GATEWAY_MAX_SOCKETS")
+    max_inflight: int = _default_int("GATEWAY_MAX_INFLIGHT")
+    shed_max_tokens: int = _default_int("GATEWAY_SHED_MAX_TOKENS")
+    max_prompt_lag: int = _default_int("GATEWAY_MAX_PROMPT_LAG")
+    worker_group: str = _DEFAULTS["WORKER_GROUP"]
+    lag_interval_s: float = LAG_INTERVAL_S
+    max_resumes: int = _default_int("GATEWAY_MAX_RESUMES")
+    heartbeat_s: float = _default_float("GATEWAY_HEARTBEAT_S")
+    auth_cache_s: float = _default_float("GATEWAY_AUTH_CACHE_S")
+    session_ttl_s: int = _default_int("GATEWAY_SESSION_TTL_S")
+    # Also implied by serving TLS (tls_cert).
+    cookie_secure: bool = config.parse_bool(
+        _DEFAULTS["GATEWAY_COOKIE_SECURE"], config.PREFIX + "GATEWAY_COOKIE_SECURE"
+    )
+    tls_cert: str = _DEFAULTS["GATEWAY_TLS_CERT"]  # PEM files: serve https/wss
+    tls_key: str = _DEFAULTS["GATEWAY_TLS_KEY"]
+    drain_s: float = _default_float("GATEWAY_DRAIN_S")
+    default_model: str = _DEFAULTS["GATEWAY_DEFAULT_MODEL"]
     redis_url: str = ""
     database_url: str = ""
     static_dir: Path = STATIC_DIR
@@ -90,6 +110,19 @@ class Settings:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self.tls_cert, self.tls_key or None)
         return ctx
+
+    def owned_partitions(self, count: int) -> list[int]:
+        """This replica's partitions of the tokens topic, which has `count`."""
+        owned = (
+            sorted(p for p in self.partitions if p < count)
+            if self.partitions is not None
+            else split_partitions(count, self.replica_index, self.replicas)
+        )
+        if not owned:
+            raise RuntimeError(
+                f"no partitions of {self.tokens_topic} ({count}) owned by {self.gateway_id}"
+            )
+        return owned
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -114,7 +147,7 @@ class Settings:
             replica_index=config.get_int("GATEWAY_REPLICA_INDEX"),
             replicas=config.get_int("GATEWAY_REPLICAS"),
             origins=[o.strip() for o in config.get("GATEWAY_ORIGINS").split(",") if o.strip()],
-            grace_s=float(config.get_int("GATEWAY_GRACE_S")),
+            grace_s=config.get_float("GATEWAY_GRACE_S"),
             send_buffer=config.get_int("GATEWAY_SEND_BUFFER"),
             max_frame_bytes=config.get_int("GATEWAY_MAX_FRAME_BYTES"),
             max_sockets=config.get_int("GATEWAY_MAX_SOCKETS"),
@@ -123,13 +156,13 @@ class Settings:
             max_prompt_lag=config.get_int("GATEWAY_MAX_PROMPT_LAG"),
             worker_group=config.get("WORKER_GROUP"),
             max_resumes=config.get_int("GATEWAY_MAX_RESUMES"),
-            heartbeat_s=float(config.get_int("GATEWAY_HEARTBEAT_S")),
-            auth_cache_s=float(config.get_int("GATEWAY_AUTH_CACHE_S")),
+            heartbeat_s=config.get_float("GATEWAY_HEARTBEAT_S"),
+            auth_cache_s=config.get_float("GATEWAY_AUTH_CACHE_S"),
             session_ttl_s=config.get_int("GATEWAY_SESSION_TTL_S"),
-            cookie_secure=config.get("GATEWAY_COOKIE_SECURE") == "1",
+            cookie_secure=config.get_bool("GATEWAY_COOKIE_SECURE"),
             tls_cert=tls_cert,
             tls_key=tls_key,
-            drain_s=float(config.get_int("GATEWAY_DRAIN_S")),
+            drain_s=config.get_float("GATEWAY_DRAIN_S"),
             default_model=config.get("GATEWAY_DEFAULT_MODEL"),
             redis_url=config.redis_url(),
             database_url=config.database_url(),

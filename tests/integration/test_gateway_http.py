@@ -14,10 +14,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from llmstream_tools.testing import gateway as testing
 from gateway.server import Gateway
-from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
 from llmstream_tools import admin
+from llmstream_tools.testing import gateway as testing
+from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
 
 pytestmark = pytest.mark.integration
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from llmstream_tools.testing import gateway as testing
 from gateway.quota import Quota
-from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
 from llmstream import ports
+from llmstream_tools.testing import gateway as testing
+from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ async def test_a_submit_failing_inside_the_gateway_gets_an_error_with_its_client
         c = await Client.connect(s.port, key)
         # Quota checks now go to a port where no Redis listens: the submit fails inside.
         dead = aioredis.Redis(port=ports.free_port(), socket_connect_timeout=1)
-        gw.quota = Quota(dead)
+        gw.admission.quota = Quota(dead)
         await c.submit("lost", max_tokens=5)
         err = await c.wait_ref("lost")
         assert (err["type"], err["code"], err["retry_after_ms"]) == ("error", "internal", 1000)

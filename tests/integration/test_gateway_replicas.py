@@ -18,10 +18,10 @@ from websockets.exceptions import InvalidStatus
 
 from aggregator.quota_settlement import QuotaSettler
 from aggregator.store import Settlement
-from llmstream_tools.testing import gateway as testing
 from gateway.settings import Settings
-from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
 from llmstream import quota_keys
+from llmstream_tools.testing import gateway as testing
+from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
 
 pytestmark = pytest.mark.integration
 
@@ -313,8 +313,8 @@ async def test_stalled_reader_is_bounded_and_closed(
         await c.close()
 
 
-async def _rids(gw: object) -> set[str]:
-    return set(gw.inflight) | set(gw.recent_terminal)  # type: ignore[attr-defined]
+async def _rids(gw: testing.Gateway) -> set[str]:
+    return set(gw.inflight.running) | set(gw.inflight.recent)
 
 
 async def test_resume_after_owner_replica_dies(topics: Topics, db_env: str, redis_url: str) -> None:

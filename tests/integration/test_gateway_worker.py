@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from llmstream_tools.testing import gateway as testing
-from llmstream_tools.testing.gateway import Client
 from llmstream import ports
 from llmstream_tools import admin
+from llmstream_tools.testing import gateway as testing
 from llmstream_tools.testing import worker as wt
+from llmstream_tools.testing.gateway import Client
 
 pytestmark = pytest.mark.integration
 

@@ -169,8 +169,3 @@ def test_server_frames() -> None:
         "retry_after_ms": 5,
     }
     assert json.loads(protocol.pong()) == {"type": "pong"}
-
-
-def test_estimate_prompt_tokens() -> None:
-    sub = Submit(model="m", max_tokens=1, prompt="x" * 400)
-    assert protocol.estimate_prompt_tokens(sub) == 101

@@ -1,0 +1,440 @@
+"""Admission: may a submit run, with which limits, and which event starts it.
+
+Shaped like TGI's router (`Infer` composing `Validation` and a backend): one protocol-neutral
+façade, `Admission.submit(principal, SubmitRequest, follower) -> Admitted`, called by every
+front end (the WebSocket now, the OpenAI-compatible HTTP/SSE routes next); it raises a
+`GatewayError` for every refusal, which each front end renders in its own wire format.
+
+- The pure core decides from data, before any I/O: `plan_submit` gates (draining, overloaded),
+  caps `max_tokens` (tier, then load shedding), estimates the prompt and sizes the quota
+  reservation; `submitted_event` builds the event that starts the request.
+- The shell (`Admission`) executes a plan step by step — claim the idempotency key (or answer
+  with the request that holds it), reserve the quota, record the request, let the front end
+  follow it, write the prompt — and when a step refuses or fails, `_rollback` undoes exactly
+  the steps done, in one place.
+
+Protocol parsing (field types and bounds) stays with each front end (gateway/protocol.py for
+the WebSocket); what is decided here is the same for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from opentelemetry import trace
+
+from gateway import errors
+from gateway.auth import Principal
+from gateway.errors import GatewayError
+from gateway.inflight import Inflight
+from gateway.metrics import GatewayMetrics
+from gateway.quota import Decision, Limits
+from gateway.settings import Settings
+from gateway.store import ReplyRoute, RequestMeta
+from llmstream import codec, telemetry, tracing
+from llmstream.tracing import SpanKind
+from llmstream.v1 import events_pb2
+
+log = logging.getLogger("gateway")
+
+
+# ---- input and output -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # system, user or assistant
+    content: str
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """A request to generate, whatever protocol it came in (already parsed and bounded)."""
+
+    model: str
+    max_tokens: int
+    prompt: str | None = None  # exactly one of prompt or messages
+    messages: tuple[ChatMessage, ...] = ()
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    idempotency_key: str | None = None
+
+    def prompt_chars(self) -> int:
+        if self.prompt is not None:
+            return len(self.prompt)
+        return sum(len(m.content) + len(m.role) for m in self.messages)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """An admitted submit. Its events are seq `seq_start + 1 ...` then a terminal event."""
+
+    request_id: str
+    max_tokens: int  # effective (0 when `existing`)
+    capped: str | None = None  # "tier" or "load": why max_tokens is below the request's
+    # An idempotent resubmit: the request that holds the key, which the caller follows like a
+    # resume from seq_start (nothing new was reserved or written).
+    existing: bool = False
+    seq_start: int = 0
+    submitted_ms: int = 0
+
+
+class Follower(Protocol):
+    """The front end's side of a submit: it starts following the request before the prompt is
+    written (so no event can be missed), and stops if the prompt could not be written."""
+
+    @property
+    def watcher(self) -> str:
+        """Its member of the request's watchers set: "<gateway id>/<socket or stream id>"."""
+        ...
+
+    def follow(self, admitted: Admitted) -> None: ...
+
+    def unfollow(self, request_id: str) -> None: ...
+
+
+# ---- the pure core ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Policy:
+    """This replica's admission bounds (LLMSTREAM_GATEWAY_MAX_INFLIGHT, _MAX_PROMPT_LAG,
+    _SHED_MAX_TOKENS; 0 turns the last two off)."""
+
+    max_inflight: int
+    max_prompt_lag: int = 0
+    shed_max_tokens: int = 0
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Policy:
+        return cls(s.max_inflight, s.max_prompt_lag, s.shed_max_tokens)
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the replica carries when a submit arrives."""
+
+    inflight: int
+    prompt_lag: int = 0
+    draining: bool = False
+
+    def overloaded(self, p: Policy) -> bool:
+        lag = p.max_prompt_lag
+        return self.inflight >= p.max_inflight or (lag > 0 and self.prompt_lag >= lag)
+
+    def shedding(self, p: Policy) -> bool:
+        """From half of either bound on, new requests get at most `shed_max_tokens`."""
+        lag = p.max_prompt_lag
+        return self.inflight * 2 >= p.max_inflight or (lag > 0 and self.prompt_lag * 2 >= lag)
+
+
+def estimate_prompt_tokens(req: SubmitRequest) -> int:
+    """Quota estimate of prompt tokens before tokenization: ~4 characters per token (+4 per
+    chat message for the template). The terminal event's usage replaces it on settlement."""
+    return req.prompt_chars() // 4 + 1 + 4 * len(req.messages)
+
+
+def cap_max_tokens(
+    requested: int, limits: Limits, load: Load, policy: Policy
+) -> tuple[int, str | None]:
+    """The effective max_tokens and why it is lower than requested (None: it is not)."""
+    max_tokens, capped = requested, None
+    if max_tokens > limits.max_tokens_per_request:
+        max_tokens, capped = limits.max_tokens_per_request, "tier"
+    shed = policy.shed_max_tokens
+    if shed and max_tokens > shed and load.shedding(policy):
+        max_tokens, capped = shed, "load"
+    return max_tokens, capped
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a submit will reserve and write, decided before any I/O."""
+
+    request_id: str
+    principal: Principal
+    max_tokens: int
+    capped: str | None
+    estimated_prompt_tokens: int
+    at_ns: int  # the submitted event's time: it also picks the quota windows
+    idempotency_key: str | None
+
+    @property
+    def tenant_id(self) -> str:
+        return self.principal.tenant_id
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.estimated_prompt_tokens + self.max_tokens
+
+    @property
+    def at_ms(self) -> int:
+        return self.at_ns // 1_000_000
+
+
+def plan_submit(
+    principal: Principal,
+    req: SubmitRequest,
+    load: Load,
+    policy: Policy,
+    request_id: str,
+    at_ns: int,
+) -> Plan:
+    """Gate, cap and size a submit; `GatewayError` (reason `draining` or `overloaded`) if the
+    replica takes no new requests now."""
+    if load.draining:
+        raise errors.draining()
+    if load.overloaded(policy):
+        raise errors.overloaded()
+    max_tokens, capped = cap_max_tokens(req.max_tokens, principal.limits, load, policy)
+    return Plan(
+        request_id=request_id,
+        principal=principal,
+        max_tokens=max_tokens,
+        capped=capped,
+        estimated_prompt_tokens=estimate_prompt_tokens(req),
+        at_ns=at_ns,
+        idempotency_key=req.idempotency_key or None,
+    )
+
+
+def submitted_event(
+    plan: Plan, req: SubmitRequest, route: ReplyRoute, gateway_id: str
+) -> events_pb2.Event:
+    """The `submitted` event that starts the request (its trace context is added when it is
+    written)."""
+    ev = codec.new_event(plan.request_id, plan.tenant_id, gateway_id)
+    ev.event_time.FromNanoseconds(plan.at_ns)
+    s = ev.submitted
+    s.model = req.model
+    if req.prompt is not None:
+        s.prompt.text = req.prompt
+    else:
+        for m in req.messages:
+            s.prompt.chat.messages.add(role=m.role, content=m.content)
+    if req.temperature is not None:
+        s.sampling.temperature = req.temperature
+    if req.top_p is not None:
+        s.sampling.top_p = req.top_p
+    if req.seed is not None:
+        s.sampling.seed = req.seed
+    s.sampling.stop.extend(req.stop)
+    s.max_tokens = plan.max_tokens
+    s.reply.topic = route.topic
+    s.reply.partition = route.partition
+    s.reply.gateway_id = gateway_id
+    s.idempotency_key = plan.idempotency_key or ""
+    s.estimated_prompt_tokens = plan.estimated_prompt_tokens
+    s.reserved_tokens = plan.reserved_tokens
+    return ev
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+# ---- the shell --------------------------------------------------------------------------------
+
+
+class Reservations(Protocol):
+    """The quota (gateway/quota.py `Quota`)."""
+
+    async def reserve(
+        self,
+        tenant_id: str,
+        request_id: str,
+        at_ms: int,
+        now_ms: int,
+        reserved: int,
+        limits: Limits,
+    ) -> Decision: ...
+
+    async def release(self, tenant_id: str, request_id: str, at_ms: int, reserved: int) -> bool: ...
+
+
+class Requests(Protocol):
+    """The request store (gateway/store.py `RequestStore`)."""
+
+    async def claim_idempotency(self, tenant_id: str, key: str, request_id: str) -> str | None: ...
+
+    async def release_idempotency(self, tenant_id: str, key: str) -> None: ...
+
+    async def record(self, meta: RequestMeta, watcher: str) -> None: ...
+
+    async def forget(self, request_id: str) -> None: ...
+
+    async def wait_for(self, tenant_id: str, request_id: str) -> RequestMeta | None: ...
+
+
+class Prompts(Protocol):
+    """Writes prompt events (gateway/prompts.py `PromptWriter`)."""
+
+    async def submit(self, event: events_pb2.Event) -> None: ...
+
+
+class Routes(Protocol):
+    """Picks the reply partition of a new request (gateway/feed.py `TokenFeed`)."""
+
+    def next_route(self) -> ReplyRoute: ...
+
+
+@dataclass
+class _Done:
+    """The steps of a plan executed so far (what `_rollback` must undo)."""
+
+    claimed: bool = False
+    reserved: bool = False
+    recorded: bool = False
+    followed: bool = False
+
+
+class Admission:
+    def __init__(
+        self,
+        *,
+        gateway_id: str,
+        policy: Policy,
+        load: Callable[[], Load],
+        quota: Reservations,
+        store: Requests,
+        prompts: Prompts,
+        routes: Routes,
+        inflight: Inflight,
+        metrics: GatewayMetrics,
+        clock_ns: Callable[[], int] = time.time_ns,
+        new_id: Callable[[], str] = new_request_id,
+    ) -> None:
+        self.gateway_id = gateway_id
+        self.policy = policy
+        self.load = load
+        self.quota = quota
+        self.store = store
+        self.prompts = prompts
+        self.routes = routes
+        self.inflight = inflight
+        self.metrics = metrics
+        self.clock_ns = clock_ns
+        self.new_id = new_id
+
+    async def submit(
+        self, principal: Principal, req: SubmitRequest, follower: Follower
+    ) -> Admitted:
+        """Admit a submit, or raise `GatewayError`. The root span of the request's trace (one
+        per submit, whatever its outcome)."""
+        with tracing.tracer().start_as_current_span(
+            "submit",
+            kind=SpanKind.SERVER,
+            attributes={"llmstream.tenant_id": principal.tenant_id, "llmstream.model": req.model},
+        ):
+            try:
+                plan = plan_submit(
+                    principal, req, self.load(), self.policy, self.new_id(), self.clock_ns()
+                )
+            except GatewayError as err:
+                self.metrics.submits[err.reason] += 1
+                raise
+            trace.get_current_span().set_attribute("llmstream.request_id", plan.request_id)
+            done = _Done()
+            try:
+                return await self._execute(plan, req, follower, done)
+            except Exception:
+                await self._rollback(plan, done, follower)
+                raise
+
+    async def _execute(
+        self, plan: Plan, req: SubmitRequest, follower: Follower, done: _Done
+    ) -> Admitted:
+        if plan.idempotency_key:
+            holder = await self.store.claim_idempotency(
+                plan.tenant_id, plan.idempotency_key, plan.request_id
+            )
+            if holder is not None:
+                self.metrics.submits["idempotent"] += 1
+                await self.store.wait_for(plan.tenant_id, holder)
+                return Admitted(holder, 0, existing=True)
+            done.claimed = True
+        decision = await self.quota.reserve(
+            plan.tenant_id,
+            plan.request_id,
+            plan.at_ms,
+            plan.at_ms,
+            plan.reserved_tokens,
+            plan.principal.limits,
+        )
+        if not decision.ok:
+            self.metrics.submits["quota"] += 1
+            self.metrics.quota_refusals[decision.limit or "unknown"] += 1
+            raise errors.quota_exceeded(decision.limit, decision.retry_after_ms)
+        done.reserved = True
+        route = self.routes.next_route()
+        meta = RequestMeta(plan.request_id, plan.tenant_id, route, plan.at_ms, self.gateway_id)
+        await self.store.record(meta, follower.watcher)
+        done.recorded = True
+        admitted = Admitted(plan.request_id, plan.max_tokens, plan.capped, submitted_ms=plan.at_ms)
+        follower.follow(admitted)
+        self.inflight.add(plan.request_id)
+        done.followed = True
+        try:
+            await self.prompts.submit(submitted_event(plan, req, route, self.gateway_id))
+        except Exception as exc:
+            log.exception("producing a prompt failed")
+            self.metrics.submits["failed"] += 1
+            raise errors.internal(
+                "could not queue the request", request_id=plan.request_id
+            ) from exc
+        self.metrics.submits["accepted"] += 1
+        _log_prompt(plan, req)
+        return admitted
+
+    async def _rollback(self, plan: Plan, done: _Done, follower: Follower) -> None:
+        """Undo the executed steps of a refused or failed submit, newest first. Every undo is
+        tried even when one fails (Redis may be what failed): what cannot be undone expires
+        (the stream lease, the idempotency key's TTL)."""
+        rid = plan.request_id
+        if done.followed:
+            follower.unfollow(rid)
+            self.inflight.discard(rid)
+        undo: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        if done.recorded:
+            undo.append(("request record", lambda: self.store.forget(rid)))
+        if done.reserved:
+            undo.append(
+                (
+                    "quota reservation",
+                    lambda: self.quota.release(
+                        plan.tenant_id, rid, plan.at_ms, plan.reserved_tokens
+                    ),
+                )
+            )
+        if done.claimed and plan.idempotency_key:
+            key = plan.idempotency_key
+            undo.append(
+                ("idempotency key", lambda: self.store.release_idempotency(plan.tenant_id, key))
+            )
+        for what, step in undo:
+            try:
+                await step()
+            except Exception:
+                log.warning("undoing the %s of a failed submit failed", what, exc_info=True)
+
+
+def _log_prompt(plan: Plan, req: SubmitRequest) -> None:
+    """Prompt text is user data: logged only with LLMSTREAM_LOG_PROMPTS=1."""
+    if not telemetry.log_prompts():
+        return
+    with telemetry.log_context(request_id=plan.request_id, tenant_id=plan.tenant_id):
+        log.info(
+            "prompt",
+            extra=telemetry.fields(
+                model=req.model,
+                prompt=req.prompt,
+                messages=[{"role": m.role, "content": m.content} for m in req.messages],
+            ),
+        )

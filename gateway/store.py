@@ -1,0 +1,163 @@
+"""The gateway's request store in Redis: what every replica must know about a request.
+
+Keys (the quota's are in llmstream/quota_keys.py, the socket leases in gateway/quota.py, the
+browser sessions in gateway/auth.py):
+- `gw:req:{request_id}` hash: tenant, topic, partition, offset (a lower bound of the offset of
+  the request's first event in its reply partition), submitted_ms, gateway, attached_ms (last
+  submit/resume). 48 h. A resume on any replica starts reading there.
+- `gw:watchers:{request_id}` set of "<gateway id>/<socket or stream id>" following the request;
+  a grace timer cancels only when it is empty (nobody on any replica follows the request). 48 h.
+- `gw:idem:{tenant}:<sha256(idempotency_key)>` -> request id, 24 h.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+META_TTL_S = 48 * 3600
+IDEMPOTENCY_TTL_S = 24 * 3600
+MAX_REQUEST_ID_CHARS = 128
+
+
+def meta_key(request_id: str) -> str:
+    return f"gw:req:{request_id}"
+
+
+def watchers_key(request_id: str) -> str:
+    return f"gw:watchers:{request_id}"
+
+
+def idempotency_key(tenant_id: str, key: str) -> str:
+    return f"gw:idem:{{{tenant_id}}}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class ReplyRoute:
+    """Where a request's events are produced, and from which offset on they can be."""
+
+    topic: str
+    partition: int
+    offset: int  # a lower bound of the offset of the request's first event
+
+
+@dataclass(frozen=True)
+class RequestMeta:
+    request_id: str
+    tenant_id: str
+    route: ReplyRoute
+    submitted_ms: int
+    gateway_id: str  # the replica that accepted it
+
+    def mapping(self) -> dict[str, str | int]:
+        return {
+            "tenant": self.tenant_id,
+            "topic": self.route.topic,
+            "partition": self.route.partition,
+            "offset": self.route.offset,
+            "submitted_ms": self.submitted_ms,
+            "gateway": self.gateway_id,
+            "attached_ms": self.submitted_ms,
+        }
+
+    @classmethod
+    def parse(cls, request_id: str, fields: dict[str, str]) -> RequestMeta:
+        route = ReplyRoute(fields["topic"], int(fields["partition"]), int(fields["offset"]))
+        return cls(
+            request_id, fields["tenant"], route, int(fields["submitted_ms"]), fields["gateway"]
+        )
+
+
+class RequestStore:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+
+    # -- request metadata ---------------------------------------------------------------------
+
+    async def record(self, meta: RequestMeta, watcher: str) -> None:
+        """A new request and its first follower."""
+        rid = meta.request_id
+        fields: Any = meta.mapping()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(meta_key(rid), mapping=fields)
+        pipe.expire(meta_key(rid), META_TTL_S)
+        pipe.sadd(watchers_key(rid), watcher)
+        pipe.expire(watchers_key(rid), META_TTL_S)
+        await pipe.execute()
+
+    async def forget(self, request_id: str) -> None:
+        """A request whose prompt was never written."""
+        await self.client.delete(meta_key(request_id))
+
+    async def lookup(self, tenant_id: str, request_id: str) -> RequestMeta | None:
+        """The request's metadata if it exists and belongs to `tenant_id` (another tenant's
+        request is indistinguishable from a missing one)."""
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            return None
+        raw: Any = await self.client.hgetall(meta_key(request_id))
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        if not fields or fields.get("tenant") != tenant_id:
+            return None
+        return RequestMeta.parse(request_id, fields)
+
+    async def wait_for(
+        self, tenant_id: str, request_id: str, attempts: int = 40, interval_s: float = 0.025
+    ) -> RequestMeta | None:
+        """The metadata of a request another submit (same idempotency key) may still be
+        recording: a moment's patience instead of a spurious `not_found`."""
+        for _ in range(attempts):
+            meta = await self.lookup(tenant_id, request_id)
+            if meta is not None:
+                return meta
+            await asyncio.sleep(interval_s)
+        return None
+
+    # -- followers ----------------------------------------------------------------------------
+
+    async def attach(self, request_id: str, watcher: str) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.sadd(watchers_key(request_id), watcher)
+        pipe.expire(watchers_key(request_id), META_TTL_S)
+        pipe.hset(meta_key(request_id), "attached_ms", now_ms())
+        await pipe.execute()
+
+    async def detach(self, request_id: str, watcher: str) -> None:
+        removed: Any = self.client.srem(watchers_key(request_id), watcher)
+        await removed
+
+    async def followed_since(self, request_id: str, since_ms: int) -> bool:
+        """Does anyone (on any replica) follow the request, or did someone attach after
+        `since_ms` (and may have left again, starting its own grace period)?"""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.scard(watchers_key(request_id))
+        pipe.hget(meta_key(request_id), "attached_ms")
+        count, attached = await pipe.execute()
+        return int(count) > 0 or (attached is not None and int(attached) > since_ms)
+
+    # -- idempotency keys ---------------------------------------------------------------------
+
+    async def claim_idempotency(self, tenant_id: str, key: str, request_id: str) -> str | None:
+        """Claim the tenant's idempotency key for `request_id`; the request that holds it
+        already, if another does."""
+        k = idempotency_key(tenant_id, key)
+        if await self.client.set(k, request_id, nx=True, ex=IDEMPOTENCY_TTL_S):
+            return None
+        existing: Any = await self.client.get(k)
+        # Expired between the two calls: proceed as a new request (as if it had been claimed).
+        return _text(existing) if existing else None
+
+    async def release_idempotency(self, tenant_id: str, key: str) -> None:
+        await self.client.delete(idempotency_key(tenant_id, key))

@@ -1,0 +1,372 @@
+"""The WebSocket front end (docs/protocol.md): upgrade checks, one `Conn` per socket, its frames.
+
+A socket's frames are parsed by gateway/protocol.py and dispatched here: `submit` goes to the
+admission (gateway/admission.py), `resume` to the token feed (gateway/feed.py), `cancel` to the
+prompts topic. Every refusal is a `GatewayError`, rendered as an `error` frame by
+`protocol.error_frame` with the frame's `client_ref`. Outgoing frames wait in the socket's
+bounded outbox (gateway/router.py); `_sender` writes them, heartbeats an idle socket, and a
+socket that falls `GATEWAY_SEND_BUFFER` frames behind is closed with 4008.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+
+from gateway import auth, errors, protocol
+from gateway.admission import Admission, Admitted
+from gateway.errors import GatewayError
+from gateway.feed import Resumption, TokenFeed
+from gateway.follow import Followers
+from gateway.metrics import GatewayMetrics
+from gateway.prompts import PromptWriter
+from gateway.quota import Quota
+from gateway.router import Outbox, Watch
+from gateway.settings import Settings
+from gateway.store import RequestStore, now_ms
+from gateway.tasks import TaskSet
+
+log = logging.getLogger("gateway")
+
+# A socket's entry in its tenant's socket set lives this long unless refreshed (a crashed
+# replica's sockets stop counting after it).
+SOCKET_LEASE_MS = 60_000
+# A socket keeps at most this many watches before finished ones are forgotten.
+MAX_WATCHES = 256
+
+
+def origin_allowed(s: Settings, headers: Headers) -> bool:
+    origin, host = headers.get("Origin"), headers.get("Host")
+    return auth.origin_allowed(origin, s.origins, host, tls=bool(s.tls_cert))
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    """An upgrade request that passed the checks, waiting for its handshake to finish."""
+
+    principal: auth.Principal
+    member: str
+    session_id: str | None
+
+
+@dataclass(eq=False)
+class Conn:
+    ws: ServerConnection
+    principal: auth.Principal
+    outbox: Outbox
+    wake: asyncio.Event
+    # "<gateway id>/<socket id>": its member in watchers sets and in the tenant's socket set.
+    member: str
+    session_id: str | None = None  # opened with a browser session: re-checked on each action
+    watches: dict[str, Watch] = field(default_factory=dict)
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # catch-ups
+    drained: bool = False
+    received_at: float = 0.0  # monotonic time the frame being handled was read
+
+
+class _SubmitFollower:
+    """A socket's side of an admission (admission.Follower)."""
+
+    def __init__(self, front: WebSocketFrontEnd, conn: Conn, client_ref: str | None) -> None:
+        self.front = front
+        self.conn = conn
+        self.client_ref = client_ref
+
+    @property
+    def watcher(self) -> str:
+        return self.conn.member
+
+    def follow(self, admitted: Admitted) -> None:
+        conn, rid = self.conn, admitted.request_id
+        watch = Watch(rid, conn.outbox, admitted.seq_start, admitted.submitted_ms)
+        if len(conn.watches) >= MAX_WATCHES:
+            for old in [r for r, w in conn.watches.items() if w.finished]:
+                del conn.watches[old]
+        conn.watches[rid] = watch
+        self.front.feed.follow(watch)
+        metrics, received = self.front.metrics, conn.received_at
+        watch.on_first_token = lambda: metrics.record_ttft(time.monotonic() - received)
+        watch.on_done = lambda: metrics.record_e2e(time.monotonic() - received)
+        conn.outbox.put(
+            protocol.accepted(rid, self.client_ref, admitted.max_tokens, capped=admitted.capped)
+        )
+
+    def unfollow(self, request_id: str) -> None:
+        watch = self.conn.watches.pop(request_id, None)
+        if watch is not None:
+            self.front.feed.unfollow(watch)
+
+
+class WebSocketFrontEnd:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        conns: set[Conn],
+        metrics: GatewayMetrics,
+        authenticator: auth.Authenticator,
+        admission: Admission,
+        feed: TokenFeed,
+        followers: Followers,
+        store: RequestStore,
+        prompts: PromptWriter,
+        quota: Quota,
+        tasks: TaskSet,
+        draining: Callable[[], bool],
+    ) -> None:
+        self.s = settings
+        self.conns = conns
+        self.metrics = metrics
+        self.auth = authenticator
+        self.admission = admission
+        self.feed = feed
+        self.followers = followers
+        self.store = store
+        self.prompts = prompts
+        self.quota = quota
+        self.tasks = tasks
+        self.draining = draining
+        # Upgrades checked by `check_upgrade`, picked up by `handler` (weak: a handshake that
+        # fails after the check leaves nothing behind).
+        self._pending: weakref.WeakKeyDictionary[ServerConnection, Upgrade] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    # ---- upgrade -----------------------------------------------------------------------------
+
+    async def check_upgrade(self, connection: ServerConnection, headers: Headers) -> None:
+        """Refuse an upgrade before it happens (`GatewayError`, answered as HTTP), or remember
+        who it is for."""
+        if self.draining():
+            raise GatewayError(errors.OVERLOADED, "draining")
+        if not origin_allowed(self.s, headers):
+            raise GatewayError(errors.FORBIDDEN, "origin")
+        if len(self.conns) + len(self._pending) >= self.s.max_sockets:
+            raise GatewayError(errors.OVERLOADED, "too many sockets", retry_after_ms=1000)
+        authorization, cookie = headers.get("Authorization"), headers.get("Cookie")
+        principal = await self.auth.principal(authorization, cookie)
+        if principal is None:
+            raise GatewayError(errors.UNAUTHORIZED, "missing or invalid credentials")
+        member = f"{self.s.gateway_id}/{uuid.uuid4().hex[:16]}"
+        limits = principal.limits
+        if not await self.quota.open_socket(
+            principal.tenant_id, member, limits.max_sockets, now_ms(), SOCKET_LEASE_MS
+        ):
+            self.metrics.quota_refusals["sockets"] += 1
+            raise GatewayError(
+                errors.QUOTA_EXCEEDED, "too many sockets for tenant", reason="sockets"
+            )
+        # A socket opened with a session cookie lives only as long as its session.
+        session_id = auth.session_id_of(authorization, cookie)
+        self._pending[connection] = Upgrade(principal, member, session_id)
+
+    # ---- a socket's life ---------------------------------------------------------------------
+
+    async def handler(self, ws: ServerConnection) -> None:
+        upgrade = self._pending.pop(ws, None)
+        if upgrade is None:  # not an upgrade we checked (cannot happen)
+            await ws.close(1008, "unauthorized")
+            return
+        wake = asyncio.Event()
+
+        def on_overflow() -> None:
+            self.tasks.spawn(self._close_slow(ws))
+
+        outbox = Outbox(self.s.send_buffer, wake.set, on_overflow)
+        conn = Conn(ws, upgrade.principal, outbox, wake, upgrade.member, upgrade.session_id)
+        self.conns.add(conn)
+        sender = asyncio.create_task(self._sender(conn))
+        heartbeat_ms = int(self.s.heartbeat_s * 1000)
+        tenant = conn.principal.tenant_id
+        outbox.put(protocol.hello(self.s.gateway_id, heartbeat_ms, tenant, self.s.default_model))
+        try:
+            async for frame in ws:
+                if outbox.overflowed:
+                    break
+                conn.received_at = time.monotonic()
+                await self._handle(conn, frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            sender.cancel()
+            with contextlib.suppress(BaseException):
+                await sender
+            self._disconnected(conn)
+
+    def drain(self) -> None:
+        """Close every socket with 1012: clients reconnect elsewhere and resume; their
+        requests keep running (no grace timers)."""
+        for conn in list(self.conns):
+            conn.drained = True
+            self.tasks.spawn(conn.ws.close(protocol.CLOSE_DRAIN, "gateway restarting: reconnect"))
+
+    def leases(self) -> list[tuple[str, str]]:
+        """(tenant, member) of every open socket: their leases in the tenants' socket sets."""
+        return [(c.principal.tenant_id, c.member) for c in self.conns]
+
+    def _disconnected(self, conn: Conn) -> None:
+        self.conns.discard(conn)
+        conn.outbox.closed = True
+        conn.outbox.frames.clear()
+        tenant = conn.principal.tenant_id
+        self.tasks.spawn(self.quota.close_socket(tenant, conn.member))
+        grace = not conn.drained and not self.draining()
+        for rid, watch in conn.watches.items():
+            self.feed.unfollow(watch)
+            task = conn.tasks.get(rid)
+            if task is not None:
+                task.cancel()
+            if not watch.finished:
+                self.followers.detach(rid, conn.member, tenant, grace=grace)
+
+    # ---- frames ------------------------------------------------------------------------------
+
+    async def _handle(self, conn: Conn, frame: str | bytes) -> None:
+        try:
+            msg = protocol.parse(frame, self.s.max_frame_bytes)
+        except protocol.ProtocolError as exc:
+            self.metrics.invalid_frames += 1
+            conn.outbox.put(exc.frame())
+            return
+        except Exception:  # a parser bug must not end the socket (nor show a traceback)
+            log.exception("parsing a frame failed")
+            conn.outbox.put(protocol.error_frame(errors.internal(retry_after_ms=None)))
+            return
+        ref = None if isinstance(msg, protocol.Ping) else msg.client_ref
+        try:
+            await self._dispatch(conn, msg)
+        except GatewayError as err:
+            conn.outbox.put(protocol.error_frame(err, ref))
+        except Exception:
+            log.exception("frame handling failed")
+            # With the frame's client_ref, so that the client knows which submit failed
+            # (e.g. no Redis connection free within 5 s under a burst) and retries it.
+            conn.outbox.put(protocol.error_frame(errors.internal(), ref))
+
+    async def _dispatch(self, conn: Conn, msg: protocol.Message) -> None:
+        if isinstance(msg, protocol.Ping):
+            conn.outbox.put(msg.reply or protocol.pong(msg.data))
+            return
+        try:
+            conn.principal = await self.auth.recheck(conn.principal, conn.session_id)
+        except GatewayError as err:
+            # Not an answer to this frame (no client_ref): the socket ends.
+            conn.outbox.put(protocol.error_frame(err))
+            self.tasks.spawn(
+                self._close_after_flush(conn, protocol.CLOSE_UNAUTHORIZED, "unauthorized")
+            )
+            return
+        if isinstance(msg, protocol.Submit):
+            follower = _SubmitFollower(self, conn, msg.client_ref)
+            admitted = await self.admission.submit(conn.principal, msg, follower)
+            if admitted.existing:  # an idempotent resubmit: follow the request that holds the key
+                await self._resume(
+                    conn, admitted.request_id, admitted.seq_start, msg.client_ref, True
+                )
+        elif isinstance(msg, protocol.Cancel):
+            tenant = conn.principal.tenant_id
+            if await self.store.lookup(tenant, msg.request_id) is None:
+                raise errors.not_found(msg.request_id)
+            await self.prompts.cancel(msg.request_id, tenant, "client")
+        else:
+            await self._resume(conn, msg.request_id, msg.after_seq, msg.client_ref)
+
+    async def _resume(
+        self,
+        conn: Conn,
+        request_id: str,
+        after_seq: int,
+        client_ref: str | None,
+        existing: bool = False,
+    ) -> None:
+        """Follow a request from `after_seq` on, on any replica: replayed from its reply
+        partition, then live."""
+        meta = await self.store.lookup(conn.principal.tenant_id, request_id)
+        if meta is None:
+            raise errors.not_found(request_id)
+        self.feed.check_resume_capacity(request_id)
+        old = conn.watches.pop(request_id, None)
+        if old is not None:  # this socket followed it already: the new resume replaces that
+            self.feed.unfollow(old)
+            task = conn.tasks.pop(request_id, None)
+            if task is not None:
+                task.cancel()
+        await self.followers.attach(request_id, conn.member)
+        if existing:  # an idempotent resubmit is answered like any submit
+            conn.outbox.put(protocol.accepted(request_id, client_ref, 0, existing=True))
+        resumption = self.feed.resume(meta, after_seq, conn.outbox)
+        conn.watches[request_id] = resumption.watch
+        conn.tasks[request_id] = asyncio.create_task(self._catch_up(conn, resumption, client_ref))
+
+    async def _catch_up(self, conn: Conn, r: Resumption, client_ref: str | None) -> None:
+        rid = r.watch.request_id
+        try:
+            await self.feed.catch_up(r)
+        except GatewayError as err:
+            if conn.watches.get(rid) is r.watch:
+                del conn.watches[rid]
+            conn.outbox.put(protocol.error_frame(err, client_ref))
+        finally:
+            if conn.tasks.get(rid) is asyncio.current_task():
+                del conn.tasks[rid]
+
+    # ---- sending -----------------------------------------------------------------------------
+
+    async def _sender(self, conn: Conn) -> None:
+        outbox, ws = conn.outbox, conn.ws
+        try:
+            while True:
+                if outbox.overflowed:
+                    return
+                if not outbox.frames:
+                    conn.wake.clear()
+                    try:
+                        await asyncio.wait_for(conn.wake.wait(), self.s.heartbeat_s)
+                    except TimeoutError:
+                        outbox.put(protocol.heartbeat(now_ms()))
+                    continue
+                n = 0
+                while outbox.frames and n < 64 and not outbox.overflowed:
+                    # Encoded here, not by websockets: a lone surrogate that slipped through
+                    # (protocol.parse refuses them) must not make the send fail and kill the
+                    # socket; it becomes "?". The same one encode either way.
+                    frame = outbox.frames.popleft().encode("utf-8", "replace")
+                    await ws.send(frame, text=True)
+                    n += 1
+                self.metrics.frames_sent += n
+                await asyncio.sleep(0)  # let other sockets send too
+        except ConnectionClosed:
+            return
+
+    async def _close_after_flush(self, conn: Conn, code: int, reason: str) -> None:
+        for _ in range(100):
+            if not conn.outbox.frames:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)
+        await conn.ws.close(code, reason)
+
+    async def _close_slow(self, ws: ServerConnection) -> None:
+        """A socket fell `send_buffer` frames behind: close it (4008); if even the close frame
+        cannot be written in time, drop the TCP connection."""
+        self.metrics.send_buffer_overflows += 1
+        try:
+            await asyncio.wait_for(
+                ws.close(protocol.CLOSE_SLOW_CONSUMER, "send buffer full: reconnect and resume"),
+                3,
+            )
+        except (TimeoutError, ConnectionClosed):
+            pass
+        finally:
+            if ws.transport is not None and not ws.transport.is_closing():
+                ws.transport.abort()
