@@ -64,6 +64,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("TOPIC_TOKENS", "llmstream.tokens", "Topic of generation events (key: request id)."),
     Setting("TOPIC_DLQ", "llmstream.dlq", "Dead-letter topic for undecodable records."),
+    Setting(
+        "TOPIC_MODELS",
+        "llmstream.models",
+        "Compacted topic of the model catalog (key: model name): workers announce what their model "
+        "servers serve, gateways read it.",
+    ),
     Setting("PROMPTS_PARTITIONS", "12", "Partitions of the prompts topic (caps worker replicas)."),
     Setting("TOKENS_PARTITIONS", "12", "Partitions of the tokens topic (caps gateway replicas)."),
     Setting("TOPIC_RETENTION_MS", "604800000", "Retention of the event topics (default 7 days)."),
@@ -77,6 +83,13 @@ SETTINGS: tuple[Setting, ...] = (
         "deploy/local/server.properties).",
     ),
     Setting("DLQ_PARTITIONS", "1", "Partitions of the dead-letter topic."),
+    Setting("MODELS_PARTITIONS", "1", "Partitions of the model catalog topic."),
+    Setting(
+        "CATALOG_ANNOUNCE_S",
+        "10",
+        "How often each worker announces the models its model servers serve; gateways drop a "
+        "model not announced for 3 such intervals.",
+    ),
     Setting("GATEWAY_HOST", "127.0.0.1", "Gateway HTTP/WebSocket bind address."),
     Setting("GATEWAY_PORT", "8000", "Gateway HTTP/WebSocket port."),
     Setting(

@@ -29,8 +29,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from psycopg.conninfo import make_conninfo
 
 from llmstream import config, migrate
-from llmstream_tools import admin
 from llmstream.ports import free_port
+from llmstream_tools import admin
 
 
 async def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:
@@ -126,12 +126,14 @@ async def local_stack(
     /metrics (ports in `Stack.metrics_ports`)."""
     bootstrap = config.kafka_bootstrap()
     base = f"stack.{uuid.uuid4().hex[:8]}"
-    topics = [f"{base}.prompts", f"{base}.tokens", f"{base}.dlq"]
+    topics = [f"{base}.prompts", f"{base}.tokens", f"{base}.dlq", f"{base}.models"]
     server_db = config.database_url()
     db_name = f"llmstream_stack_{uuid.uuid4().hex[:8]}"
     stack: Stack | None = None
     try:
-        await create_topics(bootstrap, {topics[0]: partitions, topics[1]: partitions, topics[2]: 1})
+        await create_topics(
+            bootstrap, {topics[0]: partitions, topics[1]: partitions, topics[2]: 1, topics[3]: 1}
+        )
         async with await psycopg.AsyncConnection.connect(
             server_db, autocommit=True, connect_timeout=10
         ) as conn:
@@ -147,6 +149,7 @@ async def local_stack(
             "LLMSTREAM_TOPIC_PROMPTS": topics[0],
             "LLMSTREAM_TOPIC_TOKENS": topics[1],
             "LLMSTREAM_TOPIC_DLQ": topics[2],
+            "LLMSTREAM_TOPIC_MODELS": topics[3],
             "LLMSTREAM_PROMPTS_PARTITIONS": str(partitions),
             "LLMSTREAM_TOKENS_PARTITIONS": str(partitions),
             "LLMSTREAM_WORKER_GROUP": f"{base}.workers",

@@ -27,6 +27,25 @@ def _partition_counts(topics: list[dict[str, Any]]) -> dict[str, int]:
     }
 
 
+def _configs(spec: TopicSpec, replication: int) -> dict[str, str]:
+    if spec.compacted:
+        configs = {
+            "cleanup.policy": "compact",
+            # Only closed segments are compacted: a 10-minute segment bounds what a reader
+            # starting from the beginning reads beyond the last record per key (the 7-day
+            # default would let every re-announcement of a week pile up).
+            "segment.ms": "600000",
+        }
+    else:
+        configs = {
+            "retention.ms": str(config.get_int("TOPIC_RETENTION_MS")),
+            "cleanup.policy": "delete",
+        }
+    if replication >= 3:
+        configs["min.insync.replicas"] = "2"
+    return configs
+
+
 async def _ensure(servers: str, wanted: list[TopicSpec]) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -40,15 +59,11 @@ async def _ensure(servers: str, wanted: list[TopicSpec]) -> None:
         existing = set(await admin.list_topics())  # all topics: never auto-creates
         missing = [s for s in wanted if s.name not in existing]
         if missing:
-            configs = {
-                "retention.ms": str(config.get_int("TOPIC_RETENTION_MS")),
-                "cleanup.policy": "delete",
-            }
-            if replication >= 3:
-                configs["min.insync.replicas"] = "2"
             response = await admin.create_topics(
                 [
-                    NewTopic(s.name, s.partitions, replication, topic_configs=configs)
+                    NewTopic(
+                        s.name, s.partitions, replication, topic_configs=_configs(s, replication)
+                    )
                     for s in missing
                 ]
             )
