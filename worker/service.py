@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,17 +73,16 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        try:
-            await self.worker.on_revoked(set(revoked))
-        except Exception as exc:
-            log.exception("partition revocation failed; stopping the worker")
-            self.worker.fail(exc)
+        await self._guarded(self.worker.on_revoked(set(revoked)), "revocation")
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._guarded(self.worker.on_assigned(set(assigned)), "assignment")
+
+    async def _guarded(self, step: Awaitable[None], what: str) -> None:
         try:
-            await self.worker.on_assigned(set(assigned))
+            await step
         except Exception as exc:
-            log.exception("partition assignment failed; stopping the worker")
+            log.exception("partition %s failed; stopping the worker", what)
             self.worker.fail(exc)
 
 
@@ -152,9 +151,7 @@ class Worker:
             finally:
                 await self._abandon(self.partitions.runs())
                 await self.supervisor.stop()
-                with contextlib.suppress(KafkaError):
-                    await c.producer.flush()
-                await self._commit()
+                await self._last_commit()
                 await c.consumer.stop()  # leaves the group: the partitions move at once
         finally:
             await c.lookahead.stop()
@@ -382,6 +379,16 @@ class Worker:
         state.done(rec.offset)
 
     # ---------------------------------------------------------------- committing
+
+    async def _last_commit(self) -> None:
+        """Flush and commit on the way out. Best effort: whatever stays uncommitted is run
+        again by the next owner, and the group must be left whatever happened here."""
+        try:
+            with contextlib.suppress(KafkaError):
+                await self.clients.producer.flush()
+            await self._commit()
+        except Exception:
+            log.exception("last commit failed")
 
     async def _commit_loop(self) -> None:
         while True:

@@ -1,6 +1,7 @@
 """Test support for the worker (used by tests/integration/test_worker_*.py): real Kafka topics,
 real model server and worker processes, a prompt producer and a tokens-topic collector that
-checks the event contract."""
+checks the event contract. The pytest fixtures are in `worker_fixtures` (this module is also
+used by `llmstream bench worker`, where pytest is not installed)."""
 
 from __future__ import annotations
 
@@ -295,6 +296,15 @@ async def reference_text(addr: str, text: str, max_tokens: int) -> tuple[str, li
             ids.extend(msg.delta.token_ids)
         call.cancel()
         return "".join(parts), ids
+
+
+async def submit_streaming(
+    topics: Topics, events: list[events_pb2.Event], within_s: float = 20.0
+) -> None:
+    """Produce the submits and wait until every one of them has a token in the log."""
+    await produce(topics.bootstrap, topics.prompts, events)
+    ids = [e.request_id for e in events]
+    assert await wait_progress(topics.bootstrap, topics.tokens, ids, len(ids), within_s) == len(ids)
 
 
 async def wait_progress(

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,8 +17,6 @@ from llmstream_tools.testing.worker import (
     Topics,
     cancel_event,
     collect,
-    create_topics,
-    delete_topics,
     produce,
     prompt_text,
     reference_text,
@@ -29,8 +27,12 @@ from llmstream_tools.testing.worker import (
     wait_model_server,
     wait_progress,
 )
+from llmstream_tools.testing.worker_fixtures import worker_procs, worker_topics
 
 pytestmark = pytest.mark.integration
+# Fixtures of llmstream_tools.testing.worker_fixtures, under the names the tests use.
+topics = worker_topics
+procs = worker_procs
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +45,6 @@ def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield addr
     finally:
         proc.kill()
-
-
-@pytest.fixture
-async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
-    t = await create_topics(kafka_bootstrap)
-    yield t
-    await delete_topics(t)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.kill()
 
 
 def rid() -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,6 @@ from llmstream_tools.testing.worker import (
     Proc,
     Topics,
     collect,
-    create_topics,
-    delete_topics,
     produce,
     prompt_text,
     read_all,
@@ -31,26 +28,15 @@ from llmstream_tools.testing.worker import (
     start_model_server,
     start_worker,
     submit_event,
+    submit_streaming,
     wait_model_server,
-    wait_progress,
 )
+from llmstream_tools.testing.worker_fixtures import worker_procs, worker_topics
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
-    t = await create_topics(kafka_bootstrap)
-    yield t
-    await delete_topics(t)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.kill()
+# Fixtures of llmstream_tools.testing.worker_fixtures, under the names the tests use.
+topics = worker_topics
+procs = worker_procs
 
 
 async def model_server(procs: list[Proc], tmp: Path, port: int | None = None) -> str:
@@ -59,6 +45,17 @@ async def model_server(procs: list[Proc], tmp: Path, port: int | None = None) ->
     addr = f"127.0.0.1:{port}"
     await wait_model_server(addr)
     return addr
+
+
+async def two_replicas_one_worker(
+    topics: Topics, procs: list[Proc], tmp: Path, port_a: int | None = None
+) -> tuple[str, str]:
+    """Model servers A (procs[0]) and B, and worker w0 using both (short retry backoff)."""
+    addr_a = await model_server(procs, tmp, port_a)
+    addr_b = await model_server(procs, tmp)
+    env = topics.env([addr_a, addr_b], LLMSTREAM_WORKER_BACKOFF_MS="50")
+    procs.append(start_worker(tmp, env, "w0"))
+    return addr_a, addr_b
 
 
 async def check_equal_to_uninterrupted(
@@ -95,8 +92,7 @@ async def test_kill9_worker_mid_generation_is_taken_over(
     procs.append(w0)
     n, max_tokens = 50, 400  # ~2 s per generation at 5 ms per token
     ids, prompts, events = submits(topics, n, max_tokens)
-    await produce(topics.bootstrap, topics.prompts, events)
-    assert await wait_progress(topics.bootstrap, topics.tokens, ids, n) == n
+    await submit_streaming(topics, events)
     w0.kill()
     before = await read_all(topics.bootstrap, topics.tokens)
     assert not any(is_terminal(e) for e in before)
@@ -119,8 +115,7 @@ async def test_sigterm_drain_finishes_short_and_hands_over_long(
     w0 = start_worker(tmp_path, env, "w0")
     procs.append(w0)
     long_ids, long_prompts, long_events = submits(topics, 10, 1000)  # ~5 s each
-    await produce(topics.bootstrap, topics.prompts, long_events)
-    assert await wait_progress(topics.bootstrap, topics.tokens, long_ids, 10) == 10
+    await submit_streaming(topics, long_events)
     short_ids, short_prompts, short_events = submits(topics, 10, 60)  # ~0.3 s each
     await produce(topics.bootstrap, topics.prompts, short_events)
     await asyncio.sleep(0.1)
@@ -141,14 +136,10 @@ async def test_model_server_killed_mid_stream(
     topics: Topics, procs: list[Proc], tmp_path: Path
 ) -> None:
     port_a = free_port()
-    addr_a = await model_server(procs, tmp_path, port_a)
-    addr_b = await model_server(procs, tmp_path)
-    env = topics.env([addr_a, addr_b], LLMSTREAM_WORKER_BACKOFF_MS="50")
-    procs.append(start_worker(tmp_path, env, "w0"))
+    addr_a, addr_b = await two_replicas_one_worker(topics, procs, tmp_path, port_a)
     n, max_tokens = 20, 400
     ids, prompts, events = submits(topics, n, max_tokens)
-    await produce(topics.bootstrap, topics.prompts, events)
-    assert await wait_progress(topics.bootstrap, topics.tokens, ids, n) == n
+    await submit_streaming(topics, events)
     procs[0].kill()  # model server A
     got = await collect(topics.bootstrap, topics.tokens, ids, within_s=30)
     await check_equal_to_uninterrupted(got, addr_b, ids, prompts, max_tokens)
@@ -172,8 +163,7 @@ async def test_single_model_server_restarted_mid_stream(
     procs.append(start_worker(tmp_path, topics.env([addr]), "w0"))
     n, max_tokens = 10, 400
     ids, prompts, events = submits(topics, n, max_tokens)
-    await produce(topics.bootstrap, topics.prompts, events)
-    assert await wait_progress(topics.bootstrap, topics.tokens, ids, n) == n
+    await submit_streaming(topics, events)
     procs[0].kill()
     await asyncio.sleep(0.3)
     await model_server(procs, tmp_path, port)  # same address: the worker's retries reach it
@@ -187,14 +177,10 @@ async def test_model_server_drain_moves_streams_to_another_replica(
 ) -> None:
     """SIGTERM on a model server cancels its streams ("shutdown"): not a client cancel, so
     the worker continues them on the other replica."""
-    addr_a = await model_server(procs, tmp_path)
-    addr_b = await model_server(procs, tmp_path)
-    env = topics.env([addr_a, addr_b], LLMSTREAM_WORKER_BACKOFF_MS="50")
-    procs.append(start_worker(tmp_path, env, "w0"))
+    _, addr_b = await two_replicas_one_worker(topics, procs, tmp_path)
     n, max_tokens = 10, 400
     ids, prompts, events = submits(topics, n, max_tokens)
-    await produce(topics.bootstrap, topics.prompts, events)
-    assert await wait_progress(topics.bootstrap, topics.tokens, ids, n) == n
+    await submit_streaming(topics, events)
     await asyncio.to_thread(procs[0].term, 15)
     got = await collect(topics.bootstrap, topics.tokens, ids, within_s=30)
     await check_equal_to_uninterrupted(got, addr_b, ids, prompts, max_tokens)

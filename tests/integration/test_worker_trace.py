@@ -17,16 +17,17 @@ from llmstream_tools.testing.worker import (
     Topics,
     collect,
     counter_values,
-    create_topics,
-    delete_topics,
     metrics_reader,
     produce,
     submit_event,
 )
+from llmstream_tools.testing.worker_fixtures import worker_topics
 from worker.service import Worker
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
+# Fixtures of llmstream_tools.testing.worker_fixtures, under the names the tests use.
+topics = worker_topics
 
 
 class Recorder(model_service_pb2_grpc.ModelServiceServicer):
@@ -63,13 +64,6 @@ class Recorder(model_service_pb2_grpc.ModelServiceServicer):
         self, request: model_service_pb2.TokenizeRequest, context: Any
     ) -> model_service_pb2.TokenizeResponse:
         return model_service_pb2.TokenizeResponse()
-
-
-@pytest.fixture
-async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
-    t = await create_topics(kafka_bootstrap)
-    yield t
-    await delete_topics(t)
 
 
 def parse(traceparent: str) -> tuple[str, str]:
