@@ -33,9 +33,10 @@ from gateway.auth import Principal
 from gateway.errors import GatewayError
 from gateway.inflight import Inflight
 from gateway.metrics import GatewayMetrics
-from gateway.quota import Decision, Limits
+from gateway.prompts import PromptWriter
+from gateway.quota import Limits, Quota
 from gateway.settings import Settings
-from gateway.store import ReplyRoute, RequestMeta
+from gateway.store import ReplyRoute, RequestMeta, RequestStore
 from llmstream import codec, telemetry, tracing
 from llmstream.tracing import SpanKind
 from llmstream.v1 import events_pb2
@@ -243,48 +244,6 @@ def new_request_id() -> str:
 # ---- the shell --------------------------------------------------------------------------------
 
 
-class Reservations(Protocol):
-    """The quota (gateway/quota.py `Quota`)."""
-
-    async def reserve(
-        self,
-        tenant_id: str,
-        request_id: str,
-        at_ms: int,
-        now_ms: int,
-        reserved: int,
-        limits: Limits,
-    ) -> Decision: ...
-
-    async def release(self, tenant_id: str, request_id: str, at_ms: int, reserved: int) -> bool: ...
-
-
-class Requests(Protocol):
-    """The request store (gateway/store.py `RequestStore`)."""
-
-    async def claim_idempotency(self, tenant_id: str, key: str, request_id: str) -> str | None: ...
-
-    async def release_idempotency(self, tenant_id: str, key: str) -> None: ...
-
-    async def record(self, meta: RequestMeta, watcher: str) -> None: ...
-
-    async def forget(self, request_id: str) -> None: ...
-
-    async def wait_for(self, tenant_id: str, request_id: str) -> RequestMeta | None: ...
-
-
-class Prompts(Protocol):
-    """Writes prompt events (gateway/prompts.py `PromptWriter`)."""
-
-    async def submit(self, event: events_pb2.Event) -> None: ...
-
-
-class Routes(Protocol):
-    """Picks the reply partition of a new request (gateway/feed.py `TokenFeed`)."""
-
-    def next_route(self) -> ReplyRoute: ...
-
-
 @dataclass
 class _Done:
     """The steps of a plan executed so far (what `_rollback` must undo)."""
@@ -302,10 +261,10 @@ class Admission:
         gateway_id: str,
         policy: Policy,
         load: Callable[[], Load],
-        quota: Reservations,
-        store: Requests,
-        prompts: Prompts,
-        routes: Routes,
+        quota: Quota,
+        store: RequestStore,
+        prompts: PromptWriter,
+        next_route: Callable[[], ReplyRoute],
         inflight: Inflight,
         metrics: GatewayMetrics,
         clock_ns: Callable[[], int] = time.time_ns,
@@ -317,7 +276,7 @@ class Admission:
         self.quota = quota
         self.store = store
         self.prompts = prompts
-        self.routes = routes
+        self.next_route = next_route
         self.inflight = inflight
         self.metrics = metrics
         self.clock_ns = clock_ns
@@ -373,7 +332,7 @@ class Admission:
             self.metrics.quota_refusals[decision.limit or "unknown"] += 1
             raise errors.quota_exceeded(decision.limit, decision.retry_after_ms)
         done.reserved = True
-        route = self.routes.next_route()
+        route = self.next_route()
         meta = RequestMeta(plan.request_id, plan.tenant_id, route, plan.at_ms, self.gateway_id)
         await self.store.record(meta, follower.watcher)
         done.recorded = True

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Collection, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, cast
@@ -127,6 +127,7 @@ class TokenFeed:
         self._rr = 0
         self._resume_slots = asyncio.Semaphore(max_resumes)
         self._borrow_lock = asyncio.Lock()
+        self._borrow_checked = 0.0  # monotonic time the borrowed partitions were last pruned
         self._undecodable_skipped = 0
         self._undecodable_logged_at = -1e9
 
@@ -206,14 +207,7 @@ class TokenFeed:
 
     async def run_owned(self) -> None:
         while True:
-            try:
-                batch = await self.owned_reader.getmany(timeout_ms=200)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("tokens consumer failed; retrying")
-                await asyncio.sleep(0.5)
-                continue
+            batch = await self._poll(Source.OWNED, self._fetch_owned)
             for tp, records in batch.items():
                 if records:
                     self.low[tp.partition] = records[-1].offset + 1
@@ -221,29 +215,42 @@ class TokenFeed:
             await asyncio.sleep(0)
 
     async def run_borrowed(self) -> None:
-        last_check = 0.0
         while True:
-            batch: dict[TopicPartition, list[Any]] = {}
-            try:
-                async with self._borrow_lock:
-                    if time.monotonic() - last_check > BORROW_CHECK_S:
-                        last_check = time.monotonic()
-                        needed = {TopicPartition(t, p) for t, p in self.router.borrowed()}
-                        await self._reassign_borrowed(needed & set(self.borrow_reader.assignment()))
-                    if self.borrow_reader.assignment():
-                        batch = await self.borrow_reader.getmany(timeout_ms=20)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("borrowed partitions consumer failed; retrying")
-                await asyncio.sleep(0.5)
-                continue
+            batch = await self._poll(Source.BORROWED, self._fetch_borrowed)
             if not batch:
                 await asyncio.sleep(0.02)
                 continue
             for records in batch.values():
                 self.deliver(records, Source.BORROWED, self.router.deliver)
             await asyncio.sleep(0)
+
+    async def _poll(
+        self, source: Source, fetch: Callable[[], Awaitable[dict[TopicPartition, list[Any]]]]
+    ) -> dict[TopicPartition, list[Any]]:
+        """One fetch of a live reader. A failure (a broker restarting) is logged and retried
+        after a pause: the loop goes on, and no record is skipped (the position stays)."""
+        try:
+            return await fetch()
+        except Exception:
+            log.exception("%s tokens reader failed; retrying", source.value)
+            await asyncio.sleep(0.5)
+            return {}
+
+    async def _fetch_owned(self) -> dict[TopicPartition, list[Any]]:
+        batch: dict[TopicPartition, list[Any]] = await self.owned_reader.getmany(timeout_ms=200)
+        return batch
+
+    async def _fetch_borrowed(self) -> dict[TopicPartition, list[Any]]:
+        """Every second, first release the borrowed partitions no watch needs any more."""
+        async with self._borrow_lock:
+            if time.monotonic() - self._borrow_checked > BORROW_CHECK_S:
+                self._borrow_checked = time.monotonic()
+                needed = {TopicPartition(t, p) for t, p in self.router.borrowed()}
+                await self._reassign_borrowed(needed & set(self.borrow_reader.assignment()))
+            if not self.borrow_reader.assignment():
+                return {}
+            batch: dict[TopicPartition, list[Any]] = await self.borrow_reader.getmany(timeout_ms=20)
+            return batch
 
     async def _reassign_borrowed(self, wanted: set[TopicPartition]) -> None:
         """Change the borrowed partitions; kept ones continue where they were, new ones start

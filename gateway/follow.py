@@ -9,6 +9,7 @@ gateway writes `cancel_requested` (reason `disconnect`) so the engine stops gene
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from gateway.inflight import Inflight
 from gateway.metrics import GatewayMetrics
@@ -18,25 +19,15 @@ from gateway.store import RequestStore, now_ms
 from gateway.tasks import TaskSet
 
 
+@dataclass(kw_only=True, eq=False)
 class Followers:
-    def __init__(
-        self,
-        *,
-        store: RequestStore,
-        router: Router,
-        inflight: Inflight,
-        prompts: PromptWriter,
-        metrics: GatewayMetrics,
-        tasks: TaskSet,
-        grace_s: float,
-    ) -> None:
-        self.store = store
-        self.router = router
-        self.inflight = inflight
-        self.prompts = prompts
-        self.metrics = metrics
-        self.tasks = tasks
-        self.grace_s = grace_s
+    store: RequestStore
+    router: Router  # the watches of this replica
+    inflight: Inflight
+    prompts: PromptWriter
+    metrics: GatewayMetrics
+    tasks: TaskSet
+    grace_s: float
 
     async def attach(self, request_id: str, watcher: str) -> None:
         await self.store.attach(request_id, watcher)

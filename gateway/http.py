@@ -11,6 +11,7 @@ import logging
 import math
 import mimetypes
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,22 +103,17 @@ def load_static(directory: Path) -> dict[str, tuple[bytes, str]]:
     return files
 
 
+@dataclass(kw_only=True, eq=False)
 class HttpRoutes:
-    def __init__(
-        self,
-        *,
-        settings: Settings,
-        resources: Resources,
-        sockets: WebSocketFrontEnd,
-        inflight: Inflight,
-        readiness: Callable[[], Awaitable[tuple[bool, dict[str, str]]]],
-    ) -> None:
-        self.s = settings
-        self.res = resources
-        self.sockets = sockets
-        self.inflight = inflight
-        self.readiness = readiness
-        self.static = load_static(settings.static_dir)
+    settings: Settings
+    resources: Resources
+    sockets: WebSocketFrontEnd
+    inflight: Inflight
+    readiness: Callable[[], Awaitable[tuple[bool, dict[str, str]]]]
+    static: dict[str, tuple[bytes, str]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.static = load_static(self.settings.static_dir)
 
     async def process_request(
         self, connection: ServerConnection, request: Request
@@ -139,7 +135,7 @@ class HttpRoutes:
             await self.sockets.check_upgrade(connection, request.headers)
             return None
         if path == "/healthz":
-            return json_response(200, {"status": "ok", "gateway_id": self.s.gateway_id})
+            return json_response(200, {"status": "ok", "gateway_id": self.settings.gateway_id})
         if path == "/readyz":
             ok, checks = await self.readiness()
             return json_response(200 if ok else 503, {"ready": ok, "checks": checks})
@@ -156,18 +152,18 @@ class HttpRoutes:
 
     async def _sessions(self, method: str, headers: Headers) -> Response:
         """Browser sign-in (a key -> an HttpOnly session cookie) and sign-out."""
-        sessions = self.res.auth.sessions
+        sessions = self.resources.auth.sessions
         if method == "POST":
-            principal = await self.res.auth.principal(headers.get("Authorization"), None)
+            principal = await self.resources.auth.principal(headers.get("Authorization"), None)
             if principal is None:
                 raise GatewayError(errors.UNAUTHORIZED, "invalid API key")
-            if not origin_allowed(self.s, headers):
+            if not origin_allowed(self.settings, headers):
                 raise GatewayError(errors.FORBIDDEN, "origin")
             sid = await sessions.create(principal)
-            ttl = self.s.session_ttl_s
+            ttl = self.settings.session_ttl_s
             # Secure whenever the browser reached us over TLS (ours, or a proxy's: set
             # LLMSTREAM_GATEWAY_COOKIE_SECURE=1 there).
-            secure = self.s.cookie_secure or bool(self.s.tls_cert)
+            secure = self.settings.cookie_secure or bool(self.settings.tls_cert)
             return json_response(
                 200,
                 {"tenant_id": principal.tenant_id, "expires_in_s": ttl},
@@ -182,7 +178,7 @@ class HttpRoutes:
 
     async def _request_status(self, request_id: str, headers: Headers) -> Response:
         """Status and usage from the aggregator's projection, else what the gateway knows."""
-        principal = await self.res.auth.principal(
+        principal = await self.resources.auth.principal(
             headers.get("Authorization"), headers.get("Cookie")
         )
         if principal is None:
@@ -195,7 +191,7 @@ class HttpRoutes:
                 raise errors.not_found()
             row["source"] = "projection"
             return json_response(200, row)
-        if await self.res.store.lookup(principal.tenant_id, request_id) is None:
+        if await self.resources.store.lookup(principal.tenant_id, request_id) is None:
             raise errors.not_found()
         state = "finished" if self.inflight.finished(request_id) else "accepted"
         body = {
@@ -208,7 +204,7 @@ class HttpRoutes:
 
     async def _projected(self, request_id: str) -> dict[str, Any] | None:
         try:
-            async with self.res.postgres.connection() as conn:
+            async with self.resources.postgres.connection() as conn:
                 cur = await conn.execute(REQUEST_QUERY, (request_id,))
                 values = await cur.fetchone()
                 if values is None or cur.description is None:

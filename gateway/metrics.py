@@ -105,65 +105,81 @@ class _Instruments:
                 for k, n in list(read(g).items())
             ]
 
-        def gauge(name: str, desc: str, read: Callable[[GatewayMetrics], float]) -> None:
+        Read = Callable[[GatewayMetrics], float]
+        Labelled = Callable[[GatewayMetrics], Counter[str]]
+        gauges: list[tuple[str, str, Read]] = [
+            ("gateway_sockets", "Open WebSockets.", lambda g: g.sockets()),
+            (
+                "gateway_inflight_requests",
+                "Requests accepted by this replica whose terminal event it has not read yet.",
+                lambda g: g.inflight(),
+            ),
+            (
+                "gateway_prompt_lag",
+                "Prompts in the log not yet committed by the workers (0 unless "
+                "LLMSTREAM_GATEWAY_MAX_PROMPT_LAG is set).",
+                lambda g: g.prompt_lag,
+            ),
+        ]
+        by_label_counters: list[tuple[str, str, str, Labelled]] = [
+            (
+                "gateway_submits",
+                "Submit frames by result (accepted, idempotent, quota, overloaded, draining, "
+                "failed).",
+                "result",
+                lambda g: g.submits,
+            ),
+            (
+                "gateway_requests",
+                "Requests accepted here that ended, by outcome (finish reason or failure code).",
+                "outcome",
+                lambda g: g.requests,
+            ),
+            (
+                "gateway_resumes",
+                "Resumes by kind (owned: own partition; borrowed: another replica's).",
+                "kind",
+                lambda g: g.resumes,
+            ),
+            (
+                "gateway_quota_refusals",
+                "Submits and upgrades refused by a tenant quota, by limit.",
+                "limit",
+                lambda g: g.quota_refusals,
+            ),
+        ]
+        counters: list[tuple[str, str, Read]] = [
+            (
+                "gateway_send_buffer_overflows",
+                "Sockets closed with 4008 because their send buffer was full.",
+                lambda g: g.send_buffer_overflows,
+            ),
+            ("gateway_frames_sent", "Frames written to sockets.", lambda g: g.frames_sent),
+            (
+                "gateway_invalid_frames",
+                "Client frames refused by the protocol parser.",
+                lambda g: g.invalid_frames,
+            ),
+            (
+                "gateway_token_events",
+                "Events read from this replica's tokens partitions.",
+                lambda g: g.token_events,
+            ),
+            (
+                "gateway_grace_cancels",
+                "Requests cancelled because nobody followed them after the disconnect grace "
+                "period.",
+                lambda g: g.grace_cancels,
+            ),
+        ]
+        for name, desc, read in gauges:
             m.create_observable_gauge(name, callbacks=[value(read)], unit="1", description=desc)
-
-        def counter(name: str, desc: str, cb: Callable[[Any], Observations]) -> None:
-            m.create_observable_counter(name, callbacks=[cb], unit="1", description=desc)
-
-        gauge("gateway_sockets", "Open WebSockets.", lambda g: g.sockets())
-        gauge(
-            "gateway_inflight_requests",
-            "Requests accepted by this replica whose terminal event it has not read yet.",
-            lambda g: g.inflight(),
-        )
-        gauge(
-            "gateway_prompt_lag",
-            "Prompts in the log not yet committed by the workers (0 unless "
-            "LLMSTREAM_GATEWAY_MAX_PROMPT_LAG is set).",
-            lambda g: g.prompt_lag,
-        )
-        counter(
-            "gateway_submits",
-            "Submit frames by result (accepted, idempotent, quota, overloaded, draining, failed).",
-            by_label("result", lambda g: g.submits),
-        )
-        counter(
-            "gateway_requests",
-            "Requests accepted here that ended, by outcome (finish reason or failure code).",
-            by_label("outcome", lambda g: g.requests),
-        )
-        counter(
-            "gateway_resumes",
-            "Resumes by kind (owned: own partition; borrowed: another replica's).",
-            by_label("kind", lambda g: g.resumes),
-        )
-        counter(
-            "gateway_quota_refusals",
-            "Submits and upgrades refused by a tenant quota, by limit.",
-            by_label("limit", lambda g: g.quota_refusals),
-        )
-        counter(
-            "gateway_send_buffer_overflows",
-            "Sockets closed with 4008 because their send buffer was full.",
-            value(lambda g: g.send_buffer_overflows),
-        )
-        counter("gateway_frames_sent", "Frames written to sockets.", value(lambda g: g.frames_sent))
-        counter(
-            "gateway_invalid_frames",
-            "Client frames refused by the protocol parser.",
-            value(lambda g: g.invalid_frames),
-        )
-        counter(
-            "gateway_token_events",
-            "Events read from this replica's tokens partitions.",
-            value(lambda g: g.token_events),
-        )
-        counter(
-            "gateway_grace_cancels",
-            "Requests cancelled because nobody followed them after the disconnect grace period.",
-            value(lambda g: g.grace_cancels),
-        )
+        for name, desc, label, labelled in by_label_counters:
+            m.create_observable_counter(
+                name, callbacks=[by_label(label, labelled)], unit="1", description=desc
+            )
+        for name, desc, read in counters:
+            m.create_observable_counter(name, callbacks=[value(read)], unit="1", description=desc)
         self.ttft = m.create_histogram(
             "gateway_time_to_first_token_seconds",
             unit="s",

@@ -85,6 +85,13 @@ class Ping:
 Message = Submit | Cancel | Resume | Ping
 
 
+def _field(obj: dict[str, Any], name: str, ref: str | None, required: bool) -> Any:
+    value = obj.get(name)
+    if value is None and required:
+        raise ProtocolError(f"`{name}` is required", name, ref)
+    return value
+
+
 def _str(
     obj: dict[str, Any],
     name: str,
@@ -94,10 +101,8 @@ def _str(
     max_chars: int = MAX_ID_CHARS,
     allow_empty: bool = False,
 ) -> str | None:
-    value = obj.get(name)
+    value = _field(obj, name, ref, required)
     if value is None:
-        if required:
-            raise ProtocolError(f"`{name}` is required", name, ref)
         return None
     if not isinstance(value, str):
         raise ProtocolError(f"`{name}` must be a string", name, ref)
@@ -124,10 +129,8 @@ def _check_unicode(value: str, name: str, ref: str | None) -> None:
 def _int(
     obj: dict[str, Any], name: str, ref: str | None, lo: int, hi: int, *, required: bool = False
 ) -> int | None:
-    value = obj.get(name)
+    value = _field(obj, name, ref, required)
     if value is None:
-        if required:
-            raise ProtocolError(f"`{name}` is required", name, ref)
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError(f"`{name}` must be an integer", name, ref)
@@ -150,48 +153,38 @@ def _float(
     return float(value)
 
 
-def _submit(obj: dict[str, Any], ref: str | None) -> Submit:
-    model = _str(obj, "model", ref, required=True)
-    assert model is not None
-    max_tokens = _int(obj, "max_tokens", ref, 1, 1_000_000, required=True)
-    assert max_tokens is not None
-    prompt = obj.get("prompt")
-    raw_messages = obj.get("messages")
-    if (prompt is None) == (raw_messages is None):
-        raise ProtocolError("exactly one of `prompt` or `messages` is required", "prompt", ref)
+def _messages(raw: Any, ref: str | None) -> tuple[ChatMessage, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ProtocolError("`messages` must be a non-empty list", "messages", ref)
+    if len(raw) > MAX_MESSAGES:
+        raise ProtocolError(f"`messages` has more than {MAX_MESSAGES} items", "messages", ref)
     messages: list[ChatMessage] = []
-    if prompt is not None:
-        prompt = _str(obj, "prompt", ref, max_chars=MAX_PROMPT_CHARS)
-    else:
-        if not isinstance(raw_messages, list) or not raw_messages:
-            raise ProtocolError("`messages` must be a non-empty list", "messages", ref)
-        if len(raw_messages) > MAX_MESSAGES:
-            raise ProtocolError(f"`messages` has more than {MAX_MESSAGES} items", "messages", ref)
-        total = 0
-        for i, m in enumerate(raw_messages):
-            where = f"messages[{i}]"
-            if not isinstance(m, dict):
-                raise ProtocolError(f"`{where}` must be an object", where, ref)
-            role, content = m.get("role"), m.get("content")
-            if not isinstance(role, str) or role not in ROLES:
-                raise ProtocolError(
-                    f"`{where}.role` must be one of {sorted(ROLES)}", f"{where}.role", ref
-                )
-            if not isinstance(content, str):
-                raise ProtocolError(f"`{where}.content` must be a string", f"{where}.content", ref)
-            _check_unicode(content, f"{where}.content", ref)
-            total += len(content)
-            messages.append(ChatMessage(str(role), content))
-        if total > MAX_PROMPT_CHARS:
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ProtocolError(f"`{where}` must be an object", where, ref)
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or role not in ROLES:
             raise ProtocolError(
-                f"`messages` are longer than {MAX_PROMPT_CHARS} characters", "messages", ref
+                f"`{where}.role` must be one of {sorted(ROLES)}", f"{where}.role", ref
             )
-    stop_raw = obj.get("stop", [])
-    if isinstance(stop_raw, str):
-        stop_raw = [stop_raw]
-    if not isinstance(stop_raw, list) or len(stop_raw) > MAX_STOP:
+        if not isinstance(content, str):
+            raise ProtocolError(f"`{where}.content` must be a string", f"{where}.content", ref)
+        _check_unicode(content, f"{where}.content", ref)
+        messages.append(ChatMessage(str(role), content))
+    if sum(len(m.content) for m in messages) > MAX_PROMPT_CHARS:
+        raise ProtocolError(
+            f"`messages` are longer than {MAX_PROMPT_CHARS} characters", "messages", ref
+        )
+    return tuple(messages)
+
+
+def _stop(raw: Any, ref: str | None) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or len(raw) > MAX_STOP:
         raise ProtocolError(f"`stop` must be a list of at most {MAX_STOP} strings", "stop", ref)
-    for s in stop_raw:
+    for s in raw:
         if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
             raise ProtocolError(
                 f"`stop` items must be non-empty strings of at most {MAX_STOP_CHARS} characters",
@@ -199,15 +192,28 @@ def _submit(obj: dict[str, Any], ref: str | None) -> Submit:
                 ref,
             )
         _check_unicode(s, "stop", ref)
+    return tuple(raw)
+
+
+def _submit(obj: dict[str, Any], ref: str | None) -> Submit:
+    model = _str(obj, "model", ref, required=True)
+    assert model is not None
+    max_tokens = _int(obj, "max_tokens", ref, 1, 1_000_000, required=True)
+    assert max_tokens is not None
+    if (obj.get("prompt") is None) == (obj.get("messages") is None):
+        raise ProtocolError("exactly one of `prompt` or `messages` is required", "prompt", ref)
+    prompt = _str(obj, "prompt", ref, max_chars=MAX_PROMPT_CHARS)
+    messages = _messages(obj["messages"], ref) if prompt is None else ()
+    stop = _stop(obj.get("stop", []), ref)
     return Submit(
         model=model,
         max_tokens=max_tokens,
         prompt=prompt,
-        messages=tuple(messages),
+        messages=messages,
         temperature=_float(obj, "temperature", ref, 0.0, 2.0),
         top_p=_float(obj, "top_p", ref, 0.0, 1.0, lo_open=True),
         seed=_int(obj, "seed", ref, 0, 2**63 - 1),
-        stop=tuple(stop_raw),
+        stop=stop,
         idempotency_key=_str(obj, "idempotency_key", ref),
         client_ref=ref,
     )
@@ -357,35 +363,17 @@ class Done:
 
 
 def error_frame(err: GatewayError, client_ref: str | None = None) -> str:
-    """The `error` frame of a `GatewayError` (the one WebSocket rendering of every error)."""
-    return error(
-        err.code,
-        err.message,
-        request_id=err.request_id,
-        client_ref=client_ref,
-        field_name=err.field,
-        retry_after_ms=err.retry_after_ms,
-    )
-
-
-def error(
-    code: str,
-    message: str,
-    *,
-    request_id: str | None = None,
-    client_ref: str | None = None,
-    field_name: str | None = None,
-    retry_after_ms: int | None = None,
-) -> str:
-    out: dict[str, Any] = {"type": "error", "code": code, "message": message}
-    if request_id is not None:
-        out["request_id"] = request_id
+    """The `error` frame of a `GatewayError` (the one WebSocket rendering of every error);
+    `client_ref` is that of the frame it answers."""
+    out: dict[str, Any] = {"type": "error", "code": err.code, "message": err.message}
+    if err.request_id is not None:
+        out["request_id"] = err.request_id
     if client_ref is not None:
         out["client_ref"] = client_ref
-    if field_name is not None:
-        out["field"] = field_name
-    if retry_after_ms is not None:
-        out["retry_after_ms"] = retry_after_ms
+    if err.field is not None:
+        out["field"] = err.field
+    if err.retry_after_ms is not None:
+        out["retry_after_ms"] = err.retry_after_ms
     return _dump(out)
 
 

@@ -156,7 +156,7 @@ class Gateway:
             quota=res.quota,
             store=res.store,
             prompts=prompts,
-            routes=feed,
+            next_route=feed.next_route,
             inflight=self.inflight,
             metrics=self.metrics,
         )

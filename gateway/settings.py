@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, TypeVar
 
-from llmstream import config, topics
+from llmstream import config
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -44,17 +46,50 @@ def split_partitions(count: int, index: int, replicas: int) -> list[int]:
     return list(range(start, start + base + (1 if index < extra else 0)))
 
 
-# Every default is the documented one in llmstream/config.py; Settings(...) built in-process
-# (tests, benchmarks) gets the same values as the environment's defaults.
-_DEFAULTS = {setting.name: setting.default for setting in config.SETTINGS}
+# Settings field -> its LLMSTREAM_ variable. The defaults (documented in llmstream/config.py)
+# and the values from the environment both come through this table, parsed by the type of the
+# field's default (config.get_bool is strict: a typo is an error, not false).
+VARIABLES = {
+    "host": "GATEWAY_HOST",
+    "port": "GATEWAY_PORT",
+    "prompts_topic": "TOPIC_PROMPTS",
+    "tokens_topic": "TOPIC_TOKENS",
+    "replica_index": "GATEWAY_REPLICA_INDEX",
+    "replicas": "GATEWAY_REPLICAS",
+    "grace_s": "GATEWAY_GRACE_S",
+    "send_buffer": "GATEWAY_SEND_BUFFER",
+    "max_frame_bytes": "GATEWAY_MAX_FRAME_BYTES",
+    "max_sockets": "GATEWAY_MAX_SOCKETS",
+    "max_inflight": "GATEWAY_MAX_INFLIGHT",
+    "shed_max_tokens": "GATEWAY_SHED_MAX_TOKENS",
+    "max_prompt_lag": "GATEWAY_MAX_PROMPT_LAG",
+    "worker_group": "WORKER_GROUP",
+    "max_resumes": "GATEWAY_MAX_RESUMES",
+    "heartbeat_s": "GATEWAY_HEARTBEAT_S",
+    "auth_cache_s": "GATEWAY_AUTH_CACHE_S",
+    "session_ttl_s": "GATEWAY_SESSION_TTL_S",
+    "cookie_secure": "GATEWAY_COOKIE_SECURE",
+    "tls_cert": "GATEWAY_TLS_CERT",
+    "tls_key": "GATEWAY_TLS_KEY",
+    "drain_s": "GATEWAY_DRAIN_S",
+    "default_model": "GATEWAY_DEFAULT_MODEL",
+}
+_READ: dict[type, Callable[[str], Any]] = {
+    str: config.get,
+    int: config.get_int,
+    float: config.get_float,
+    bool: config.get_bool,
+}
+_DOCUMENTED = {setting.name: setting.default for setting in config.SETTINGS}
+T = TypeVar("T", str, int, float, bool)
 
 
-def _default_int(name: str) -> int:
-    return int(_DEFAULTS[name])
-
-
-def _default_float(name: str) -> float:
-    return float(_DEFAULTS[name])
+def _default(field_name: str, kind: type[T]) -> T:
+    """The documented default of a field's variable, as the field's type."""
+    raw = _DOCUMENTED[VARIABLES[field_name]]
+    if kind is bool:
+        return config.parse_bool(raw, config.PREFIX + VARIABLES[field_name])
+    return kind(raw)
 
 
 # How often the workers' prompt lag is read (only with GATEWAY_MAX_PROMPT_LAG; tests shorten it).
@@ -64,36 +99,33 @@ LAG_INTERVAL_S = 1.0
 @dataclass
 class Settings:
     gateway_id: str = ""  # empty: gateway-<host>-<pid>
-    host: str = _DEFAULTS["GATEWAY_HOST"]
-    port: int = _default_int("GATEWAY_PORT")
-    bootstrap: str = _DEFAULTS["KAFKA_BOOTSTRAP"]
-    prompts_topic: str = _DEFAULTS["TOPIC_PROMPTS"]
-    tokens_topic: str = _DEFAULTS["TOPIC_TOKENS"]
+    host: str = _default("host", str)
+    port: int = _default("port", int)
+    bootstrap: str = _DOCUMENTED["KAFKA_BOOTSTRAP"]
+    prompts_topic: str = _default("prompts_topic", str)
+    tokens_topic: str = _default("tokens_topic", str)
     partitions: list[int] | None = None  # None: split_partitions(replica_index, replicas)
-    replica_index: int = _default_int("GATEWAY_REPLICA_INDEX")
-    replicas: int = _default_int("GATEWAY_REPLICAS")
+    replica_index: int = _default("replica_index", int)
+    replicas: int = _default("replicas", int)
     origins: list[str] = field(default_factory=list)
-    grace_s: float = _default_float("GATEWAY_GRACE_S")
-    send_buffer: int = _default_int("GATEWAY_SEND_BUFFER")
-    max_frame_bytes: int = _default_int("GATEWAY_MAX_FRAME_BYTES")
-    max_sockets: int = _default_int("GATEWAY_MAX_SOCKETS")
-    max_inflight: int = _default_int("GATEWAY_MAX_INFLIGHT")
-    shed_max_tokens: int = _default_int("GATEWAY_SHED_MAX_TOKENS")
-    max_prompt_lag: int = _default_int("GATEWAY_MAX_PROMPT_LAG")
-    worker_group: str = _DEFAULTS["WORKER_GROUP"]
+    grace_s: float = _default("grace_s", float)
+    send_buffer: int = _default("send_buffer", int)
+    max_frame_bytes: int = _default("max_frame_bytes", int)
+    max_sockets: int = _default("max_sockets", int)
+    max_inflight: int = _default("max_inflight", int)
+    shed_max_tokens: int = _default("shed_max_tokens", int)
+    max_prompt_lag: int = _default("max_prompt_lag", int)
+    worker_group: str = _default("worker_group", str)
     lag_interval_s: float = LAG_INTERVAL_S
-    max_resumes: int = _default_int("GATEWAY_MAX_RESUMES")
-    heartbeat_s: float = _default_float("GATEWAY_HEARTBEAT_S")
-    auth_cache_s: float = _default_float("GATEWAY_AUTH_CACHE_S")
-    session_ttl_s: int = _default_int("GATEWAY_SESSION_TTL_S")
-    # Also implied by serving TLS (tls_cert).
-    cookie_secure: bool = config.parse_bool(
-        _DEFAULTS["GATEWAY_COOKIE_SECURE"], config.PREFIX + "GATEWAY_COOKIE_SECURE"
-    )
-    tls_cert: str = _DEFAULTS["GATEWAY_TLS_CERT"]  # PEM files: serve https/wss
-    tls_key: str = _DEFAULTS["GATEWAY_TLS_KEY"]
-    drain_s: float = _default_float("GATEWAY_DRAIN_S")
-    default_model: str = _DEFAULTS["GATEWAY_DEFAULT_MODEL"]
+    max_resumes: int = _default("max_resumes", int)
+    heartbeat_s: float = _default("heartbeat_s", float)
+    auth_cache_s: float = _default("auth_cache_s", float)
+    session_ttl_s: int = _default("session_ttl_s", int)
+    cookie_secure: bool = _default("cookie_secure", bool)  # also implied by serving TLS
+    tls_cert: str = _default("tls_cert", str)  # PEM files: serve https/wss
+    tls_key: str = _default("tls_key", str)
+    drain_s: float = _default("drain_s", float)
+    default_model: str = _default("default_model", str)
     redis_url: str = ""
     database_url: str = ""
     static_dir: Path = STATIC_DIR
@@ -126,44 +158,26 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        values = {
+            f.name: _READ[type(f.default)](VARIABLES[f.name])
+            for f in fields(cls)
+            if f.name in VARIABLES
+        }
         spec = config.get("GATEWAY_PARTITIONS").strip()
         try:
             partitions = parse_partitions(spec) if spec else None
         except ValueError as exc:
             raise config.ConfigError(f"{config.PREFIX}GATEWAY_PARTITIONS: {exc}") from None
-        tls_cert, tls_key = config.get("GATEWAY_TLS_CERT"), config.get("GATEWAY_TLS_KEY")
-        if bool(tls_cert) != bool(tls_key):
+        if bool(values["tls_cert"]) != bool(values["tls_key"]):
             raise config.ConfigError(
                 f"set both {config.PREFIX}GATEWAY_TLS_CERT and {config.PREFIX}GATEWAY_TLS_KEY"
             )
         return cls(
             gateway_id=config.get("GATEWAY_ID"),
-            host=config.get("GATEWAY_HOST"),
-            port=config.get_int("GATEWAY_PORT"),
             bootstrap=config.kafka_bootstrap(),
-            prompts_topic=topics.prompts(),
-            tokens_topic=topics.tokens(),
             partitions=partitions,
-            replica_index=config.get_int("GATEWAY_REPLICA_INDEX"),
-            replicas=config.get_int("GATEWAY_REPLICAS"),
             origins=[o.strip() for o in config.get("GATEWAY_ORIGINS").split(",") if o.strip()],
-            grace_s=config.get_float("GATEWAY_GRACE_S"),
-            send_buffer=config.get_int("GATEWAY_SEND_BUFFER"),
-            max_frame_bytes=config.get_int("GATEWAY_MAX_FRAME_BYTES"),
-            max_sockets=config.get_int("GATEWAY_MAX_SOCKETS"),
-            max_inflight=config.get_int("GATEWAY_MAX_INFLIGHT"),
-            shed_max_tokens=config.get_int("GATEWAY_SHED_MAX_TOKENS"),
-            max_prompt_lag=config.get_int("GATEWAY_MAX_PROMPT_LAG"),
-            worker_group=config.get("WORKER_GROUP"),
-            max_resumes=config.get_int("GATEWAY_MAX_RESUMES"),
-            heartbeat_s=config.get_float("GATEWAY_HEARTBEAT_S"),
-            auth_cache_s=config.get_float("GATEWAY_AUTH_CACHE_S"),
-            session_ttl_s=config.get_int("GATEWAY_SESSION_TTL_S"),
-            cookie_secure=config.get_bool("GATEWAY_COOKIE_SECURE"),
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            drain_s=config.get_float("GATEWAY_DRAIN_S"),
-            default_model=config.get("GATEWAY_DEFAULT_MODEL"),
             redis_url=config.redis_url(),
             database_url=config.database_url(),
+            **values,
         )

@@ -39,7 +39,6 @@ class TaskSet:
 
     async def cancel_all(self) -> None:
         self.stopping = True
-        tasks = list(self.tasks)
-        for task in tasks:
+        for task in list(self.tasks):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self.tasks, return_exceptions=True)

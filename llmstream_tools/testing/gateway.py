@@ -46,6 +46,26 @@ async def new_tenant(tier: str = "standard") -> tuple[str, str, str]:
     return tenant_id, name, (await admin.create_key(name)).key
 
 
+async def new_key(tier: str = "standard") -> tuple[str, str]:
+    """(tenant id, API key) of a new tenant of `tier`."""
+    tenant_id, _name, key = await new_tenant(tier)
+    return tenant_id, key
+
+
+def topics_fixture(partitions: int) -> Any:
+    """The `topics` fixture of a test module (`topics = testing.topics_fixture(4)`): fresh
+    prompts and tokens topics of `partitions` partitions per test, deleted after it."""
+    import pytest  # only test modules call this
+
+    @pytest.fixture
+    async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
+        t = await create_topics(kafka_bootstrap, partitions)
+        yield t
+        await delete_topics(t)
+
+    return topics
+
+
 async def create_topics(bootstrap: str, partitions: int = 4) -> Topics:
     base = f"test.g{uuid.uuid4().hex[:10]}"
     t = Topics(bootstrap, f"{base}.prompts", f"{base}.tokens", partitions)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,16 +12,8 @@ from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
-    t = await testing.create_topics(kafka_bootstrap, partitions=4)
-    yield t
-    await testing.delete_topics(t)
-
-
-async def new_key(tier: str = "standard") -> tuple[str, str]:
-    tenant_id, _name, key = await testing.new_tenant(tier)
-    return tenant_id, key
+topics = testing.topics_fixture(4)
+new_key = testing.new_key
 
 
 async def test_submit_streams_exact_tokens_and_malformed_frames(

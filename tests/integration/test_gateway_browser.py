@@ -3,7 +3,6 @@ cancel one, reload mid-stream and see the other resume and finish exactly."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
 
-@pytest.fixture
-async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
-    t = await testing.create_topics(kafka_bootstrap, partitions=2)
-    yield t
-    await testing.delete_topics(t)
+topics = testing.topics_fixture(2)
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed")

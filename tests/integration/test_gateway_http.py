@@ -6,7 +6,6 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -22,11 +21,7 @@ from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
-    t = await testing.create_topics(kafka_bootstrap, partitions=2)
-    yield t
-    await testing.delete_topics(t)
+topics = testing.topics_fixture(2)
 
 
 def http(

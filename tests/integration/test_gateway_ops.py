@@ -8,7 +8,6 @@ import signal
 import sys
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,11 +21,7 @@ from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
-    t = await testing.create_topics(kafka_bootstrap, partitions=2)
-    yield t
-    await testing.delete_topics(t)
+topics = testing.topics_fixture(2)
 
 
 async def new_key() -> str:

@@ -7,7 +7,6 @@ import asyncio
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -26,16 +25,8 @@ from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
-    t = await testing.create_topics(kafka_bootstrap, partitions=4)
-    yield t
-    await testing.delete_topics(t)
-
-
-async def new_key(tier: str = "standard") -> tuple[str, str]:
-    tenant_id, _name, key = await testing.new_tenant(tier)
-    return tenant_id, key
+topics = testing.topics_fixture(4)
+new_key = testing.new_key
 
 
 def pair(t: Topics, redis_url: str, db: str, **kw: Any) -> tuple[Settings, Settings]:

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import protocol
+from gateway.errors import GatewayError
 from gateway.protocol import Cancel, Ping, ProtocolError, Resume, Submit, parse
 
 
@@ -160,7 +161,8 @@ def test_server_frames() -> None:
         "max_tokens": 5,
         "max_tokens_capped": "tier",
     }
-    err = json.loads(protocol.error("quota_exceeded", "m", request_id="r", retry_after_ms=5))
+    quota = GatewayError("quota_exceeded", "m", request_id="r", retry_after_ms=5)
+    err = json.loads(protocol.error_frame(quota))
     assert err == {
         "type": "error",
         "code": "quota_exceeded",
