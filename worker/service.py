@@ -42,6 +42,9 @@ log = logging.getLogger("worker")
 COMMIT_INTERVAL_S = 0.1
 FETCH_TIMEOUT_MS = 100  # how often the fetch loop looks at the in-flight bound and shutdown
 REPLY_METADATA_TIMEOUT_S = 10.0
+# The offsets read when partitions are assigned, right after a rebalance (a broker that has just
+# restarted may be slow): past this the worker stops rather than run untracked partitions.
+ASSIGNMENT_READ_LIMIT_S = 60.0
 
 
 @dataclass
@@ -246,10 +249,11 @@ class Worker:
             return
         consumer = self.clients.consumer
         async with self._lock:
-            ends = await kafka.end_offsets(consumer, list(assigned))
+            async with asyncio.timeout(ASSIGNMENT_READ_LIMIT_S):
+                ends = await consumer.end_offsets(list(assigned))
+                committed = {tp: await consumer.committed(tp) for tp in assigned}
             for tp in assigned:
-                committed = await asyncio.wait_for(consumer.committed(tp), kafka.CALL_TIMEOUT_S)
-                self.partitions.assign(tp, ends.get(tp, 0), committed)
+                self.partitions.assign(tp, int(ends.get(tp, 0)), committed[tp])
             log.info(
                 "partitions assigned",
                 extra=telemetry.fields(partitions=sorted(tp.partition for tp in assigned)),
