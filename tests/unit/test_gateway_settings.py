@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway import auth, quota
-from gateway.settings import Settings, parse_partitions, split_partitions
+from gateway.settings import VARIABLES, Settings, parse_partitions, split_partitions
 from llmstream import config, quota_keys
 
 
@@ -118,3 +118,34 @@ def test_reserve_args_use_shared_key_layout() -> None:
     args = quota.reserve_args("r", at, at, 30, limits, 1000)
     assert args[:8] == [at, "r", at + 1000, 30, 2, 10, 100, 1000]
     assert args[11] == quota_keys.minute_start_ms(at) + 60_000
+
+
+def test_in_process_defaults_are_the_documented_ones() -> None:
+    documented = {s.name: s.default for s in config.SETTINGS}
+    s = Settings()
+    for field_name, variable in VARIABLES.items():
+        value = getattr(s, field_name)
+        raw = documented[variable]
+        expected = config.parse_bool(raw, variable) if isinstance(value, bool) else type(value)(raw)
+        assert value == expected, field_name
+
+
+def test_cookie_secure_is_a_strict_boolean(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMSTREAM_REDIS_URL", "redis://x")
+    monkeypatch.setenv("LLMSTREAM_DATABASE_URL", "postgresql://x")
+    for raw, expected in (("true", True), ("1", True), ("Yes", True), ("0", False), ("", False)):
+        monkeypatch.setenv("LLMSTREAM_GATEWAY_COOKIE_SECURE", raw)
+        assert Settings.from_env().cookie_secure is expected
+    monkeypatch.setenv("LLMSTREAM_GATEWAY_COOKIE_SECURE", "ture")
+    with pytest.raises(config.ConfigError, match="GATEWAY_COOKIE_SECURE='ture' is not a boolean"):
+        Settings.from_env()
+    monkeypatch.setenv("LLMSTREAM_GATEWAY_COOKIE_SECURE", "1")
+    monkeypatch.setenv("LLMSTREAM_GATEWAY_GRACE_S", "2.5")
+    assert Settings.from_env().grace_s == 2.5
+
+
+def test_owned_partitions() -> None:
+    assert Settings(partitions=[5, 1, 9]).owned_partitions(8) == [1, 5]
+    assert Settings(replica_index=1, replicas=2).owned_partitions(4) == [2, 3]
+    with pytest.raises(RuntimeError, match="no partitions"):
+        Settings(partitions=[9]).owned_partitions(4)
