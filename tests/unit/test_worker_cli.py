@@ -23,3 +23,12 @@ def test_bad_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--model-servers", " , "]) == 2
     assert "no model servers" in capsys.readouterr().err
     assert cli.main(["--max-inflight", "0"]) == 2
+
+
+def test_a_malformed_variable_is_one_line_on_stderr(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LLMSTREAM_WORKER_COALESCE_MS", "5ms")
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert err == "llmstream worker: LLMSTREAM_WORKER_COALESCE_MS='5ms' is not a number\n"
