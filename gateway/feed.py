@@ -283,9 +283,6 @@ class TokenFeed:
     def unfollow(self, watch: Watch) -> None:
         self.router.remove(watch)
 
-    def watched(self, request_id: str) -> bool:
-        return self.router.watched(request_id)
-
     def check_resume_capacity(self, request_id: str) -> None:
         if self._resume_slots.locked():
             raise errors.overloaded("too many resumes in progress", request_id=request_id)

@@ -26,6 +26,7 @@ from gateway.errors import GatewayError
 from gateway.inflight import Inflight
 from gateway.resources import Resources
 from gateway.settings import Settings
+from gateway.store import MAX_REQUEST_ID_CHARS
 from gateway.ws import WebSocketFrontEnd, origin_allowed
 
 log = logging.getLogger("gateway")
@@ -183,7 +184,7 @@ class HttpRoutes:
         )
         if principal is None:
             raise GatewayError(errors.UNAUTHORIZED, "credentials")
-        if not request_id or len(request_id) > 128:
+        if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
             raise errors.not_found()
         row = await self._projected(request_id)
         if row is not None:

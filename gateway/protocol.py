@@ -337,7 +337,6 @@ class Done:
     total_ms: float | None = None
     message: str = ""
     error_code: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def frame(self) -> str:
         out: dict[str, Any] = {

@@ -142,3 +142,30 @@ async def test_drain_closes_sockets_with_1012(topics: Topics, db_env: str, redis
         assert c.close_code == 1012
     finally:
         await gw.stop()
+
+
+async def test_a_dead_delivery_loop_makes_the_replica_unready(
+    topics: Topics, db_env: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delivery never stops silently: the loop's death is logged and /readyz turns 503."""
+    s = testing.settings(topics, redis_url, db_env, "gw-h", [0, 1])
+    _tenant, _name, key = await testing.new_tenant()
+    async with testing.running(s) as gw, FakeWorker(topics):
+        assert (await ahttp(s.port, "/readyz"))[0] == 200
+
+        def broken(*_args: Any) -> None:
+            raise RuntimeError("a bug in delivery")
+
+        monkeypatch.setattr(gw.parts.feed, "deliver", broken)
+        c = await Client.connect(s.port, key)
+        await c.submit("a", max_tokens=2)
+        await c.wait_ref("a")
+        for _ in range(100):
+            status, _h, body = await ahttp(s.port, "/readyz")
+            if status == 503:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 503 and body["checks"]["loops"].startswith(
+            "error: owned tokens reader: RuntimeError: a bug in delivery"
+        )
+        await c.close()

@@ -165,7 +165,7 @@ async def test_owned_delivery_counts_events_and_ends_requests_accepted_here() ->
     assert f.metrics.requests == {"length": 1}  # r2 was not accepted here
     assert isinstance(f.quota, FakeQuota) and f.quota.ended == [("t1", "r1")]
     assert not len(f.inflight) and f.inflight.finished("r1") and f.inflight.finished("r2")
-    assert not f.watched("r1")
+    assert not f.router.watched("r1")
 
 
 async def test_borrowed_and_catch_up_delivery_count_no_owned_events() -> None:
@@ -248,7 +248,7 @@ async def test_catch_up_then_parked_live_events_without_gap_or_duplicate(
     f = new_feed()
     box = Outbox(100)
     r = f.resume(meta("r1", partition=1, offset=0), 1, box)
-    assert r.plan.owned and f.watched("r1")
+    assert r.plan.owned and f.router.watched("r1")
     # Live events 4..6 arrive while the replay (up to 4) has not run yet: parked, not sent.
     live = records([delta("r1", 4), delta("r1", 5), delta("r1", 6)], 10)
     f.deliver(live, Source.OWNED, f.router.deliver)
@@ -257,7 +257,7 @@ async def test_catch_up_then_parked_live_events_without_gap_or_duplicate(
     f.deliver(records([completed("r1", 6)], 13), Source.OWNED, f.router.deliver)
     out = frames(box)
     assert [x["seq"] for x in out if x["type"] == "token"] == [2, 3, 4, 5, 6]
-    assert out[-1]["type"] == "done" and not f.watched("r1")
+    assert out[-1]["type"] == "done" and not f.router.watched("r1")
     assert kafka_log.ranges == [kafka.PartitionRange(TopicPartition(TOPIC, 1), 0, 5)]
     assert kafka_log.stopped == 1 and f.metrics.resumes["owned"] == 1
 
@@ -281,12 +281,12 @@ async def test_failed_borrow_or_replay_drops_the_watch(
     with pytest.raises(GatewayError) as borrow:
         await f.catch_up(r)
     assert (borrow.value.code, borrow.value.request_id) == ("internal", "r1")
-    assert borrow.value.retry_after_ms == 1000 and not f.watched("r1")
+    assert borrow.value.retry_after_ms == 1000 and not f.router.watched("r1")
     kafka_log.fail = True
     r = f.resume(meta("r1"), 0, Outbox(100))
     with pytest.raises(GatewayError, match="resume failed"):
         await f.catch_up(r)
-    assert not f.watched("r1") and kafka_log.stopped == 1
+    assert not f.router.watched("r1") and kafka_log.stopped == 1
 
 
 async def test_resumes_beyond_the_bound_are_refused_overloaded() -> None:
