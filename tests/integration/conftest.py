@@ -19,9 +19,9 @@ import pytest
 import redis.asyncio as aioredis
 from psycopg.conninfo import make_conninfo
 
-from llmstream_tools.testing.aggregator import Topics, fresh_database, fresh_topics
 from llmstream import config, migrate
 from llmstream_tools import stack
+from llmstream_tools.testing.aggregator import Topics, fresh_database, fresh_topics
 
 
 def _require(what: str, get: object) -> str:

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmstream.v1 import common_pb2, model_service_pb2, model_service_pb2_grpc
-from model_server.server import ModelServer
 from llmstream_tools.testing.model_server import generate, running_server, start, synthetic_spec
+from model_server.server import ModelServer
 
 pytestmark = pytest.mark.integration
 

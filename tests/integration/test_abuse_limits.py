@@ -19,9 +19,9 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from llmstream_tools.testing.gateway import Client
 from llmstream import config, quota_keys
 from llmstream_tools import stack
+from llmstream_tools.testing.gateway import Client
 
 pytestmark = pytest.mark.integration
 

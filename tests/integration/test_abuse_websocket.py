@@ -32,10 +32,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway import protocol
-from llmstream_tools.testing import gateway as testing
 from gateway.server import Gateway
-from llmstream_tools.testing.gateway import FakeWorker, Topics
 from llmstream_tools import admin
+from llmstream_tools.testing import gateway as testing
+from llmstream_tools.testing.gateway import FakeWorker, Topics
 
 pytestmark = pytest.mark.integration
 

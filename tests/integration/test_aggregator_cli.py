@@ -13,6 +13,8 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
+from llmstream import codec, quota_keys
+from llmstream.ports import free_port
 from llmstream_tools.testing import synthetic_events as synthetic
 from llmstream_tools.testing.aggregator import (
     Topics,
@@ -20,8 +22,6 @@ from llmstream_tools.testing.aggregator import (
     produce,
     wait_caught_up,
 )
-from llmstream import codec, quota_keys
-from llmstream.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
+from llmstream import codec, quota_keys
 from llmstream_tools.testing import synthetic_events as synthetic
 from llmstream_tools.testing.aggregator import (
     Topics,
@@ -26,7 +27,6 @@ from llmstream_tools.testing.aggregator import (
     stored_offsets,
     wait_caught_up,
 )
-from llmstream import codec, quota_keys
 
 pytestmark = pytest.mark.integration
 

@@ -11,11 +11,12 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
-from llmstream_tools.testing import synthetic_events as synthetic
 from aggregator.projection import Coords
 from aggregator.quota_settlement import QuotaSettler, rebuild_from_postgres
 from aggregator.service import Aggregator, Settings
 from aggregator.store import Batch, Fenced, ProjectionStore, Settlement
+from llmstream import codec, quota_keys
+from llmstream_tools.testing import synthetic_events as synthetic
 from llmstream_tools.testing.aggregator import (
     Topics,
     fresh_topics,
@@ -23,7 +24,6 @@ from llmstream_tools.testing.aggregator import (
     produce,
     wait_caught_up,
 )
-from llmstream import codec, quota_keys
 
 pytestmark = pytest.mark.integration
 

@@ -13,11 +13,11 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
-from llmstream_tools.testing import synthetic_events as synthetic
 from aggregator.service import Aggregator, Settings
+from llmstream import codec, quota_keys
+from llmstream_tools.testing import synthetic_events as synthetic
 from llmstream_tools.testing.aggregator import Topics, new_producer, produce
 from llmstream_tools.testing.aggregator import wait_caught_up as caught_up
-from llmstream import codec, quota_keys
 
 pytestmark = pytest.mark.integration
 

@@ -22,9 +22,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from llmstream import config
+from llmstream.ports import free_port
 from llmstream_tools import infra
 from llmstream_tools.infra import _common
-from llmstream.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -23,9 +23,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from llmstream_tools import admin
 from llmstream_tools.testing import gateway as testing
 from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
-from llmstream_tools import admin
 
 pytestmark = pytest.mark.integration
 

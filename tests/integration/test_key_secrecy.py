@@ -23,9 +23,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from llmstream_tools.testing.gateway import Client
 from llmstream import apikeys, config
 from llmstream_tools import stack
+from llmstream_tools.testing.gateway import Client
 
 pytestmark = pytest.mark.integration
 

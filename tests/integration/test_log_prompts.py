@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from llmstream import telemetry
 from llmstream_tools.testing import gateway as testing
 from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
-from llmstream import telemetry
 
 pytestmark = pytest.mark.integration
 

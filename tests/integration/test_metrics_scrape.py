@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from llmstream_tools.testing.gateway import Client
 from llmstream_tools import metric_catalog
 from llmstream_tools import promstats as ps
 from llmstream_tools.stack import Stack, local_stack
+from llmstream_tools.testing.gateway import Client
 
 pytestmark = pytest.mark.integration
 

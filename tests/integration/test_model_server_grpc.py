@@ -12,9 +12,15 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmstream.v1 import common_pb2, model_service_pb2, model_service_pb2_grpc
+from llmstream_tools.testing.model_server import (
+    eventually,
+    generate,
+    running_server,
+    start,
+    synthetic_spec,
+)
 from model_server.engines.synthetic import SyntheticEngine, token_bytes
 from model_server.server import ModelServer
-from llmstream_tools.testing.model_server import eventually, generate, running_server, start, synthetic_spec
 
 MAX_MESSAGE = 256 * 1024
 

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from llmstream_tools.testing.model_server import running_server, synthetic_spec
 from model_server.registry import ModelSpec
 from model_server.server import ModelServer
-from llmstream_tools.testing.model_server import running_server, synthetic_spec
 from model_server.types import ModelLimits
 
 

@@ -26,11 +26,17 @@ from llmstream.v1 import (
     model_service_pb2,
     model_service_pb2_grpc,
 )
+from llmstream_tools.testing.model_server import (
+    eventually,
+    generate,
+    running_server,
+    start,
+    synthetic_spec,
+)
 from model_server.engine import Engine
 from model_server.engines.synthetic import SyntheticEngine
 from model_server.metrics import ServerMetrics
 from model_server.registry import ModelSpec, ModelState, default_factory
-from llmstream_tools.testing.model_server import eventually, generate, running_server, start, synthetic_spec
 from model_server.types import ModelLimits
 
 ROOT = Path(__file__).resolve().parents[2]

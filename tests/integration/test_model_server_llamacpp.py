@@ -13,10 +13,10 @@ import pytest
 import pytest_asyncio
 
 from llmstream.v1 import common_pb2, model_service_pb2, model_service_pb2_grpc
+from llmstream_tools.testing.model_server import generate, running_server, start
 from model_server.engines.llamacpp import LlamaCppEngine
 from model_server.registry import ModelSpec
 from model_server.server import ModelServer
-from llmstream_tools.testing.model_server import generate, running_server, start
 from model_server.types import ModelLimits
 
 pytest.importorskip(

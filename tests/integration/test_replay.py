@@ -15,8 +15,8 @@ import psycopg
 import pytest
 
 from aggregator import replay
-from llmstream_tools.testing import synthetic_events as synthetic
 from aggregator.service import Aggregator, Settings
+from llmstream_tools.testing import synthetic_events as synthetic
 from llmstream_tools.testing.aggregator import (
     Topics,
     end_offsets,

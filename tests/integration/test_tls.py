@@ -25,10 +25,10 @@ from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from llmstream.v1 import model_service_pb2, model_service_pb2_grpc
+from llmstream_tools import stack
 from llmstream_tools.testing import gateway as testing
 from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
-from llmstream_tools import stack
-from llmstream.v1 import model_service_pb2, model_service_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

@@ -9,12 +9,12 @@ import random
 from decimal import Decimal
 
 from aggregator import projection
-from llmstream_tools.testing import synthetic_events as synthetic
 from aggregator.ledger import Price, PriceBook
 from aggregator.projection import Coords, Stored
 from llmstream import codec
 from llmstream.fold import Status
 from llmstream.v1 import common_pb2, events_pb2
+from llmstream_tools.testing import synthetic_events as synthetic
 
 P, T = "prompts", "tokens"
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import pytest
 
 from aggregator import replay, replay_cli
-from llmstream_tools.testing import synthetic_events as synthetic
 from aggregator.projection import Coords
 from llmstream import codec
+from llmstream_tools.testing import synthetic_events as synthetic
 
 
 def test_parse_time_forms() -> None:

@@ -7,6 +7,7 @@ import argparse
 
 import pytest
 
+from llmstream.fold import RequestState, Status
 from llmstream_tools.chaos.check import (
     ClientStream,
     FaultResult,
@@ -19,7 +20,6 @@ from llmstream_tools.chaos.check import (
     tally,
 )
 from llmstream_tools.chaos.runner import FAULTS, add_arguments, main, options_from
-from llmstream.fold import RequestState, Status
 
 EXPECTED = "alpha beta gamma"
 
