@@ -24,7 +24,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from llmstream import codec, kafka, telemetry
+from llmstream import catalog, codec, kafka, telemetry
 from llmstream.runner import Shutdown
 from llmstream.supervisor import Supervisor
 from llmstream.v1 import events_pb2
@@ -149,6 +149,12 @@ class Worker:
             try:
                 self.supervisor.spawn(self.lookahead.run(), "cancel-lookahead")
                 self.supervisor.spawn(self._commit_loop(), "committer")
+                # The gateways' model catalog (docs/events.md): what our replicas serve.
+                stubs = {r: self.models.stub(r) for r in s.model_servers}
+                self.supervisor.spawn(
+                    catalog.announce_served_models(c.producer, stubs, s.worker_id),
+                    "catalog-announcer",
+                )
                 await self._fetch_loop()
                 await self._wind_down()
             finally:
