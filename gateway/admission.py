@@ -254,33 +254,19 @@ class _Done:
     followed: bool = False
 
 
+@dataclass(kw_only=True, eq=False)
 class Admission:
-    def __init__(
-        self,
-        *,
-        gateway_id: str,
-        policy: Policy,
-        load: Callable[[], Load],
-        quota: Quota,
-        store: RequestStore,
-        prompts: PromptWriter,
-        next_route: Callable[[], ReplyRoute],
-        inflight: Inflight,
-        metrics: GatewayMetrics,
-        clock_ns: Callable[[], int] = time.time_ns,
-        new_id: Callable[[], str] = new_request_id,
-    ) -> None:
-        self.gateway_id = gateway_id
-        self.policy = policy
-        self.load = load
-        self.quota = quota
-        self.store = store
-        self.prompts = prompts
-        self.next_route = next_route
-        self.inflight = inflight
-        self.metrics = metrics
-        self.clock_ns = clock_ns
-        self.new_id = new_id
+    gateway_id: str
+    policy: Policy
+    load: Callable[[], Load]  # what the replica carries now
+    quota: Quota
+    store: RequestStore
+    prompts: PromptWriter
+    next_route: Callable[[], ReplyRoute]  # the reply partition of a new request
+    inflight: Inflight
+    metrics: GatewayMetrics
+    clock_ns: Callable[[], int] = time.time_ns
+    new_id: Callable[[], str] = new_request_id
 
     async def submit(
         self, principal: Principal, req: SubmitRequest, follower: Follower

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, cast
 
@@ -96,36 +96,27 @@ async def _paced(outbox: Outbox) -> None:
         await asyncio.sleep(0.01)
 
 
+@dataclass(kw_only=True, eq=False)
 class TokenFeed:
-    def __init__(
-        self,
-        *,
-        connection: kafka.Connection,
-        topic: str,
-        gateway_id: str,
-        owned_reader: AIOKafkaConsumer,
-        borrow_reader: AIOKafkaConsumer,
-        max_resumes: int,
-        inflight: Inflight,
-        quota: Quota,
-        metrics: GatewayMetrics,
-        tasks: TaskSet,
-    ) -> None:
-        self.connection = connection
-        self.topic = topic
-        self.gateway_id = gateway_id
-        self.owned_reader = owned_reader
-        self.borrow_reader = borrow_reader
-        self.inflight = inflight
-        self.quota = quota
-        self.metrics = metrics
-        self.tasks = tasks
-        self.router = Router()
-        self.spans = DeliverySpans(topic)
-        self.owned: list[int] = []
-        self.low: dict[int, int] = {}  # owned partition -> lower bound of its next offset
+    connection: kafka.Connection
+    topic: str
+    gateway_id: str
+    owned_reader: AIOKafkaConsumer
+    borrow_reader: AIOKafkaConsumer
+    max_resumes: int  # concurrent catch-up readers at most
+    inflight: Inflight
+    quota: Quota
+    metrics: GatewayMetrics
+    tasks: TaskSet
+    router: Router = field(default_factory=Router, init=False)
+    owned: list[int] = field(default_factory=list, init=False)
+    # Owned partition -> lower bound of its next offset.
+    low: dict[int, int] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.spans = DeliverySpans(self.topic)
         self._rr = 0
-        self._resume_slots = asyncio.Semaphore(max_resumes)
+        self._resume_slots = asyncio.Semaphore(self.max_resumes)
         self._borrow_lock = asyncio.Lock()
         self._borrow_checked = 0.0  # monotonic time the borrowed partitions were last pruned
         self._undecodable_skipped = 0

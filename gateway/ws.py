@@ -107,40 +107,25 @@ class _SubmitFollower:
             self.front.feed.unfollow(watch)
 
 
+@dataclass(kw_only=True, eq=False)
 class WebSocketFrontEnd:
-    def __init__(
-        self,
-        *,
-        settings: Settings,
-        conns: set[Conn],
-        metrics: GatewayMetrics,
-        authenticator: auth.Authenticator,
-        admission: Admission,
-        feed: TokenFeed,
-        followers: Followers,
-        store: RequestStore,
-        prompts: PromptWriter,
-        quota: Quota,
-        tasks: TaskSet,
-        draining: Callable[[], bool],
-    ) -> None:
-        self.s = settings
-        self.conns = conns
-        self.metrics = metrics
-        self.auth = authenticator
-        self.admission = admission
-        self.feed = feed
-        self.followers = followers
-        self.store = store
-        self.prompts = prompts
-        self.quota = quota
-        self.tasks = tasks
-        self.draining = draining
-        # Upgrades checked by `check_upgrade`, picked up by `handler` (weak: a handshake that
-        # fails after the check leaves nothing behind).
-        self._pending: weakref.WeakKeyDictionary[ServerConnection, Upgrade] = (
-            weakref.WeakKeyDictionary()
-        )
+    settings: Settings
+    conns: set[Conn]  # the open sockets (the gateway counts them)
+    metrics: GatewayMetrics
+    authenticator: auth.Authenticator
+    admission: Admission
+    feed: TokenFeed
+    followers: Followers
+    store: RequestStore
+    prompts: PromptWriter
+    quota: Quota
+    tasks: TaskSet
+    draining: Callable[[], bool]
+    # Upgrades checked by `check_upgrade`, picked up by `handler` (weak: a handshake that fails
+    # after the check leaves nothing behind).
+    _pending: weakref.WeakKeyDictionary[ServerConnection, Upgrade] = field(
+        default_factory=weakref.WeakKeyDictionary, init=False
+    )
 
     # ---- upgrade -----------------------------------------------------------------------------
 
@@ -149,15 +134,15 @@ class WebSocketFrontEnd:
         who it is for."""
         if self.draining():
             raise GatewayError(errors.OVERLOADED, "draining")
-        if not origin_allowed(self.s, headers):
+        if not origin_allowed(self.settings, headers):
             raise GatewayError(errors.FORBIDDEN, "origin")
-        if len(self.conns) + len(self._pending) >= self.s.max_sockets:
+        if len(self.conns) + len(self._pending) >= self.settings.max_sockets:
             raise GatewayError(errors.OVERLOADED, "too many sockets", retry_after_ms=1000)
         authorization, cookie = headers.get("Authorization"), headers.get("Cookie")
-        principal = await self.auth.principal(authorization, cookie)
+        principal = await self.authenticator.principal(authorization, cookie)
         if principal is None:
             raise GatewayError(errors.UNAUTHORIZED, "missing or invalid credentials")
-        member = f"{self.s.gateway_id}/{uuid.uuid4().hex[:16]}"
+        member = f"{self.settings.gateway_id}/{uuid.uuid4().hex[:16]}"
         limits = principal.limits
         if not await self.quota.open_socket(
             principal.tenant_id, member, limits.max_sockets, now_ms(), SOCKET_LEASE_MS
@@ -182,13 +167,17 @@ class WebSocketFrontEnd:
         def on_overflow() -> None:
             self.tasks.spawn(self._close_slow(ws))
 
-        outbox = Outbox(self.s.send_buffer, wake.set, on_overflow)
+        outbox = Outbox(self.settings.send_buffer, wake.set, on_overflow)
         conn = Conn(ws, upgrade.principal, outbox, wake, upgrade.member, upgrade.session_id)
         self.conns.add(conn)
         sender = asyncio.create_task(self._sender(conn))
-        heartbeat_ms = int(self.s.heartbeat_s * 1000)
+        heartbeat_ms = int(self.settings.heartbeat_s * 1000)
         tenant = conn.principal.tenant_id
-        outbox.put(protocol.hello(self.s.gateway_id, heartbeat_ms, tenant, self.s.default_model))
+        outbox.put(
+            protocol.hello(
+                self.settings.gateway_id, heartbeat_ms, tenant, self.settings.default_model
+            )
+        )
         try:
             async for frame in ws:
                 if outbox.overflowed:
@@ -233,7 +222,7 @@ class WebSocketFrontEnd:
 
     async def _handle(self, conn: Conn, frame: str | bytes) -> None:
         try:
-            msg = protocol.parse(frame, self.s.max_frame_bytes)
+            msg = protocol.parse(frame, self.settings.max_frame_bytes)
         except protocol.ProtocolError as exc:
             self.metrics.invalid_frames += 1
             conn.outbox.put(exc.frame())
@@ -258,7 +247,7 @@ class WebSocketFrontEnd:
             conn.outbox.put(msg.reply or protocol.pong(msg.data))
             return
         try:
-            conn.principal = await self.auth.recheck(conn.principal, conn.session_id)
+            conn.principal = await self.authenticator.recheck(conn.principal, conn.session_id)
         except GatewayError as err:
             # Not an answer to this frame (no client_ref): the socket ends.
             conn.outbox.put(protocol.error_frame(err))
@@ -331,7 +320,7 @@ class WebSocketFrontEnd:
                 if not outbox.frames:
                     conn.wake.clear()
                     try:
-                        await asyncio.wait_for(conn.wake.wait(), self.s.heartbeat_s)
+                        await asyncio.wait_for(conn.wake.wait(), self.settings.heartbeat_s)
                     except TimeoutError:
                         outbox.put(protocol.heartbeat(now_ms()))
                     continue

@@ -142,16 +142,8 @@ class FakeQuota(Quota):
         self.released: list[tuple[str, str, int, int]] = []
         self.fail_release = False
 
-    async def reserve(
-        self,
-        tenant_id: str,
-        request_id: str,
-        at_ms: int,
-        now_ms: int,
-        reserved: int,
-        limits: Limits,
-        lease_ms: int | None = None,
-    ) -> Decision:
+    async def reserve(self, tenant_id: str, request_id: str, *args: Any, **kw: Any) -> Decision:
+        _at_ms, _now_ms, reserved, _limits = args  # as the admission passes them
         if self.refuse:
             return Decision(False, self.refuse, 1234)
         self.reserved[request_id] = reserved
