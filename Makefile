@@ -13,12 +13,13 @@ PROTOS := $(shell find proto -name '*.proto')
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: system-deps tools up test down status deps proto lint typecheck buflint pytest unit bench chaos clean readme-config
+.PHONY: system-deps tools up test down status deps proto vllm lint typecheck buflint pytest unit bench chaos clean readme-config
 
-up: deps proto
-	$(BIN)/llmstream up
+# ENGINE=vllm|synthetic|llamacpp picks the model server's engine (default: LLMSTREAM_ENGINE).
+up: deps proto $(if $(filter vllm,$(ENGINE)),vllm)
+	$(BIN)/llmstream up $(if $(ENGINE),--engine $(ENGINE))
 
-test: deps proto
+test: deps proto vllm
 	$(BIN)/llmstream infra up
 	@# -k: report every failing check in one run, not just the first.
 	$(MAKE) --no-print-directory -k lint typecheck buflint pytest
@@ -45,6 +46,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 proto: llmstream/v1/.generated
+
+# The vLLM engine's own virtualenv (~6 GiB, ~2.5 min cold; the main one stays lean) and
+# SmolLM2-135M-Instruct converted for it into the cache dir (~30 s, once; checked by its stamp).
+VLLM_VENV ?= .venv-vllm
+vllm: $(VLLM_VENV)/.installed
+	@$(VLLM_VENV)/bin/python deploy/local/convert_smollm2.py
+
+$(VLLM_VENV)/.installed: deploy/local/vllm.sh pyproject.toml
+	@VLLM_VENV=$(VLLM_VENV) deploy/local/vllm.sh
+	touch $@
 
 # Generated code goes to llmstream/v1/ (git-ignored): never edit it by hand.
 llmstream/v1/.generated: $(PROTOS) $(VENV)/.installed

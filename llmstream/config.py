@@ -225,7 +225,30 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLAMACPP_THREADS", "1", "llama.cpp threads per instance."),
     Setting("SYNTHETIC_TTFT_MS", "20", "Synthetic engine: time to first token (not a model)."),
     Setting("SYNTHETIC_ITL_MS", "10", "Synthetic engine: time between tokens (not a model)."),
-    Setting("VLLM_MODEL", "", "vLLM engine: model name or local path (engine `vllm`)."),
+    Setting(
+        "VLLM_MODEL",
+        "",
+        "vLLM engine: model name or local path (engine `vllm`). Empty: SmolLM2-135M-Instruct "
+        "converted by `make vllm` into the cache dir.",
+    ),
+    Setting(
+        "VLLM_PYTHON",
+        "",
+        "Python of the vLLM virtualenv that `model-server --engine vllm` re-executes itself with "
+        "when vLLM is not importable. Empty: `.venv-vllm/bin/python` of the checkout "
+        "(`make vllm`).",
+    ),
+    Setting(
+        "VLLM_TENSOR_PARALLEL_SIZE",
+        "1",
+        "vLLM engine: GPUs one model replica is split over (vLLM's `tensor_parallel_size`).",
+    ),
+    Setting(
+        "VLLM_GPU_MEMORY_UTILIZATION",
+        "0.9",
+        "vLLM engine on GPU: share of each GPU's memory vLLM may use for weights and KV cache "
+        "(vLLM's `gpu_memory_utilization`; ignored on CPU).",
+    ),
     Setting("STATE_DIR", _default_state_dir(), "Data, logs and pid files of local infrastructure."),
     Setting("CACHE_DIR", _default_cache_dir(), "Downloaded jars and other caches."),
     Setting("LOG_LEVEL", "INFO", "Log level of every service (JSON lines on stderr)."),

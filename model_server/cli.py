@@ -3,8 +3,12 @@
 Examples::
 
     llmstream model-server --engine llamacpp            # SmolLM2-135M-Instruct on CPU
+    llmstream model-server --engine vllm                # the same model on vLLM (`make vllm`)
     llmstream model-server --engine synthetic --synthetic-itl-ms 5
     llmstream model-server --models models.yaml        # several named models
+
+vLLM lives in its own virtualenv: when it is not importable here, the command re-executes
+itself with that virtualenv's Python (`model_server/vllm_env.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from llmstream import config, ports, telemetry, tracing
+from model_server import vllm_env
 from model_server.engines import ENGINES
 from model_server.registry import ModelSpec
 from model_server.settings import ModelsConfigError, load_models_file
@@ -122,8 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument(
         "--synthetic-itl-ms", type=float, default=float(config.get("SYNTHETIC_ITL_MS"))
     )
-    vl = p.add_argument_group("vllm engine")
-    vl.add_argument("--vllm-model", default=config.get("VLLM_MODEL") or None)
+    vl = p.add_argument_group("vllm engine (max_num_seqs is --max-concurrency)")
+    vl.add_argument(
+        "--vllm-model",
+        default=config.get("VLLM_MODEL") or None,
+        help="model name or local path (default: SmolLM2-135M-Instruct converted by make vllm)",
+    )
+    vl.add_argument(
+        "--vllm-tensor-parallel-size",
+        type=int,
+        default=config.get_int("VLLM_TENSOR_PARALLEL_SIZE"),
+        help="GPUs one replica of the model is split over",
+    )
+    vl.add_argument(
+        "--vllm-gpu-memory-utilization",
+        type=float,
+        default=config.get_float("VLLM_GPU_MEMORY_UTILIZATION"),
+        help="share of each GPU's memory for weights and KV cache (ignored on CPU)",
+    )
     return p
 
 
@@ -140,20 +161,30 @@ def single_model_spec(args: argparse.Namespace, base: ModelLimits) -> ModelSpec:
         options = {"ttft_ms": args.synthetic_ttft_ms, "itl_ms": args.synthetic_itl_ms}
         concurrency = concurrency or 256
     elif engine == "vllm":
-        if not args.vllm_model:
-            raise ModelsConfigError("--engine vllm needs --vllm-model (or LLMSTREAM_VLLM_MODEL)")
-        options = {"model": args.vllm_model}
+        try:
+            model = args.vllm_model or vllm_env.default_model()
+        except FileNotFoundError as exc:
+            raise ModelsConfigError(str(exc)) from None
+        options = {
+            "model": model,
+            "tensor_parallel_size": args.vllm_tensor_parallel_size,
+            "gpu_memory_utilization": args.vllm_gpu_memory_utilization,
+        }
         concurrency = concurrency or 64
-    name = (
-        args.model_name
-        or DEFAULT_NAMES.get(engine)
-        or os.path.basename(str(args.vllm_model).rstrip("/"))
-    )
+    name = args.model_name or DEFAULT_NAMES.get(engine)
+    if not name:  # vllm: the converted SmolLM2 keeps the llama.cpp engine's name
+        name = (
+            os.path.basename(str(args.vllm_model).rstrip("/"))
+            if args.vllm_model
+            else vllm_env.SMOLLM2_NAME
+        )
     limits = dataclasses.replace(base, max_concurrency=int(concurrency))
     return ModelSpec(name=name, engine=engine, limits=limits, options=options)
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], *, reexec: bool = True) -> int:
+    """``reexec``: run under the vLLM virtualenv when a vllm model needs it (``python -m
+    model_server``, which that re-execution runs, passes False)."""
     args = build_parser().parse_args(list(argv))
     telemetry.setup_logging("model-server", args.log_level)
     base = ModelLimits(
@@ -174,6 +205,8 @@ def main(argv: Sequence[str]) -> int:
     except (ModelsConfigError, config.ConfigError) as exc:
         print(f"llmstream model-server: {exc}", file=sys.stderr)
         return 2
+    if reexec and any(s.engine == "vllm" for s in specs) and not vllm_env.vllm_importable():
+        vllm_env.reexec_in_vllm_venv(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         print("llmstream model-server: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2

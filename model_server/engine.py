@@ -41,8 +41,6 @@ class EngineInfo:
     max_context: int
     # Version label derived from the weights (the config may override it).
     version: str
-    # True when steps carry ``text`` and stop strings are handled by the engine (vLLM).
-    emits_text: bool = False
 
 
 class Engine(abc.ABC):
@@ -72,10 +70,10 @@ class Engine(abc.ABC):
         """Token ids of a text or chat prompt (chat: the model's template, generation prompt
         appended). Token-id prompts never reach this method."""
 
+    @abc.abstractmethod
     def token_bytes(self, token_id: int) -> bytes:
-        """Bytes of one token's text (special tokens: empty). Engines that detokenize
-        themselves (``emits_text``, e.g. vLLM) are never asked."""
-        raise TypeError(f"{type(self).__name__} emits text; it has no token_bytes")
+        """Bytes of one token's text (special tokens: empty): the generation core does all
+        detokenization and stop-string matching, whatever the engine."""
 
     @abc.abstractmethod
     def generate(self, req: EngineRequest) -> AsyncGenerator[EngineStep, None]: ...

@@ -3,7 +3,8 @@
 ``Generation.run()`` yields ``Delta``s (seq 1, 2, ...) and then exactly one ``Finished``.
 It owns everything between the engine and the wire that is not gRPC:
 
-- detokenization with UTF-8 hold-back and stop strings (unless the engine does both);
+- detokenization with UTF-8 hold-back, and stop strings, for every engine (engines give
+  token ids; ``Engine.token_bytes`` gives their bytes);
 - priming both with the continuation tokens, so a resumed generation streams exactly the
   text an uninterrupted one would have streamed from that point;
 - cancellation (``cancel(reason)``, the RPC going away, the request timeout) aborting the
@@ -114,15 +115,13 @@ class Generation:
         message = ""
         end: float | None = None
 
-        detok: IncrementalDetokenizer | None = None
+        detok = IncrementalDetokenizer(self.engine.token_bytes, req.continuation_token_ids)
         stop: StopMatcher | None = None
-        if not info.emits_text:
-            detok = IncrementalDetokenizer(self.engine.token_bytes, req.continuation_token_ids)
-            if req.sampling.stop:
-                prime = IncrementalDetokenizer(self.engine.token_bytes)
-                stop = StopMatcher(
-                    req.sampling.stop, "".join(prime.push(t) for t in req.continuation_token_ids)
-                )
+        if req.sampling.stop:
+            prime = IncrementalDetokenizer(self.engine.token_bytes)
+            stop = StopMatcher(
+                req.sampling.stop, "".join(prime.push(t) for t in req.continuation_token_ids)
+            )
 
         # A continuation of a generation that had already ended ends at once, as it would have.
         if any(t in info.eos_token_ids for t in req.continuation_token_ids) or (
@@ -159,21 +158,18 @@ class Generation:
                     ids = step.token_ids
                     if ids:
                         logprobs = step.logprobs
-                        if detok is not None:
-                            parts: list[str] = []
-                            for i, token_id in enumerate(ids):
-                                piece = detok.push(token_id)
-                                if stop is not None:
-                                    piece = stop.push(piece)
-                                parts.append(piece)
-                                if stop is not None and stop.stopped:
-                                    ids = ids[: i + 1]
-                                    logprobs = logprobs[: i + 1] if logprobs else logprobs
-                                    reason = Finish.STOP
-                                    break
-                            text = "".join(parts)
-                        else:
-                            text = step.text or ""
+                        parts: list[str] = []
+                        for i, token_id in enumerate(ids):
+                            piece = detok.push(token_id)
+                            if stop is not None:
+                                piece = stop.push(piece)
+                            parts.append(piece)
+                            if stop is not None and stop.stopped:
+                                ids = ids[: i + 1]
+                                logprobs = logprobs[: i + 1] if logprobs else logprobs
+                                reason = Finish.STOP
+                                break
+                        text = "".join(parts)
                         times = step.times[: len(ids)]
                         self._clock_tokens(clock, times)
                         seq_no += 1
@@ -184,13 +180,18 @@ class Generation:
                             end = times[-1] if times else time.monotonic()
                             await self.engine.abort(req.request_id)
                             break
-                    elif step.text:
-                        # Engine-side detokenizers may release held-back text without a token.
-                        seq_no += 1
-                        yield Delta(seq_no, step.text, [], None)
                     if step.finish is not None:
                         reason, message = step.finish, step.message
                         end = step.finished_at or (clock.last_token or time.monotonic())
+                        if (
+                            reason in (Finish.STOP, Finish.LENGTH)
+                            and stop is not None
+                            and stop.held
+                        ):
+                            # The generation ended without completing a stop string: the text
+                            # held back as its possible start was generated text after all.
+                            seq_no += 1
+                            yield Delta(seq_no, stop.flush(), [], None)
                         break
                 else:
                     reason = Finish.CANCELLED if self.cancel_reason else Finish.ERROR

@@ -20,7 +20,6 @@ from llmstream.metric_buckets import (
     TTFT_BUCKETS,
 )
 
-
 # (model_name, running, waiting) for every loaded model version.
 LoadSource = Callable[[], Iterable[tuple[str, int, int]]]
 InfoSource = Callable[[], Iterable[tuple[str, str, str, str]]]

@@ -83,14 +83,12 @@ class EngineStep:
     """New tokens from an engine, possibly several merged when the consumer lagged.
 
     ``times`` holds the monotonic production time of each token (same length as
-    ``token_ids``). ``finish`` is set on the last step of a sequence; an engine that
-    handles stop strings and detokenization itself (vLLM) fills ``text``.
+    ``token_ids``). ``finish`` is set on the last step of a sequence.
     """
 
     token_ids: list[int]
     times: list[float]
     logprobs: list[TokenLogprobs] | None = None
-    text: str | None = None
     finish: Finish | None = None
     message: str = ""
     # Monotonic time of the finish (for a cancellation without a token).
@@ -104,8 +102,6 @@ class EngineStep:
             if self.logprobs is None:
                 self.logprobs = []
             self.logprobs.extend(later.logprobs)
-        if later.text is not None:
-            self.text = (self.text or "") + later.text
         if later.finish is not None:
             self.finish = later.finish
             self.message = later.message

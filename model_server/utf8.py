@@ -86,3 +86,8 @@ class StopMatcher:
     @property
     def held(self) -> str:
         return self._held
+
+    def flush(self) -> str:
+        """The held-back text, at the end of a stream that did not stop on a stop string."""
+        held, self._held = self._held, ""
+        return held
