@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.openai import sse
-from gateway.openai.protocol import StreamContext, dumps, terminal_error, usage
+from gateway.openai.errors import terminal_error
+from gateway.openai.protocol import StreamContext, dumps, usage
 from llmstream.fold import RequestState
 
 

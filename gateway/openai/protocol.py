@@ -1,12 +1,11 @@
-"""OpenAI wire types: request bodies -> one neutral `GenerationRequest`; errors in OpenAI's shape.
+"""OpenAI wire types: request bodies -> one neutral `GenerationRequest`, and what a stream
+needs besides its events (`StreamContext`).
 
 Pure: no I/O. `parse_chat`, `parse_completion` and `parse_response` check a JSON body of their
-endpoint (types, bounds, and the features llmstream does not serve, each refused with a 400 that
-names its `param`); unknown fields are ignored, as OpenAI does. The platform's bounds (prompt
-size, messages, stop strings) are the WebSocket protocol's, so both front ends admit the same
-requests. Every refusal is an `OpenAIError`: `{"error": {"message", "type", "code", "param"}}`
-with its HTTP status; `from_refusal` renders the gateway's own refusals (admission, quota,
-auth) and `terminal_error` a generation that ended without an answer.
+endpoint (types, bounds, and the features llmstream does not serve, each refused with a 400
+`OpenAIError` that names its `param`: gateway/openai/errors.py); unknown fields are ignored, as
+OpenAI does. The platform's bounds (prompt size, messages, stop strings) are the WebSocket
+protocol's, so both front ends admit the same requests.
 """
 
 from __future__ import annotations
@@ -15,10 +14,11 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
+from gateway.openai.errors import invalid_json, invalid_type, invalid_value, missing, unsupported
 from gateway.protocol import MAX_ID_CHARS, MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_STOP, MAX_STOP_CHARS
-from llmstream.fold import RequestState, Status
+from llmstream.fold import RequestState
 
 Api = Literal["chat", "completions", "responses"]
 
@@ -29,210 +29,6 @@ MAX_POSITION = 2**32 + 16
 # OpenAI's documented default of the legacy completions endpoint: a client that leaves
 # max_tokens out gets what it would get from OpenAI.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-
-# -- errors -------------------------------------------------------------------------------------
-
-INVALID_REQUEST_ERROR = "invalid_request_error"
-SERVER_ERROR = "server_error"
-
-
-class OpenAIError(Exception):
-    """A refusal or failure as OpenAI reports it: an HTTP status and an error body; in a stream,
-    the same body as one event (docs/openai.md, "Errors")."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        error_type: str = INVALID_REQUEST_ERROR,
-        code: str | None = None,
-        param: str | None = None,
-        retry_after_s: int | None = None,
-        should_retry: bool | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = error_type
-        self.code = code
-        self.param = param
-        self.retry_after_s = retry_after_s
-        # The `x-should-retry` header the official SDKs obey (None: they decide by status;
-        # they retry 408, 409, 429 and 5xx).
-        self.should_retry = should_retry
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-    def json(self) -> str:
-        return dumps(self.body())
-
-    def headers(self) -> dict[str, str]:
-        out = {}
-        if self.retry_after_s is not None:
-            out["Retry-After"] = str(self.retry_after_s)
-        if self.should_retry is not None:
-            out["x-should-retry"] = "true" if self.should_retry else "false"
-        return out
-
-    def __repr__(self) -> str:
-        return f"OpenAIError({self.status}, {self.message!r}, code={self.code!r})"
-
-
-def invalid_value(param: str | None, message: str) -> OpenAIError:
-    return OpenAIError(400, message, code="invalid_value", param=param)
-
-
-def invalid_type(param: str, expected: str) -> OpenAIError:
-    return OpenAIError(
-        400, f"Invalid type for '{param}': expected {expected}.", code="invalid_type", param=param
-    )
-
-
-def missing(param: str) -> OpenAIError:
-    return OpenAIError(
-        400,
-        f"Missing required parameter: '{param}'.",
-        code="missing_required_parameter",
-        param=param,
-    )
-
-
-def unsupported(param: str, message: str) -> OpenAIError:
-    return OpenAIError(400, message, code="unsupported_parameter", param=param)
-
-
-def invalid_json() -> OpenAIError:
-    return OpenAIError(
-        400,
-        "We could not parse the JSON body of your request: it must be one JSON object "
-        "(NaN and Infinity are not JSON).",
-    )
-
-
-def model_not_found(model: str) -> OpenAIError:
-    return OpenAIError(
-        404,
-        f"The model `{model}` does not exist or is not served now.",
-        code="model_not_found",
-        param="model",
-    )
-
-
-def not_found(message: str) -> OpenAIError:
-    return OpenAIError(404, message, code="not_found")
-
-
-class Refusal(Protocol):
-    """What `from_refusal` reads of a gateway refusal (gateway/errors.py's `GatewayError`)."""
-
-    code: str
-    message: str
-    field: str | None
-    reason: str
-    retry_after_ms: int | None
-
-
-def from_refusal(err: Refusal, req: GenerationRequest | None = None) -> OpenAIError:
-    """A refusal of the gateway (codes of docs/protocol.md) in OpenAI's terms; `req` names the
-    offending field as the client spelled it (`max_completion_tokens`, `input`, ...)."""
-    retry_s = None if err.retry_after_ms is None else max(1, math.ceil(err.retry_after_ms / 1000))
-    param = req.param(err.field) if req is not None and err.field else err.field
-    code = err.code
-    if code == "invalid_request":
-        return invalid_value(param, err.message)
-    if code == "context_overflow":
-        return OpenAIError(400, err.message, code="context_length_exceeded", param=param)
-    if code == "unauthorized":
-        return OpenAIError(401, err.message, code="invalid_api_key")
-    if code == "forbidden":
-        return OpenAIError(403, err.message, code="forbidden")
-    if code == "model_not_found":
-        return OpenAIError(404, err.message, code="model_not_found", param="model")
-    if code == "not_found":
-        return not_found(err.message)
-    if code == "quota_exceeded":
-        # OpenAI's 429 types: which budget ran out, requests or tokens.
-        kind = "tokens" if err.reason.startswith("tokens") else "requests"
-        return OpenAIError(
-            429, err.message, error_type=kind, code="rate_limit_exceeded", retry_after_s=retry_s
-        )
-    if code == "overloaded" and err.reason == "draining":
-        return OpenAIError(
-            503,
-            err.message,
-            error_type=SERVER_ERROR,
-            code="service_unavailable",
-            retry_after_s=retry_s,
-        )
-    if code == "overloaded":
-        return OpenAIError(
-            429,
-            err.message,
-            error_type=SERVER_ERROR,
-            code="server_overloaded",
-            retry_after_s=retry_s,
-        )
-    if code == "model_unavailable":
-        return OpenAIError(
-            503,
-            err.message,
-            error_type=SERVER_ERROR,
-            code="model_unavailable",
-            retry_after_s=retry_s,
-        )
-    return OpenAIError(
-        500, err.message, error_type=SERVER_ERROR, code="internal_error", retry_after_s=retry_s
-    )
-
-
-# Finish reasons that are an answer; every other end of a generation is an error for OpenAI
-# clients, so that a cut-off text is never taken for a complete one.
-ANSWER_FINISH_REASONS = frozenset({"stop", "length", "content_filter"})
-_FAILED_CODES = {
-    "invalid_request": (400, INVALID_REQUEST_ERROR, "invalid_value"),
-    "context_overflow": (400, INVALID_REQUEST_ERROR, "context_length_exceeded"),
-    "model_not_found": (404, INVALID_REQUEST_ERROR, "model_not_found"),
-    "model_unavailable": (503, SERVER_ERROR, "model_unavailable"),
-}
-
-
-def terminal_error(state: RequestState) -> OpenAIError | None:
-    """The error of a request that ended without an answer (None: it answered). The same object
-    is a non-streaming response's status and body and a stream's error event. Retrying such a
-    request starts a new generation, so the SDKs are told not to, except when no model could
-    take it."""
-    if state.status is Status.COMPLETED and state.finish_reason in ANSWER_FINISH_REASONS:
-        return None
-    detail = state.finish_message
-    if state.status is Status.CANCELLED:
-        message = "The request was cancelled" + (f": {detail}" if detail else ".")
-        return OpenAIError(409, message, code="request_cancelled", should_retry=False)
-    if state.finish_reason == "timeout":
-        return OpenAIError(
-            504,
-            "The generation reached its wall-time limit.",
-            error_type=SERVER_ERROR,
-            code="timeout",
-            should_retry=False,
-        )
-    status, kind, code = _FAILED_CODES.get(state.error_code, (500, SERVER_ERROR, "internal_error"))
-    return OpenAIError(
-        status,
-        detail or "The model failed to generate a response.",
-        error_type=kind,
-        code=code,
-        should_retry=None if code == "model_unavailable" else False,
-    )
-
 
 # -- the neutral request ------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ from json.encoder import encode_basestring as json_str  # JSON string literal, n
 from typing import Any
 
 from gateway.openai.chunks import ChunkStream
-from gateway.openai.protocol import StreamContext, terminal_error, usage
+from gateway.openai.errors import terminal_error
+from gateway.openai.protocol import StreamContext, usage
 from llmstream.fold import RequestState
 
 

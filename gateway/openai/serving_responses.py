@@ -24,7 +24,8 @@ from json.encoder import encode_basestring as json_str  # JSON string literal, n
 from typing import Any
 
 from gateway.openai import sse
-from gateway.openai.protocol import StreamContext, dumps, not_found, terminal_error
+from gateway.openai.errors import not_found, terminal_error
+from gateway.openai.protocol import StreamContext, dumps
 from llmstream.fold import RequestState, Status
 
 RESPONSE_PREFIX = "resp_"

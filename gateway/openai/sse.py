@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 
-from gateway.openai.protocol import MAX_POSITION, invalid_value
+from gateway.openai.errors import invalid_value
+from gateway.openai.protocol import MAX_POSITION
 
 HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",

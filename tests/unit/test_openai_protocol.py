@@ -1,5 +1,5 @@
-"""OpenAI request bodies -> the neutral request; every refusal in OpenAI's error shape with the
-right status, code and param."""
+"""OpenAI request bodies -> the neutral request; every refusal (ours, the gateway's, a generation
+without an answer) in OpenAI's error shape with the right status, code and param."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 from openai.types.shared import ErrorObject
 
 from gateway.errors import GatewayError, draining, overloaded, quota_exceeded
-from gateway.openai import protocol
-from gateway.openai.protocol import ChatMessage, OpenAIError, StreamContext
+from gateway.openai import errors, protocol
+from gateway.openai.errors import OpenAIError
+from gateway.openai.protocol import ChatMessage, StreamContext
 from llmstream.fold import RequestState, Status
 
 
@@ -237,7 +238,7 @@ def test_idempotency_key_and_query_parameters() -> None:
 def test_gateway_refusals_in_openai_terms(
     err: GatewayError, status: int, kind: str, code: str, headers: dict[str, str]
 ) -> None:
-    out = protocol.from_refusal(err)
+    out = errors.from_refusal(err)
     assert (out.status, out.type, out.code, out.headers()) == (status, kind, code, headers)
     assert out.body()["error"]["message"] == err.message
 
@@ -245,10 +246,10 @@ def test_gateway_refusals_in_openai_terms(
 def test_a_refused_field_is_named_as_the_client_sent_it() -> None:
     cap = GatewayError("invalid_request", "above the model's limit of 1024", field="max_tokens")
     chat = protocol.parse_chat({**CHAT, "max_completion_tokens": 5000})
-    assert protocol.from_refusal(cap, chat).param == "max_completion_tokens"
+    assert errors.from_refusal(cap, chat).param == "max_completion_tokens"
     resp = protocol.parse_response({"model": "m", "input": "x", "max_output_tokens": 5000})
-    assert protocol.from_refusal(cap, resp).param == "max_output_tokens"
-    assert protocol.from_refusal(cap).param == "max_tokens"
+    assert errors.from_refusal(cap, resp).param == "max_output_tokens"
+    assert errors.from_refusal(cap).param == "max_tokens"
 
 
 # -- generations without an answer ---------------------------------------------------------------
@@ -278,7 +279,7 @@ def state(
 def test_terminal_errors(
     st: RequestState, status: int, code: str, retry_header: str | None
 ) -> None:
-    err = protocol.terminal_error(st)
+    err = errors.terminal_error(st)
     assert err is not None
     assert (err.status, err.code, err.headers().get("x-should-retry")) == (
         status,
@@ -290,7 +291,7 @@ def test_terminal_errors(
 
 def test_answers_are_not_errors() -> None:
     for reason in ("stop", "length", "content_filter"):
-        assert protocol.terminal_error(state(Status.COMPLETED, reason)) is None
+        assert errors.terminal_error(state(Status.COMPLETED, reason)) is None
 
 
 def test_stream_context_round_trips_through_the_store() -> None:

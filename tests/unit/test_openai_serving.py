@@ -14,7 +14,8 @@ import pytest
 from openai.types.responses import Response, ResponseFailedEvent, ResponseIncompleteEvent
 
 from gateway.openai import sse
-from gateway.openai.protocol import OpenAIError, StreamContext, dumps
+from gateway.openai.errors import OpenAIError
+from gateway.openai.protocol import StreamContext, dumps
 from gateway.openai.serving_chat import ChatCompletionStream, chat_completion
 from gateway.openai.serving_completions import CompletionStream, completion
 from gateway.openai.serving_models import model_card, model_list

@@ -6,7 +6,7 @@ import pytest
 from openai._streaming import SSEDecoder
 
 from gateway.openai import sse
-from gateway.openai.protocol import OpenAIError
+from gateway.openai.errors import OpenAIError
 
 
 def decode(text: str) -> list[tuple[str | None, str | None, str]]:
