@@ -13,13 +13,13 @@ PROTOS := $(shell find proto -name '*.proto')
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: system-deps tools up test down status deps proto vllm lint typecheck buflint pytest unit bench chaos clean readme-config
+.PHONY: system-deps tools up test down status deps proto js-deps vllm lint typecheck buflint pytest unit bench chaos clean readme-config
 
 # ENGINE=vllm|synthetic|llamacpp picks the model server's engine (default: LLMSTREAM_ENGINE).
 up: deps proto $(if $(filter vllm,$(ENGINE)),vllm)
 	$(BIN)/llmstream up $(if $(ENGINE),--engine $(ENGINE))
 
-test: deps proto vllm
+test: deps proto vllm js-deps
 	$(BIN)/llmstream infra up
 	@# -k: report every failing check in one run, not just the first.
 	$(MAKE) --no-print-directory -k lint typecheck buflint pytest
@@ -46,6 +46,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 proto: llmstream/v1/.generated
+
+# The official openai JavaScript SDK that tests/integration/test_openai_*.py run with node
+# (those tests skip when node is not installed); `npm ci` again when the lock file changes.
+js-deps: tests/js/node_modules/.package-lock.json
+
+tests/js/node_modules/.package-lock.json: tests/js/package-lock.json
+	@if command -v npm >/dev/null; then cd tests/js && npm ci --no-audit --no-fund; \
+	else echo "node/npm not installed: the OpenAI JavaScript SDK tests will be skipped" >&2; fi
 
 # The vLLM engine's own virtualenv (~6 GiB, ~2.5 min cold; the main one stays lean) and
 # SmolLM2-135M-Instruct converted for it into the cache dir (~30 s, once; checked by its stamp).
