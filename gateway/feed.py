@@ -318,8 +318,6 @@ class TokenFeed:
         async with self._resume_slots:
             try:
                 await self._replay(watch, plan)
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 log.exception("resume read failed")
                 self.router.remove(watch)

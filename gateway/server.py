@@ -273,8 +273,6 @@ class Gateway:
                     kafka.CALL_TIMEOUT_S,
                 )
                 self.prompt_lag = self.metrics.prompt_lag = prompt_lag(ends, committed)
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 log.warning("prompt lag unknown", exc_info=True)
             await asyncio.sleep(self.s.lag_interval_s)

@@ -29,8 +29,6 @@ class TaskSet:
     async def _guarded(self, coro: Coroutine[Any, Any, Any]) -> None:
         try:
             await coro
-        except asyncio.CancelledError:
-            raise
         except Exception:
             if self.stopping:
                 log.debug("background task failed during shutdown", exc_info=True)

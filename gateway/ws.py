@@ -259,9 +259,8 @@ class WebSocketFrontEnd:
             follower = _SubmitFollower(self, conn, msg.client_ref)
             admitted = await self.admission.submit(conn.principal, msg, follower)
             if admitted.existing:  # an idempotent resubmit: follow the request that holds the key
-                await self._resume(
-                    conn, admitted.request_id, admitted.seq_start, msg.client_ref, True
-                )
+                rid, start = admitted.request_id, admitted.seq_start
+                await self._resume(conn, rid, start, msg.client_ref, existing=True)
         elif isinstance(msg, protocol.Cancel):
             tenant = conn.principal.tenant_id
             if await self.store.lookup(tenant, msg.request_id) is None:
