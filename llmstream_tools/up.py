@@ -2,7 +2,9 @@
 
 Stays in the foreground; Ctrl-C (or SIGTERM) stops the services and the infrastructure that
 this run started, and leaves alone what was already running. Services whose package is not
-built yet are listed and skipped, so `up` always starts what exists.
+built yet are listed and skipped, so `up` always starts what exists. The URL is printed once
+the model server is SERVING (a vLLM engine takes 10-40 s to load on CPU), so the page works
+from the first prompt. `--engine vllm` (`make up ENGINE=vllm`) needs `make vllm`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from llmstream import config
+from model_server import vllm_env
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,45 @@ async def _dev_key() -> str:
     return new.key
 
 
+def _vllm_missing() -> str:
+    """Why the vllm engine cannot start here, in one line ("" when it can)."""
+    if not vllm_env.vllm_importable() and not os.access(vllm_env.vllm_python(), os.X_OK):
+        return f"--engine vllm needs its virtualenv: {vllm_env.INSTALL_HINT}"
+    if not config.get("VLLM_MODEL"):
+        try:
+            vllm_env.default_model()
+        except FileNotFoundError as exc:
+            return str(exc)
+    return ""
+
+
+def _served_model(engine: str) -> str:
+    """The model name the model server serves (what the browser page preselects)."""
+    if engine == "vllm" and config.get("VLLM_MODEL"):
+        return os.path.basename(config.get("VLLM_MODEL").rstrip("/"))
+    return {"synthetic": "synthetic"}.get(engine, "smollm2")
+
+
+def _wait_serving(proc: subprocess.Popen[bytes], stopping: Callable[[], bool]) -> bool:
+    """Until the model server reports SERVING (True), or exits or a signal came (False)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    addr = f"127.0.0.1:{config.get('MODEL_SERVER_PORT')}"
+    print(f"  waiting for the model server on {addr} to load ...", flush=True)
+    with grpc.insecure_channel(addr) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while proc.poll() is None and not stopping():
+            try:
+                resp = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    return False
+
+
 def _stop(procs: dict[str, subprocess.Popen[bytes]], timeout_s: float = 20.0) -> None:
     # Reverse start order: the gateway drains first, the model server last.
     for proc in reversed(list(procs.values())):
@@ -95,6 +137,9 @@ def main(argv: Sequence[str]) -> int:
         "--no-services", action="store_true", help="only infrastructure, schema and dev key"
     )
     args = parser.parse_args(list(argv))
+    if args.engine == "vllm" and not args.no_services and (err := _vllm_missing()):
+        print(f"llmstream up: {err}", file=sys.stderr)
+        return 2
 
     from llmstream import migrate
     from llmstream_tools import infra
@@ -114,11 +159,17 @@ def main(argv: Sequence[str]) -> int:
 
     # The browser page preselects the model this run's model server serves.
     env = os.environ.copy()
-    served = {"llamacpp": "smollm2", "synthetic": "synthetic"}.get(args.engine)
-    if served:
-        env.setdefault(config.PREFIX + "GATEWAY_DEFAULT_MODEL", served)
+    env.setdefault(config.PREFIX + "GATEWAY_DEFAULT_MODEL", _served_model(args.engine))
     logs = config.state_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    stop = False
+
+    def _on_signal(_sig: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     missing = []
     if not args.no_services:
@@ -137,23 +188,19 @@ def main(argv: Sequence[str]) -> int:
             print(f"  {svc.name:<10} started (pid {procs[svc.name].pid}, log {log_path})")
     if missing:
         print(f"  not built yet, skipped: {', '.join(missing)}")
+    serving = "model-server" not in procs or _wait_serving(procs["model-server"], lambda: stop)
 
-    host, port = config.get("GATEWAY_HOST"), config.get("GATEWAY_PORT")
-    url = f"http://{host}:{port}/"
-    print()
-    print(f"llmstream is up: {url}" if "gateway" in procs else "llmstream infra is up")
-    print(f"dev API key (tenant 'dev'): {key}")
-    print("Ctrl-C stops everything this command started.")
-    sys.stdout.flush()
-
-    stop = False
-
-    def _on_signal(_sig: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    if serving:
+        host, port = config.get("GATEWAY_HOST"), config.get("GATEWAY_PORT")
+        print()
+        print(
+            f"llmstream is up: http://{host}:{port}/"
+            if "gateway" in procs
+            else "llmstream infra is up"
+        )
+        print(f"dev API key (tenant 'dev'): {key}")
+        print("Ctrl-C stops everything this command started.")
+        sys.stdout.flush()
     exit_code = 0
     try:
         while not stop:
