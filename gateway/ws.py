@@ -133,11 +133,13 @@ class WebSocketFrontEnd:
         """Refuse an upgrade before it happens (`GatewayError`, answered as HTTP), or remember
         who it is for."""
         if self.draining():
-            raise GatewayError(errors.OVERLOADED, "draining")
+            raise GatewayError(errors.OVERLOADED, "draining", reason="draining")
         if not origin_allowed(self.settings, headers):
             raise GatewayError(errors.FORBIDDEN, "origin")
         if len(self.conns) + len(self._pending) >= self.settings.max_sockets:
-            raise GatewayError(errors.OVERLOADED, "too many sockets", retry_after_ms=1000)
+            raise GatewayError(
+                errors.OVERLOADED, "too many sockets", retry_after_ms=1000, reason="overloaded"
+            )
         authorization, cookie = headers.get("Authorization"), headers.get("Cookie")
         principal = await self.authenticator.principal(authorization, cookie)
         if principal is None:
