@@ -25,10 +25,9 @@ from decimal import Decimal
 from typing import Any
 
 from aggregator.ledger import PriceBook
-from llmstream.fold import RequestState, Status, fold
+from llmstream.fold import RequestState, Status, fold, is_terminal
 from llmstream.v1 import events_pb2
 
-TERMINAL_KINDS = frozenset({"completed", "failed"})
 PROMPT_KINDS = frozenset({"submitted", "cancel_requested"})
 # Derived values of `as_dict` that are not state (recomputed on load).
 _DERIVED = ("ttft_ms", "tokens_folded", "text")
@@ -154,7 +153,7 @@ def fold_batch(
         result.changed[rid] = entry
         if not was_terminal and state.terminal:
             entry.terminal_source = coords
-        if event.WhichOneof("body") in TERMINAL_KINDS:
+        if is_terminal(event):
             terminals.append((coords, rid))
     # Terminal events of requests whose submit has not been folded yet: the request waits
     # (parked) in its row and is billed when the submit arrives. Normal when the tokens topic is

@@ -37,6 +37,7 @@ from aggregator.projection import BadEvent, Coords
 from aggregator.quota_settlement import QuotaSettler
 from aggregator.store import Batch, BatchOutcome, Fenced, ProjectionStore, TopicPartitionKey
 from llmstream import codec, kafka, tracing
+from llmstream.fold import is_terminal
 from llmstream.runner import Shutdown
 from llmstream.telemetry import fields
 from llmstream.tracing import Span, SpanKind
@@ -366,7 +367,7 @@ class Aggregator:
         the other events (no per-token spans)."""
         spans = []
         for coords, event in batch.events:
-            if event.WhichOneof("body") not in ("completed", "failed"):
+            if not is_terminal(event):
                 continue
             spans.append(
                 (

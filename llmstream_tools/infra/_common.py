@@ -403,14 +403,6 @@ def port_free_soon(port: int, timeout: float = 1.0) -> bool:
     return True
 
 
-def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def pick_port(start: int, remembered: Path, tries: int = 200) -> int:
     """The port remembered in the state dir, else the first free one from start upward."""
     port = read_int(remembered)
