@@ -34,6 +34,7 @@ SUITES: dict[str, str] = {
     "pipeline": "llmstream_tools.bench.pipeline",
     "paced": "llmstream_tools.bench.paced",
     "llamacpp": "llmstream_tools.bench.llamacpp",
+    "engines": "llmstream_tools.bench.engines",
 }
 
 RESULTS_DIR = Path("bench") / "results"
@@ -119,6 +120,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--report", type=Path, metavar="JSON", help="print the summary of a saved run and exit"
     )
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="regenerate the bench-results blocks of README.md and docs/*.md from the result "
+        "files they name (docs/results/), then exit",
+    )
     for name, module in modules.items():
         group = parser.add_argument_group(name)
         add = getattr(module, "add_arguments", None)
@@ -126,7 +133,15 @@ def main(argv: Sequence[str]) -> int:
             add(group)
     args = parser.parse_args(list(argv))
     if args.report is not None:
-        print(summary(json.loads(args.report.read_text())))
+        from llmstream_tools.bench.publish import as_run_record
+
+        print(summary(as_run_record(json.loads(args.report.read_text()))))
+        return 0
+    if args.update_docs:
+        from llmstream_tools.bench.publish import update_docs
+
+        for doc in update_docs(Path.cwd()):
+            print(f"updated {doc}", file=sys.stderr)
         return 0
     wanted = args.suites or list(modules)
     if not wanted:
