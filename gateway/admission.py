@@ -58,7 +58,7 @@ class SubmitRequest:
     """A request to generate, whatever protocol it came in (already parsed and bounded)."""
 
     model: str
-    max_tokens: int
+    max_tokens: int | None  # None: the most the model (else the tier) allows
     prompt: str | None = None  # exactly one of prompt or messages
     messages: tuple[ChatMessage, ...] = ()
     temperature: float | None = None
@@ -66,6 +66,12 @@ class SubmitRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     idempotency_key: str | None = None
+    # A max_tokens above the model's limit is capped (the WebSocket says so in `accepted`), or
+    # refused naming the field (OpenAI's HTTP API answers 400 there).
+    refuse_over_model_limit: bool = False
+    # Keep running when nobody follows it: no disconnect grace period ends it (background
+    # responses of the OpenAI API).
+    background: bool = False
 
     def prompt_chars(self) -> int:
         if self.prompt is not None:
@@ -79,7 +85,7 @@ class Admitted:
 
     request_id: str
     max_tokens: int  # effective (0 when `existing`)
-    capped: str | None = None  # "tier" or "load": why max_tokens is below the request's
+    capped: str | None = None  # "model", "tier" or "load": why max_tokens is below the request's
     # An idempotent resubmit: the request that holds the key, which the caller follows like a
     # resume from seq_start (nothing new was reserved or written).
     existing: bool = False
@@ -142,17 +148,67 @@ def estimate_prompt_tokens(req: SubmitRequest) -> int:
     return req.prompt_chars() // 4 + 1 + 4 * len(req.messages)
 
 
+@dataclass(frozen=True)
+class ModelView:
+    """What this replica's model catalog (gateway/models.py) says of a requested model.
+
+    The catalog decides only when `checked`: once it has been read to its end and lists at
+    least one served model. Before that (a gateway starting, workers that announce nothing yet)
+    a request goes through unchecked and the worker answers as it always did (`failed`
+    `model_not_found`): refusing everything while the catalog is unknown would turn a slow
+    catalog read into an outage."""
+
+    checked: bool
+    served: bool = False  # announced within its expiry
+    known: bool = False  # announced once: a model not served now is unavailable, not unknown
+    limit: int = 0  # the most max_tokens it takes (0: unknown)
+    retry_after_ms: int = 0  # unavailable: when a replica may have announced it again
+
+
+UNCHECKED = ModelView(checked=False)
+
+
+def model_limit(model: str, view: ModelView) -> int:
+    """The model's bound on max_tokens (0: none known), or `GatewayError` `model_not_found`
+    (never served) / `model_unavailable` (served before, no replica announces it now)."""
+    if not view.checked or view.served:
+        return view.limit
+    if view.known:
+        raise errors.model_unavailable(model, view.retry_after_ms)
+    raise errors.model_not_found(model)
+
+
 def cap_max_tokens(
-    requested: int, limits: Limits, load: Load, policy: Policy
+    requested: int | None,
+    limits: Limits,
+    load: Load,
+    policy: Policy,
+    model_max: int = 0,
+    *,
+    refuse_over_model: bool = False,
 ) -> tuple[int, str | None]:
-    """The effective max_tokens and why it is lower than requested (None: it is not)."""
-    max_tokens, capped = requested, None
-    if max_tokens > limits.max_tokens_per_request:
-        max_tokens, capped = limits.max_tokens_per_request, "tier"
+    """The effective max_tokens and why it is lower than requested (None: it is not, or the
+    client left it to us: then the model's limit, else the tier's, capped by load).
+    `model_max` is the model's limit (0: unknown); above it, `refuse_over_model` refuses the
+    request naming `max_tokens` instead of capping."""
+    tier = limits.max_tokens_per_request
+    max_tokens, capped = requested if requested is not None else model_max or tier, None
+    if model_max and max_tokens > model_max:
+        if refuse_over_model:
+            raise errors.GatewayError(
+                errors.INVALID_REQUEST,
+                f"max_tokens is too large: {max_tokens}. The model supports at most "
+                f"{model_max} completion tokens.",
+                field="max_tokens",
+                reason="model",
+            )
+        max_tokens, capped = model_max, "model"
+    if max_tokens > tier:
+        max_tokens, capped = tier, "tier"
     shed = policy.shed_max_tokens
     if shed and max_tokens > shed and load.shedding(policy):
         max_tokens, capped = shed, "load"
-    return max_tokens, capped
+    return max_tokens, capped if requested is not None else None
 
 
 @dataclass(frozen=True)
@@ -187,14 +243,23 @@ def plan_submit(
     policy: Policy,
     request_id: str,
     at_ns: int,
+    model: ModelView = UNCHECKED,
 ) -> Plan:
-    """Gate, cap and size a submit; `GatewayError` (reason `draining` or `overloaded`) if the
-    replica takes no new requests now."""
+    """Gate, check the model, cap and size a submit; `GatewayError` if the replica takes no new
+    requests now (reason `draining` or `overloaded`), for a model not served, or (when the
+    request says so) a max_tokens above the model's limit."""
     if load.draining:
         raise errors.draining()
     if load.overloaded(policy):
         raise errors.overloaded()
-    max_tokens, capped = cap_max_tokens(req.max_tokens, principal.limits, load, policy)
+    max_tokens, capped = cap_max_tokens(
+        req.max_tokens,
+        principal.limits,
+        load,
+        policy,
+        model_limit(req.model, model),
+        refuse_over_model=req.refuse_over_model_limit,
+    )
     return Plan(
         request_id=request_id,
         principal=principal,
@@ -265,14 +330,22 @@ class Admission:
     next_route: Callable[[], ReplyRoute]  # the reply partition of a new request
     inflight: Inflight
     metrics: GatewayMetrics
+    # What the model catalog says of a model (gateway/models.py `Models.view`).
+    models: Callable[[str], ModelView] = lambda _model: UNCHECKED
     clock_ns: Callable[[], int] = time.time_ns
     new_id: Callable[[], str] = new_request_id
 
     async def submit(
-        self, principal: Principal, req: SubmitRequest, follower: Follower
+        self,
+        principal: Principal,
+        req: SubmitRequest,
+        follower: Follower,
+        *,
+        context: Callable[[Admitted], str] | None = None,
     ) -> Admitted:
         """Admit a submit, or raise `GatewayError`. The root span of the request's trace (one
-        per submit, whatever its outcome)."""
+        per submit, whatever its outcome). `context` is what the front end records with the
+        request for rendering it again on a resume (`RequestMeta.context`, opaque here)."""
         with tracing.tracer().start_as_current_span(
             "submit",
             kind=SpanKind.SERVER,
@@ -280,7 +353,13 @@ class Admission:
         ):
             try:
                 plan = plan_submit(
-                    principal, req, self.load(), self.policy, self.new_id(), self.clock_ns()
+                    principal,
+                    req,
+                    self.load(),
+                    self.policy,
+                    self.new_id(),
+                    self.clock_ns(),
+                    self.models(req.model),
                 )
             except GatewayError as err:
                 self.metrics.submits[err.reason] += 1
@@ -288,13 +367,18 @@ class Admission:
             trace.get_current_span().set_attribute("llmstream.request_id", plan.request_id)
             done = _Done()
             try:
-                return await self._execute(plan, req, follower, done)
+                return await self._execute(plan, req, follower, context, done)
             except Exception:
                 await self._rollback(plan, done, follower)
                 raise
 
     async def _execute(
-        self, plan: Plan, req: SubmitRequest, follower: Follower, done: _Done
+        self,
+        plan: Plan,
+        req: SubmitRequest,
+        follower: Follower,
+        context: Callable[[Admitted], str] | None,
+        done: _Done,
     ) -> Admitted:
         if plan.idempotency_key:
             holder = await self.store.claim_idempotency(
@@ -319,10 +403,18 @@ class Admission:
             raise errors.quota_exceeded(decision.limit, decision.retry_after_ms)
         done.reserved = True
         route = self.next_route()
-        meta = RequestMeta(plan.request_id, plan.tenant_id, route, plan.at_ms, self.gateway_id)
+        admitted = Admitted(plan.request_id, plan.max_tokens, plan.capped, submitted_ms=plan.at_ms)
+        meta = RequestMeta(
+            plan.request_id,
+            plan.tenant_id,
+            route,
+            plan.at_ms,
+            self.gateway_id,
+            background=req.background,
+            context=context(admitted) if context is not None else "",
+        )
         await self.store.record(meta, follower.watcher)
         done.recorded = True
-        admitted = Admitted(plan.request_id, plan.max_tokens, plan.capped, submitted_ms=plan.at_ms)
         follower.follow(admitted)
         self.inflight.add(plan.request_id)
         done.followed = True

@@ -16,6 +16,8 @@ QUOTA_EXCEEDED = "quota_exceeded"
 OVERLOADED = "overloaded"
 NOT_FOUND = "not_found"
 INTERNAL = "internal"
+MODEL_NOT_FOUND = "model_not_found"
+MODEL_UNAVAILABLE = "model_unavailable"
 
 
 class GatewayError(Exception):
@@ -74,6 +76,24 @@ def overloaded(
 def quota_exceeded(limit: str, retry_after_ms: int) -> GatewayError:
     return GatewayError(
         QUOTA_EXCEEDED, f"quota exceeded: {limit}", retry_after_ms=retry_after_ms, reason=limit
+    )
+
+
+def model_not_found(model: str) -> GatewayError:
+    """The model catalog lists no such model (gateway/models.py)."""
+    return GatewayError(
+        MODEL_NOT_FOUND, f"model {model!r} is not served", field="model", reason="model"
+    )
+
+
+def model_unavailable(model: str, retry_after_ms: int) -> GatewayError:
+    """The model was served, but no model server has announced it lately."""
+    return GatewayError(
+        MODEL_UNAVAILABLE,
+        f"model {model!r} is not served now (no model server announced it lately)",
+        field="model",
+        retry_after_ms=retry_after_ms,
+        reason="model",
     )
 
 

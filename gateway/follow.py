@@ -3,7 +3,8 @@
 A socket (or an HTTP stream) that follows a request is a member of its watchers set in Redis
 (gateway/store.py). When it stops following an unfinished request, a grace timer starts: if
 after `GATEWAY_GRACE_S` nobody on any replica follows it and nobody attached meanwhile, the
-gateway writes `cancel_requested` (reason `disconnect`) so the engine stops generating.
+gateway writes `cancel_requested` (reason `disconnect`) so the engine stops generating. A
+background request (OpenAI's `background: true`) is never cancelled that way.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Followers:
         await asyncio.sleep(self.grace_s)
         if self.router.watched(request_id) or self.inflight.finished(request_id):
             return
-        if await self.store.followed_since(request_id, since_ms):
+        if await self.store.wanted_since(request_id, since_ms):
             return
         await self.prompts.cancel(request_id, tenant_id, "disconnect")
         self.metrics.grace_cancels += 1

@@ -23,7 +23,15 @@ from llmstream.metric_buckets import TTFT_BUCKETS
 
 # Label values that exist from the start (at 0), so rate() and alerts see them before the
 # first occurrence.
-SUBMIT_RESULTS = ("accepted", "idempotent", "quota", "overloaded", "draining", "failed")
+SUBMIT_RESULTS = (
+    "accepted",
+    "idempotent",
+    "quota",
+    "overloaded",
+    "draining",
+    "model",
+    "failed",
+)
 RESUME_KINDS = ("owned", "borrowed")
 QUOTA_LIMITS = (
     "concurrent_streams",

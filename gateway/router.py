@@ -83,9 +83,12 @@ class Watch:
         catching_up: bool = False,
         borrowed: tuple[str, int] | None = None,
         frames: Frames = WEBSOCKET_FRAMES,
+        keep_text: bool = False,
     ) -> None:
         self.request_id = request_id
         self.frames = frames
+        # Keep the folded text in `state` (an answer rendered whole at the end, not streamed).
+        self.keep_text = keep_text
         # (topic, partition) read for this watch on behalf of another replica, if any.
         self.borrowed = borrowed
         self.outbox = outbox
@@ -120,19 +123,25 @@ class Watch:
         state = self.state
         before = state.last_seq
         fold(state, event)
-        # The fold keeps text for its callers; a watch only needs last_seq for dedup.
-        state.text_parts.clear()
+        # The fold keeps text for its callers; a streaming watch only needs last_seq for dedup.
+        if not self.keep_text:
+            state.text_parts.clear()
         state.token_ids.clear()
         if event.HasField("token_delta") and state.last_seq > before:
             seq = event.token_delta.seq
             if seq > self.after_seq:
-                self.outbox.put(self.frames.token(self.request_id, seq, event.token_delta.text))
+                # A front end may render nothing for an event (no text yet: split UTF-8).
+                frame = self.frames.token(self.request_id, seq, event.token_delta.text)
+                if frame:
+                    self.outbox.put(frame)
                 if self.on_first_token is not None:
                     self.on_first_token()
                     self.on_first_token = None
         if state.terminal:
             self.finished = True
-            self.outbox.put(self.frames.done(state))
+            frame = self.frames.done(state)
+            if frame:
+                self.outbox.put(frame)
             if self.on_done is not None:
                 self.on_done()
                 self.on_done = None

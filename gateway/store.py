@@ -4,9 +4,12 @@ Keys (the quota's are in llmstream/quota_keys.py, the socket leases in gateway/q
 browser sessions in gateway/auth.py):
 - `gw:req:{request_id}` hash: tenant, topic, partition, offset (a lower bound of the offset of
   the request's first event in its reply partition), submitted_ms, gateway, attached_ms (last
-  submit/resume). 48 h. A resume on any replica starts reading there.
+  submit/resume), background ("1": runs whoever follows it), context (what the front end that
+  accepted it needs to render it again, opaque here: the OpenAI routes' `StreamContext`). 48 h.
+  A resume on any replica starts reading there.
 - `gw:watchers:{request_id}` set of "<gateway id>/<socket or stream id>" following the request;
-  a grace timer cancels only when it is empty (nobody on any replica follows the request). 48 h.
+  a grace timer cancels only when it is empty (nobody on any replica follows the request) and
+  the request is not a background one. 48 h.
 - `gw:idem:{tenant}:<sha256(idempotency_key)>` -> request id, 24 h.
 """
 
@@ -61,6 +64,8 @@ class RequestMeta:
     route: ReplyRoute
     submitted_ms: int
     gateway_id: str  # the replica that accepted it
+    background: bool = False  # keeps running when nobody follows it
+    context: str = ""  # the accepting front end's, opaque (empty: none)
 
     def mapping(self) -> dict[str, str | int]:
         return {
@@ -71,13 +76,22 @@ class RequestMeta:
             "submitted_ms": self.submitted_ms,
             "gateway": self.gateway_id,
             "attached_ms": self.submitted_ms,
+            "background": int(self.background),
+            "context": self.context,
         }
 
     @classmethod
     def parse(cls, request_id: str, fields: dict[str, str]) -> RequestMeta:
         route = ReplyRoute(fields["topic"], int(fields["partition"]), int(fields["offset"]))
         return cls(
-            request_id, fields["tenant"], route, int(fields["submitted_ms"]), fields["gateway"]
+            request_id,
+            fields["tenant"],
+            route,
+            int(fields["submitted_ms"]),
+            fields["gateway"],
+            # Records written before these fields existed have neither.
+            background=fields.get("background") == "1",
+            context=fields.get("context", ""),
         )
 
 
@@ -138,14 +152,19 @@ class RequestStore:
         removed: Any = self.client.srem(watchers_key(request_id), watcher)
         await removed
 
-    async def followed_since(self, request_id: str, since_ms: int) -> bool:
-        """Does anyone (on any replica) follow the request, or did someone attach after
-        `since_ms` (and may have left again, starting its own grace period)?"""
+    async def wanted_since(self, request_id: str, since_ms: int) -> bool:
+        """Does anyone (on any replica) follow the request, did someone attach after `since_ms`
+        (and may have left again, starting its own grace period), or is it a background
+        request (wanted whoever follows it)?"""
         pipe = self.client.pipeline(transaction=False)
         pipe.scard(watchers_key(request_id))
-        pipe.hget(meta_key(request_id), "attached_ms")
-        count, attached = await pipe.execute()
-        return int(count) > 0 or (attached is not None and int(attached) > since_ms)
+        pipe.hmget(meta_key(request_id), ["attached_ms", "background"])
+        count, (attached, background) = await pipe.execute()
+        return (
+            int(count) > 0
+            or (attached is not None and int(attached) > since_ms)
+            or _text(background or b"") == "1"
+        )
 
     # -- idempotency keys ---------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from gateway.admission import ChatMessage, SubmitRequest
 from gateway.openai.errors import invalid_json, invalid_type, invalid_value, missing, unsupported
 from gateway.protocol import MAX_ID_CHARS, MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_STOP, MAX_STOP_CHARS
 from llmstream.fold import RequestState
@@ -34,28 +35,17 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
 @dataclass(frozen=True)
-class ChatMessage:
-    role: str  # system, user or assistant
-    content: str
+class GenerationRequest(SubmitRequest):
+    """One generation as any OpenAI endpoint asked for it: the admission's protocol-neutral
+    `SubmitRequest` (exactly one of prompt or messages; `max_tokens` None: the model's limit
+    decides) plus how this endpoint answers it."""
 
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One generation as any OpenAI endpoint asked for it (exactly one of prompt or messages)."""
-
-    api: Api
-    model: str
-    max_tokens: int | None  # None: the model's own limit decides
-    max_tokens_param: str  # how the client named it: max_completion_tokens, max_output_tokens...
-    prompt: str | None = None
-    messages: tuple[ChatMessage, ...] = ()
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    api: Api = "chat"
+    max_tokens_param: str = "max_tokens"  # as the client named it: max_completion_tokens, ...
     stream: bool = False
     include_usage: bool = False  # chat/completions: stream_options.include_usage
-    background: bool = False  # responses
+    # OpenAI answers a max_tokens above the model's limit with a 400 naming the parameter.
+    refuse_over_model_limit: bool = True
 
     def param(self, field: str) -> str:
         """A field of the neutral request (as the gateway names it in a refusal) -> the

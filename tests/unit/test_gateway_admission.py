@@ -9,10 +9,12 @@ import pytest
 
 from gateway import errors
 from gateway.admission import (
+    UNCHECKED,
     Admission,
     Admitted,
     ChatMessage,
     Load,
+    ModelView,
     Policy,
     SubmitRequest,
     cap_max_tokens,
@@ -24,12 +26,14 @@ from gateway.auth import Principal
 from gateway.errors import GatewayError
 from gateway.inflight import Inflight
 from gateway.metrics import GatewayMetrics
+from gateway.models import Models
 from gateway.prompts import PromptWriter
 from gateway.quota import Decision, Limits, Quota
 from gateway.server import prompt_lag
 from gateway.store import ReplyRoute, RequestMeta, RequestStore
-from llmstream import codec
-from llmstream.v1 import events_pb2
+from llmstream import catalog, codec
+from llmstream.catalog import CatalogFollower, ServedModel
+from llmstream.v1 import events_pb2, model_service_pb2
 
 LIMITS = Limits("standard", 60, 10_000, 100_000, 4, 100, 8)
 PRINCIPAL = Principal("t1", "k1", LIMITS)
@@ -56,6 +60,77 @@ def test_caps_tier_then_load() -> None:
     assert cap_max_tokens(10, LIMITS, busy, POLICY) == (10, None)
     no_shed = Policy(max_inflight=10)
     assert cap_max_tokens(50, LIMITS, busy, no_shed) == (50, None)
+
+
+def test_model_cap_then_tier_then_load() -> None:
+    # The model's limit first: a WebSocket request above it is capped and says "model".
+    assert cap_max_tokens(90, LIMITS, IDLE, POLICY, 60) == (60, "model")
+    assert cap_max_tokens(60, LIMITS, IDLE, POLICY, 60) == (60, None)
+    assert cap_max_tokens(500, LIMITS, IDLE, POLICY, 200) == (100, "tier")  # the lower one wins
+    assert cap_max_tokens(90, LIMITS, Load(inflight=5), POLICY, 60) == (20, "load")
+    assert cap_max_tokens(5000, LIMITS, IDLE, POLICY, 0) == (100, "tier")  # 0: limit unknown
+
+
+def test_over_the_model_limit_is_refused_naming_max_tokens_when_asked() -> None:
+    with pytest.raises(GatewayError) as refused:
+        cap_max_tokens(90, LIMITS, IDLE, POLICY, 60, refuse_over_model=True)
+    err = refused.value
+    assert (err.code, err.field, err.reason) == (errors.INVALID_REQUEST, "max_tokens", "model")
+    assert "90" in err.message and "60" in err.message
+    assert cap_max_tokens(60, LIMITS, IDLE, POLICY, 60, refuse_over_model=True) == (60, None)
+
+
+def test_max_tokens_left_out_is_the_models_limit_then_the_tiers() -> None:
+    assert cap_max_tokens(None, LIMITS, IDLE, POLICY, 64) == (64, None)
+    assert cap_max_tokens(None, LIMITS, IDLE, POLICY, 1024) == (100, None)  # tier, not "capped"
+    assert cap_max_tokens(None, LIMITS, IDLE, POLICY, 0) == (100, None)
+    assert cap_max_tokens(None, LIMITS, Load(inflight=5), POLICY, 64) == (20, None)
+
+
+def test_plan_checks_the_model_against_the_catalog_view() -> None:
+    def plan(view: ModelView, **kw: Any) -> tuple[int, str | None]:
+        p = plan_submit(PRINCIPAL, req(**kw), IDLE, POLICY, "r", AT_NS, view)
+        return p.max_tokens, p.capped
+
+    served = ModelView(True, served=True, limit=30)
+    assert plan(served) == (30, "model")
+    assert plan(UNCHECKED) == (50, None)  # not read yet: unchecked, the worker answers
+    assert plan(ModelView(True, served=True)) == (50, None)  # served, limit unknown
+    with pytest.raises(GatewayError) as unknown:
+        plan(ModelView(True))
+    assert (unknown.value.code, unknown.value.field) == (errors.MODEL_NOT_FOUND, "model")
+    assert not unknown.value.retryable
+    with pytest.raises(GatewayError) as gone:
+        plan(ModelView(True, known=True, retry_after_ms=10_000))
+    assert (gone.value.code, gone.value.retry_after_ms) == (errors.MODEL_UNAVAILABLE, 10_000)
+    with pytest.raises(GatewayError) as strict:
+        plan(served, refuse_over_model_limit=True)
+    assert strict.value.field == "max_tokens"
+
+
+def _announce(cat: catalog.Catalog, name: str, at_ms: int, max_tokens: int = 64) -> None:
+    info = model_service_pb2.ModelInfo(name=name, max_context=2048, max_tokens=max_tokens)
+    ann = catalog.announcement(
+        ServedModel(info, ("ms:1",)), announcer_id="w0", interval_ms=1000, now_ms=at_ms
+    )
+    cat.apply(catalog.key(name), catalog.encode(ann))
+
+
+def test_models_view_of_the_followed_catalog() -> None:
+    now = [10_000]
+    follower = CatalogFollower(None, "models", "gw-catalog")  # type: ignore[arg-type]  # never run
+    models = Models(follower=follower, clock_ms=lambda: now[0])
+    cat = follower.catalog
+    _announce(cat, "m", 10_000)
+    assert models.view("m") == UNCHECKED  # not read to the end yet
+    follower.ready.set()
+    assert models.view("m") == ModelView(True, served=True, limit=64)
+    assert models.view("nope") == ModelView(True)
+    assert [e.name for e in models.served()] == ["m"]
+    _announce(cat, "old", 5_000)  # expired (3 intervals): known, not served
+    assert models.view("old") == ModelView(True, known=True, retry_after_ms=1000)
+    now[0] = 20_000  # nothing served any more: the catalog does not decide
+    assert models.served() == [] and models.view("nope") == UNCHECKED
 
 
 def test_prompt_lag_sheds_and_refuses_only_when_bounded() -> None:
@@ -257,6 +332,31 @@ async def test_accepted_submit_reserves_records_follows_then_writes() -> None:
     (ev,) = w.prompts.written
     assert ev.submitted.reply.partition == ROUTE.partition and ev.submitted.max_tokens == 100
     assert w.metrics.submits["accepted"] == 1
+
+
+async def test_model_refusal_does_no_io_and_counts() -> None:
+    w, f = World(), FakeFollower()
+    w.admission.models = lambda _model: ModelView(True)
+    with pytest.raises(GatewayError) as refused:
+        await w.admission.submit(PRINCIPAL, req(idempotency_key="k"), f)
+    assert refused.value.code == errors.MODEL_NOT_FOUND
+    assert w.untouched() and not w.quota.reserved and not f.followed
+    assert w.metrics.submits["model"] == 1
+
+
+async def test_the_front_ends_context_and_background_are_recorded() -> None:
+    w, f = World(), FakeFollower()
+    admitted = await w.admission.submit(
+        PRINCIPAL,
+        req(max_tokens=None, background=True),
+        f,
+        context=lambda a: f"{a.request_id}/{a.max_tokens}",
+    )
+    meta = w.store.meta[admitted.request_id]
+    assert (meta.context, meta.background) == ("req_1/100", True)
+    assert RequestMeta.parse(meta.request_id, {k: str(v) for k, v in meta.mapping().items()}) == (
+        meta
+    )
 
 
 async def test_idempotent_resubmit_answers_with_the_holder_and_reserves_nothing() -> None:
