@@ -1,7 +1,9 @@
-"""HTTP routes on the gateway's port (docs/protocol.md, "HTTP routes"), served by websockets'
-`process_request` hook: an upgrade to `/ws` goes through the WebSocket front end's checks, every
-other request is answered here. A `GatewayError` from any route is rendered once, by
-`error_response`, as `{"error": code, "message": ...}` with its status (and `Retry-After`).
+"""HTTP on the gateway's port (docs/protocol.md, "HTTP routes"), served by aiohttp: the routes
+here, the upgrade of `/ws` (checked and served by the WebSocket front end, gateway/ws.py), and
+the routes other front ends add (gateway/server.py, `ROUTE_PROVIDERS`). A `GatewayError` from
+any route is rendered once, by `error_response` in the `render_errors` middleware, as
+`{"error": code, "message": ...}` with its status (and `Retry-After`); a path no route serves
+gets the same 404 whatever its method.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
 
 from gateway import auth, errors
 from gateway.errors import GatewayError
@@ -28,8 +31,39 @@ from gateway.resources import Resources
 from gateway.settings import Settings
 from gateway.store import MAX_REQUEST_ID_CHARS
 from gateway.ws import WebSocketFrontEnd, origin_allowed
+from llmstream import telemetry
 
 log = logging.getLogger("gateway")
+
+
+class AccessLog(AbstractAccessLogger):
+    """One DEBUG line per HTTP request (a WebSocket's when it closes): method, path, status,
+    duration. No header and no query string: they may carry a key or a session cookie."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        fields = telemetry.fields(
+            method=request.method, path=request.path, status=response.status, s=round(time, 3)
+        )
+        self.logger.debug("http", extra=fields)
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.DEBUG)
+
+
+class _WithoutRequestBytes(logging.Filter):
+    """aiohttp logs a request it cannot parse with the parser's error, which quotes the bytes
+    around the fault: perhaps an Authorization or Cookie header. Only the error's type stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}", None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_WithoutRequestBytes())
 
 STATUS_OF_CODE = {
     errors.INVALID_REQUEST: 400,
@@ -39,18 +73,6 @@ STATUS_OF_CODE = {
     errors.QUOTA_EXCEEDED: 429,
     errors.INTERNAL: 500,
     errors.OVERLOADED: 503,
-}
-REASONS = {
-    200: "OK",
-    204: "No Content",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
 }
 WEBSOCKET_PATHS = ("/ws", "/v1/ws")
 REQUEST_QUERY = (
@@ -63,29 +85,47 @@ REQUEST_QUERY = (
 
 def response(
     status: int, body: bytes | str, content_type: str = "application/json", **headers: str
-) -> Response:
+) -> web.Response:
     """`headers` by keyword: `Set_Cookie="..."` is sent as `Set-Cookie`."""
     data = body.encode() if isinstance(body, str) else body
-    h = Headers()
-    h["Content-Type"] = content_type
-    h["Content-Length"] = str(len(data))
-    h["Cache-Control"] = "no-store"
+    h = {"Content-Type": content_type, "Cache-Control": "no-store"}
     for k, v in headers.items():
         h[k.replace("_", "-")] = v
-    return Response(status, REASONS.get(status, "Status"), h, data)
+    return web.Response(status=status, body=data, headers=h)
 
 
-def json_response(status: int, obj: Any, **headers: str) -> Response:
+def json_response(status: int, obj: Any, **headers: str) -> web.Response:
     return response(status, json.dumps(obj, default=str), **headers)
 
 
-def error_response(err: GatewayError, status: int | None = None) -> Response:
+def error_response(err: GatewayError, status: int | None = None) -> web.Response:
     """The HTTP rendering of every gateway error (`status` overrides the code's)."""
     headers = {}
     if err.retry_after_ms is not None:
         headers["Retry_After"] = str(math.ceil(err.retry_after_ms / 1000))
     body = {"error": err.code, "message": err.message}
     return json_response(status or STATUS_OF_CODE.get(err.code, 500), body, **headers)
+
+
+def no_route() -> GatewayError:
+    return GatewayError(errors.NOT_FOUND, "no such route")
+
+
+@web.middleware
+async def render_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route's refusals and failures as HTTP (never a traceback)."""
+    try:
+        return await handler(request)
+    except GatewayError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        # The router's own refusal (no such path, or not with this method): a 404 like any.
+        if exc is request.match_info.http_exception:
+            return error_response(no_route())
+        raise
+    except Exception:
+        log.exception("HTTP handler failed")
+        return error_response(errors.internal(retry_after_ms=None))
 
 
 def load_static(directory: Path) -> dict[str, tuple[bytes, str]]:
@@ -116,45 +156,42 @@ class HttpRoutes:
     def __post_init__(self) -> None:
         self.static = load_static(self.settings.static_dir)
 
-    async def process_request(
-        self, connection: ServerConnection, request: Request
-    ) -> Response | None:
-        """websockets' hook: None lets an accepted upgrade proceed; a response answers."""
-        try:
-            return await self._route(connection, request)
-        except GatewayError as err:
-            return error_response(err)
-        except Exception:
-            log.exception("HTTP handler failed")
-            return error_response(errors.internal(retry_after_ms=None))
+    def add_routes(self, app: web.Application) -> None:
+        router = app.router
+        for path in WEBSOCKET_PATHS:
+            router.add_get(path, self._websocket, allow_head=False)
+        # Any method, as they always answered.
+        router.add_route("*", "/healthz", self._healthz)
+        router.add_route("*", "/readyz", self._readyz)
+        router.add_route("*", "/metrics", self._metrics)
+        router.add_route("*", "/v1/sessions", self._sessions)
+        router.add_get("/v1/requests/{request_id:.*}", self._request_status, allow_head=False)
+        for path in self.static:
+            router.add_get(path, self._static)
 
-    async def _route(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = request.path.split("?", 1)[0]
-        method = request.method
-        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
-        if upgrade and path in WEBSOCKET_PATHS:
-            await self.sockets.check_upgrade(connection, request.headers)
-            return None
-        if path == "/healthz":
-            return json_response(200, {"status": "ok", "gateway_id": self.settings.gateway_id})
-        if path == "/readyz":
-            ok, checks = await self.readiness()
-            return json_response(200 if ok else 503, {"ready": ok, "checks": checks})
-        if path == "/metrics":
-            return response(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
-        if path == "/v1/sessions":
-            return await self._sessions(method, request.headers)
-        if path.startswith("/v1/requests/") and method == "GET":
-            return await self._request_status(path.removeprefix("/v1/requests/"), request.headers)
-        if method == "GET" and path in self.static:
-            body, ctype = self.static[path]
-            return response(200, body, ctype)
-        raise GatewayError(errors.NOT_FOUND, "no such route")
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            raise no_route()  # a plain GET of /ws
+        return await self.sockets.handle(request)
 
-    async def _sessions(self, method: str, headers: Headers) -> Response:
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return json_response(200, {"status": "ok", "gateway_id": self.settings.gateway_id})
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        ok, checks = await self.readiness()
+        return json_response(200 if ok else 503, {"ready": ok, "checks": checks})
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        return response(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+
+    async def _static(self, request: web.Request) -> web.Response:
+        body, ctype = self.static[request.path]
+        return response(200, body, ctype)
+
+    async def _sessions(self, request: web.Request) -> web.Response:
         """Browser sign-in (a key -> an HttpOnly session cookie) and sign-out."""
-        sessions = self.resources.auth.sessions
-        if method == "POST":
+        sessions, headers = self.resources.auth.sessions, request.headers
+        if request.method == "POST":
             principal = await self.resources.auth.principal(headers.get("Authorization"), None)
             if principal is None:
                 raise GatewayError(errors.UNAUTHORIZED, "invalid API key")
@@ -170,15 +207,16 @@ class HttpRoutes:
                 {"tenant_id": principal.tenant_id, "expires_in_s": ttl},
                 Set_Cookie=auth.set_cookie(sid, ttl, secure),
             )
-        if method == "DELETE":
+        if request.method == "DELETE":
             old = auth.cookie_value(headers.get("Cookie"))
             if old:
                 await sessions.delete(old)
             return json_response(200, {"signed_out": True}, Set_Cookie=auth.clear_cookie())
         return error_response(GatewayError(errors.INVALID_REQUEST, "POST or DELETE"), 405)
 
-    async def _request_status(self, request_id: str, headers: Headers) -> Response:
+    async def _request_status(self, request: web.Request) -> web.Response:
         """Status and usage from the aggregator's projection, else what the gateway knows."""
+        request_id, headers = request.match_info["request_id"], request.headers
         principal = await self.resources.auth.principal(
             headers.get("Authorization"), headers.get("Cookie")
         )

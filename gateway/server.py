@@ -8,6 +8,9 @@ Where each responsibility lives (docs/gateway.md has the full table):
 - HTTP routes: gateway/http.py; request metadata in Redis: gateway/store.py
 - errors: gateway/errors.py (one type; each front end renders it once)
 
+One aiohttp server on the gateway's port serves the WebSocket, http.py's routes and the routes
+of `ROUTE_PROVIDERS` (other front ends, e.g. the OpenAI-compatible API).
+
 Background loops (owned and borrowed readers, housekeeping, prompt lag) run under a
 `Supervisor`: a loop that dies is logged and turns `/readyz` to 503, so an orchestrator
 restarts the process instead of it silently no longer delivering.
@@ -16,40 +19,37 @@ restarts the process instead of it silently no longer delivering.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from psycopg_pool import AsyncConnectionPool
-from websockets.asyncio.server import Server, serve
 
+from gateway import auth
 from gateway.admission import Admission, Load, Policy
 from gateway.feed import TokenFeed
 from gateway.follow import Followers
-from gateway.http import HttpRoutes
+from gateway.http import AccessLog, HttpRoutes, render_errors
 from gateway.inflight import Inflight
 from gateway.metrics import GatewayMetrics
 from gateway.prompts import PromptWriter
 from gateway.resources import Resources
 from gateway.settings import Settings
-from gateway.store import now_ms
+from gateway.store import RequestStore, now_ms
 from gateway.tasks import TaskSet
 from gateway.ws import SOCKET_LEASE_MS, Conn, WebSocketFrontEnd
 from llmstream import kafka, quota_keys, telemetry
 from llmstream.supervisor import Supervisor
 
 log = logging.getLogger("gateway")
-# websockets logs every request header (Authorization, Cookie) and every frame (prompts) at
-# DEBUG: its logger stays at INFO whatever LLMSTREAM_LOG_LEVEL says.
-ws_log = logging.getLogger("gateway.websockets")
-ws_log.setLevel(logging.INFO)
 
-# How long a server close and a readiness probe may take.
+# At stop, how long HTTP handlers still running (after the sockets were closed) get to end
+# before they are cancelled; how long a readiness probe may take.
 CLOSE_TIMEOUT_S = 5.0
 PROBE_TIMEOUT_S = 1.0
 
@@ -78,20 +78,45 @@ async def _select_one(pool: AsyncConnectionPool) -> None:
         await conn.execute("SELECT 1")
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Parts:
-    """What a started gateway is made of."""
+    """What a started gateway is made of; what a route provider builds its front end from."""
 
-    resources: Resources
-    feed: TokenFeed
-    admission: Admission
+    settings: Settings
+    resources: Resources  # the clients (Kafka, Redis, PostgreSQL)
+    admission: Admission  # submits
+    feed: TokenFeed  # token events to watches: follow, resume, catch_up
+    prompts: PromptWriter  # cancel_requested events
+    followers: Followers  # watchers of a request, the disconnect grace period
+    inflight: Inflight
+    metrics: GatewayMetrics
+    tasks: TaskSet  # one-off background tasks, cancelled at stop
+    draining: Callable[[], bool]  # SIGTERM received: refuse new streams
     sockets: WebSocketFrontEnd
     http: HttpRoutes
 
+    @property
+    def store(self) -> RequestStore:  # request metadata: lookup (tenant-checked)
+        return self.resources.store
+
+    @property
+    def authenticator(self) -> auth.Authenticator:  # credentials -> principal, re-checks
+        return self.resources.auth
+
+
+# A front end served on the gateway's port besides the WebSocket and http.py's routes (the
+# OpenAI-compatible API): adds its routes (and, if it needs them, middlewares and on_shutdown
+# callbacks) to the app before it starts. docs/gateway.md, "Adding HTTP routes".
+RouteProvider = Callable[[web.Application, Parts], None]
+ROUTE_PROVIDERS: tuple[RouteProvider, ...] = ()
+
 
 class Gateway:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, route_providers: Sequence[RouteProvider] = ROUTE_PROVIDERS
+    ) -> None:
         self.s = settings
+        self.route_providers = route_providers
         self.inflight = Inflight()
         self.conns: set[Conn] = set()
         self.metrics = GatewayMetrics(
@@ -102,7 +127,7 @@ class Gateway:
         self.draining = False
         self.prompt_lag = 0
         self._parts: Parts | None = None
-        self._server: Server | None = None
+        self._runner: web.AppRunner | None = None
 
     @property
     def parts(self) -> Parts:
@@ -190,7 +215,33 @@ class Gateway:
             inflight=self.inflight,
             readiness=self.readiness,
         )
-        return Parts(res, feed, admission, sockets, http)
+        return Parts(
+            settings=s,
+            resources=res,
+            admission=admission,
+            feed=feed,
+            prompts=prompts,
+            followers=followers,
+            inflight=self.inflight,
+            metrics=self.metrics,
+            tasks=self.tasks,
+            draining=lambda: self.draining,
+            sockets=sockets,
+            http=http,
+        )
+
+    def _app(self, parts: Parts) -> web.Application:
+        # client_max_size: the largest body `request.read()`/`.json()` accept (413 above).
+        app = web.Application(client_max_size=self.s.max_body_bytes, middlewares=[render_errors])
+        parts.http.add_routes(app)
+        for add_routes in self.route_providers:
+            add_routes(app, parts)
+
+        async def close_sockets(_app: web.Application) -> None:
+            await parts.sockets.close_all()
+
+        app.on_shutdown.append(close_sockets)
+        return app
 
     async def _run(self, parts: Parts) -> None:
         s, res, feed = self.s, parts.resources, parts.feed
@@ -199,21 +250,16 @@ class Gateway:
         self.supervisor.spawn(self._housekeeping(parts), "housekeeping")
         if res.admin is not None:
             self.supervisor.spawn(self._watch_prompt_lag(res, res.admin), "prompt lag")
-        self._server = await serve(
-            parts.sockets.handler,
-            s.host,
-            s.port,
-            process_request=parts.http.process_request,
-            logger=ws_log,
-            ssl=s.ssl_context(),
-            compression=None,
-            max_size=max(1 << 20, 4 * s.max_frame_bytes),
-            close_timeout=2,
-            ping_interval=20,
-            ping_timeout=20,
+        self._runner = web.AppRunner(
+            self._app(parts),
+            access_log_class=AccessLog,
+            access_log=logging.getLogger("gateway.access"),
+            shutdown_timeout=CLOSE_TIMEOUT_S,
         )
+        await self._runner.setup()
+        await web.TCPSite(self._runner, s.host, s.port, ssl_context=s.ssl_context()).start()
         if s.port == 0:
-            s.port = next(iter(self._server.sockets)).getsockname()[1]
+            s.port = self._runner.addresses[0][1]
         log.info(
             "gateway listening",
             extra=telemetry.fields(
@@ -233,11 +279,15 @@ class Gateway:
         await self.stop()
 
     async def stop(self) -> None:
+        """Stop listening, close the sockets still open (1001), end the HTTP handlers, then the
+        loops and the clients."""
         self.draining = True
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), CLOSE_TIMEOUT_S)
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            try:
+                await runner.cleanup()
+            except Exception:
+                log.warning("stopping the server failed", exc_info=True)
         await self.supervisor.stop()
         await self.tasks.cancel_all()
         if self._parts is not None:

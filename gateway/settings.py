@@ -59,6 +59,7 @@ VARIABLES = {
     "grace_s": "GATEWAY_GRACE_S",
     "send_buffer": "GATEWAY_SEND_BUFFER",
     "max_frame_bytes": "GATEWAY_MAX_FRAME_BYTES",
+    "max_body_bytes": "GATEWAY_MAX_BODY_BYTES",
     "max_sockets": "GATEWAY_MAX_SOCKETS",
     "max_inflight": "GATEWAY_MAX_INFLIGHT",
     "shed_max_tokens": "GATEWAY_SHED_MAX_TOKENS",
@@ -111,6 +112,7 @@ class Settings:
     grace_s: float = _default("grace_s", float)
     send_buffer: int = _default("send_buffer", int)
     max_frame_bytes: int = _default("max_frame_bytes", int)
+    max_body_bytes: int = _default("max_body_bytes", int)
     max_sockets: int = _default("max_sockets", int)
     max_inflight: int = _default("max_inflight", int)
     shed_max_tokens: int = _default("shed_max_tokens", int)

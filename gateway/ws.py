@@ -1,6 +1,8 @@
 """The WebSocket front end (docs/protocol.md): upgrade checks, one `Conn` per socket, its frames.
 
-A socket's frames are parsed by gateway/protocol.py and dispatched here: `submit` goes to the
+Served by aiohttp on the gateway's port (`handle` is the route of `/ws`): the upgrade is checked
+before it is accepted (a refusal is a `GatewayError`, answered as HTTP like any route's). A
+socket's frames are parsed by gateway/protocol.py and dispatched here: `submit` goes to the
 admission (gateway/admission.py), `resume` to the token feed (gateway/feed.py), `cancel` to the
 prompts topic. Every refusal is a `GatewayError`, rendered as an `error` frame by
 `protocol.error_frame` with the frame's `client_ref`. Outgoing frames wait in the socket's
@@ -15,13 +17,10 @@ import contextlib
 import logging
 import time
 import uuid
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway import auth, errors, protocol
 from gateway.admission import Admission, Admitted
@@ -43,9 +42,20 @@ log = logging.getLogger("gateway")
 SOCKET_LEASE_MS = 60_000
 # A socket keeps at most this many watches before finished ones are forgotten.
 MAX_WATCHES = 256
+# A ping after this long without anything from the client; no pong within half of it: the
+# connection is dropped (a client that vanished without closing).
+PING_INTERVAL_S = 20.0
+# How long a close waits for the client's close frame, and how long a socket being closed may
+# take to flush what is queued for it before its connection is cut.
+CLOSE_TIMEOUT_S = 2.0
+FLUSH_TIMEOUT_S = 3.0
+# Bytes written to a socket between checks of its transport's buffer: `send` waits while the
+# client does not read, so a stalled reader's frames pile up in its outbox (bounded, 4008)
+# instead of in the transport.
+WRITE_CHECK_BYTES = 32 * 1024
 
 
-def origin_allowed(s: Settings, headers: Headers) -> bool:
+def origin_allowed(s: Settings, headers: Mapping[str, str]) -> bool:
     origin, host = headers.get("Origin"), headers.get("Host")
     return auth.origin_allowed(origin, s.origins, host, tls=bool(s.tls_cert))
 
@@ -61,7 +71,8 @@ class Upgrade:
 
 @dataclass(eq=False)
 class Conn:
-    ws: ServerConnection
+    ws: web.WebSocketResponse
+    transport: asyncio.Transport
     principal: auth.Principal
     outbox: Outbox
     wake: asyncio.Event
@@ -121,22 +132,20 @@ class WebSocketFrontEnd:
     quota: Quota
     tasks: TaskSet
     draining: Callable[[], bool]
-    # Upgrades checked by `check_upgrade`, picked up by `handler` (weak: a handshake that fails
-    # after the check leaves nothing behind).
-    _pending: weakref.WeakKeyDictionary[ServerConnection, Upgrade] = field(
-        default_factory=weakref.WeakKeyDictionary, init=False
-    )
+    # Upgrades that passed `check_upgrade` and are not yet open sockets (they count towards
+    # GATEWAY_MAX_SOCKETS too).
+    _upgrading: int = field(default=0, init=False)
 
     # ---- upgrade -----------------------------------------------------------------------------
 
-    async def check_upgrade(self, connection: ServerConnection, headers: Headers) -> None:
-        """Refuse an upgrade before it happens (`GatewayError`, answered as HTTP), or remember
-        who it is for."""
+    async def check_upgrade(self, headers: Mapping[str, str]) -> Upgrade:
+        """Refuse an upgrade before it happens (`GatewayError`, answered as HTTP), or say who
+        it is for."""
         if self.draining():
             raise GatewayError(errors.OVERLOADED, "draining", reason="draining")
         if not origin_allowed(self.settings, headers):
             raise GatewayError(errors.FORBIDDEN, "origin")
-        if len(self.conns) + len(self._pending) >= self.settings.max_sockets:
+        if len(self.conns) + self._upgrading >= self.settings.max_sockets:
             raise GatewayError(
                 errors.OVERLOADED, "too many sockets", retry_after_ms=1000, reason="overloaded"
             )
@@ -154,23 +163,50 @@ class WebSocketFrontEnd:
                 errors.QUOTA_EXCEEDED, "too many sockets for tenant", reason="sockets"
             )
         # A socket opened with a session cookie lives only as long as its session.
-        session_id = auth.session_id_of(authorization, cookie)
-        self._pending[connection] = Upgrade(principal, member, session_id)
+        return Upgrade(principal, member, auth.session_id_of(authorization, cookie))
 
     # ---- a socket's life ---------------------------------------------------------------------
 
-    async def handler(self, ws: ServerConnection) -> None:
-        upgrade = self._pending.pop(ws, None)
-        if upgrade is None:  # not an upgrade we checked (cannot happen)
-            await ws.close(1008, "unauthorized")
-            return
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """An upgrade request for `/ws`: checks, upgrade, then the socket's frames until it
+        closes."""
+        upgrade = await self.check_upgrade(request.headers)
+        ws = web.WebSocketResponse(
+            timeout=CLOSE_TIMEOUT_S,
+            heartbeat=PING_INTERVAL_S,
+            compress=False,  # token frames are tiny; deflate state would ~3x a socket's memory
+            max_msg_size=max(1 << 20, 4 * self.settings.max_frame_bytes),  # above: 1009
+            writer_limit=WRITE_CHECK_BYTES,
+        )
+        self._upgrading += 1
+        try:
+            await ws.prepare(request)  # HTTPBadRequest: not a valid WebSocket handshake
+            transport = request.transport
+            if transport is None:
+                raise ConnectionResetError("connection lost during the upgrade")
+        except BaseException:
+            self.tasks.spawn(self.quota.close_socket(upgrade.principal.tenant_id, upgrade.member))
+            raise
+        finally:
+            self._upgrading -= 1
+        try:
+            await self._serve(upgrade, ws, transport)
+        except Exception:  # the upgrade is answered: nothing to render as HTTP any more
+            log.exception("socket handler failed")
+        return ws
+
+    async def _serve(
+        self, upgrade: Upgrade, ws: web.WebSocketResponse, transport: asyncio.Transport
+    ) -> None:
         wake = asyncio.Event()
 
         def on_overflow() -> None:
-            self.tasks.spawn(self._close_slow(ws))
+            self.tasks.spawn(self._close_slow(conn))
 
         outbox = Outbox(self.settings.send_buffer, wake.set, on_overflow)
-        conn = Conn(ws, upgrade.principal, outbox, wake, upgrade.member, upgrade.session_id)
+        conn = Conn(
+            ws, transport, upgrade.principal, outbox, wake, upgrade.member, upgrade.session_id
+        )
         self.conns.add(conn)
         sender = asyncio.create_task(self._sender(conn))
         heartbeat_ms = int(self.settings.heartbeat_s * 1000)
@@ -181,13 +217,14 @@ class WebSocketFrontEnd:
             )
         )
         try:
-            async for frame in ws:
-                if outbox.overflowed:
+            # Ends at the client's close, a close of ours, or an error: a message over the
+            # size limit (1009) or invalid UTF-8 in a text frame (1007), which aiohttp answers
+            # with that close code.
+            async for msg in ws:
+                if outbox.overflowed or msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                     break
                 conn.received_at = time.monotonic()
-                await self._handle(conn, frame)
-        except ConnectionClosed:
-            pass
+                await self._handle(conn, msg.data)
         finally:
             sender.cancel()
             with contextlib.suppress(BaseException):
@@ -199,7 +236,15 @@ class WebSocketFrontEnd:
         requests keep running (no grace timers)."""
         for conn in list(self.conns):
             conn.drained = True
-            self.tasks.spawn(conn.ws.close(protocol.CLOSE_DRAIN, "gateway restarting: reconnect"))
+            self.tasks.spawn(
+                self._close(conn, protocol.CLOSE_DRAIN, "gateway restarting: reconnect")
+            )
+
+    async def close_all(self) -> None:
+        """At stop: close the sockets still open with 1001 (going away)."""
+        await asyncio.gather(
+            *(self._close(c, WSCloseCode.GOING_AWAY, "gateway stopping") for c in list(self.conns))
+        )
 
     def leases(self) -> list[tuple[str, str]]:
         """(tenant, member) of every open socket: their leases in the tenants' socket sets."""
@@ -327,16 +372,30 @@ class WebSocketFrontEnd:
                     continue
                 n = 0
                 while outbox.frames and n < 64 and not outbox.overflowed:
-                    # Encoded here, not by websockets: a lone surrogate that slipped through
+                    # Encoded here, not by send_str: a lone surrogate that slipped through
                     # (protocol.parse refuses them) must not make the send fail and kill the
                     # socket; it becomes "?". The same one encode either way.
                     frame = outbox.frames.popleft().encode("utf-8", "replace")
-                    await ws.send(frame, text=True)
+                    # Waits while the client does not read (WRITE_CHECK_BYTES).
+                    await ws.send_frame(frame, WSMsgType.TEXT)
                     n += 1
                 self.metrics.frames_sent += n
                 await asyncio.sleep(0)  # let other sockets send too
-        except ConnectionClosed:
+        except ConnectionResetError:  # the socket is closing or gone
             return
+
+    async def _close(self, conn: Conn, code: int, reason: str) -> None:
+        """Close a socket with `code` once what is queued for it, its close frame last, is
+        written: with no write buffer allowed, aiohttp's close waits for exactly that before
+        it closes the connection. A client that does not take it within FLUSH_TIMEOUT_S (it
+        stopped reading) is cut off, so that no connection outlives its socket with its
+        buffer."""
+        conn.transport.set_write_buffer_limits(high=0)
+        try:
+            async with asyncio.timeout(FLUSH_TIMEOUT_S):
+                await conn.ws.close(code=code, message=reason.encode())
+        except TimeoutError:
+            conn.transport.abort()
 
     async def _close_after_flush(self, conn: Conn, code: int, reason: str) -> None:
         for _ in range(100):
@@ -344,19 +403,12 @@ class WebSocketFrontEnd:
                 break
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.01)
-        await conn.ws.close(code, reason)
+        await self._close(conn, code, reason)
 
-    async def _close_slow(self, ws: ServerConnection) -> None:
+    async def _close_slow(self, conn: Conn) -> None:
         """A socket fell `send_buffer` frames behind: close it (4008); if even the close frame
-        cannot be written in time, drop the TCP connection."""
+        cannot be written in time, the connection is dropped."""
         self.metrics.send_buffer_overflows += 1
-        try:
-            await asyncio.wait_for(
-                ws.close(protocol.CLOSE_SLOW_CONSUMER, "send buffer full: reconnect and resume"),
-                3,
-            )
-        except (TimeoutError, ConnectionClosed):
-            pass
-        finally:
-            if ws.transport is not None and not ws.transport.is_closing():
-                ws.transport.abort()
+        await self._close(
+            conn, protocol.CLOSE_SLOW_CONSUMER, "send buffer full: reconnect and resume"
+        )

@@ -132,6 +132,12 @@ SETTINGS: tuple[Setting, ...] = (
         "65536",
         "Largest client frame the protocol accepts (larger: `invalid_request`).",
     ),
+    Setting(
+        "GATEWAY_MAX_BODY_BYTES",
+        "1048576",
+        "Largest HTTP request body the gateway reads (the OpenAI-compatible API's JSON); a "
+        "larger one is refused with 413.",
+    ),
     Setting("GATEWAY_MAX_SOCKETS", "10000", "Open WebSockets per gateway process at most."),
     Setting(
         "GATEWAY_MAX_INFLIGHT",

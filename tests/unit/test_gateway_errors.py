@@ -61,14 +61,14 @@ def test_http_rendering_status_and_retry_after(
     err: GatewayError, status: int, retry_after: str | None
 ) -> None:
     resp = error_response(err)
-    assert resp.status_code == status
+    assert resp.status == status and isinstance(resp.body, bytes)
     assert json.loads(resp.body) == {"error": err.code, "message": err.message}
     assert resp.headers.get("Retry-After") == retry_after
 
 
 def test_http_rendering_status_override() -> None:
     resp = error_response(GatewayError(errors.INVALID_REQUEST, "POST or DELETE"), 405)
-    assert resp.status_code == 405 and resp.reason_phrase == "Method Not Allowed"
+    assert resp.status == 405 and resp.reason == "Method Not Allowed"
 
 
 def test_shared_refusals_are_worded_once() -> None:
