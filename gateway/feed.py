@@ -284,10 +284,12 @@ class TokenFeed:
         after_seq: int,
         outbox: Outbox,
         frames: Frames = WEBSOCKET_FRAMES,
+        *,
+        keep_text: bool = False,
     ) -> Resumption:
         """Start following a request from `after_seq` on: its watch parks live events from now
         on, since the catch-up replays only up to the end offset it takes after this point.
-        Run `catch_up` next."""
+        Run `catch_up` next. `keep_text`: the watch keeps the whole text (gateway/router.py)."""
         plan = plan_resume(meta.route, self.topic, self.owned)
         watch = Watch(
             meta.request_id,
@@ -297,6 +299,7 @@ class TokenFeed:
             catching_up=True,
             borrowed=plan.borrowed,
             frames=frames,
+            keep_text=keep_text,
         )
         self.router.add(watch)
         return Resumption(watch, plan)

@@ -1,6 +1,6 @@
 """The official `openai` JavaScript SDK (tests/js, run with node) reads llmstream's chat
 completion streams: the frames `ChatCompletionStream` renders, heartbeats included, served over
-loopback HTTP. (Against the whole pipeline: tests/integration/test_openai_*.py.)"""
+loopback HTTP. (Against the whole pipeline: tests/integration/test_openai_api.py.)"""
 
 from __future__ import annotations
 
@@ -82,11 +82,11 @@ def serve(body: str) -> Iterator[Server]:
         server.httpd.server_close()
 
 
-def run_js(base_url: str, *args: str) -> tuple[int, dict[str, Any]]:
+def run_js(base_url: str, *args: str, key: str = "lsk_js_test") -> tuple[int, dict[str, Any]]:
     if NODE is None:
         pytest.skip("node is not installed")
     assert (JS / "node_modules" / "openai").is_dir(), "the JS SDK is missing: run `make js-deps`"
-    env = {**os.environ, "OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": "lsk_js_test"}
+    env = {**os.environ, "OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": key}
     proc = subprocess.run(
         [NODE, str(JS / "stream_chat.mjs"), *args],
         env=env, capture_output=True, text=True, timeout=60,
