@@ -37,6 +37,7 @@ from gateway.follow import Followers
 from gateway.http import AccessLog, HttpRoutes, render_errors
 from gateway.inflight import Inflight
 from gateway.metrics import GatewayMetrics
+from gateway.models import Models
 from gateway.prompts import PromptWriter
 from gateway.resources import Resources
 from gateway.settings import Settings
@@ -86,6 +87,7 @@ class Parts:
     resources: Resources  # the clients (Kafka, Redis, PostgreSQL)
     admission: Admission  # submits
     feed: TokenFeed  # token events to watches: follow, resume, catch_up
+    models: Models  # the model catalog: served models and their limits
     prompts: PromptWriter  # cancel_requested events
     followers: Followers  # watchers of a request, the disconnect grace period
     inflight: Inflight
@@ -174,6 +176,7 @@ class Gateway:
         )
         await feed.start(s.owned_partitions(count))
         prompts = PromptWriter(res.producer, s.prompts_topic, s.gateway_id)
+        models = Models.following(res.connection, s.models_topic, s.gateway_id)
         admission = Admission(
             gateway_id=s.gateway_id,
             policy=Policy.from_settings(s),
@@ -184,6 +187,7 @@ class Gateway:
             next_route=feed.next_route,
             inflight=self.inflight,
             metrics=self.metrics,
+            models=models.view,
         )
         followers = Followers(
             store=res.store,
@@ -220,6 +224,7 @@ class Gateway:
             resources=res,
             admission=admission,
             feed=feed,
+            models=models,
             prompts=prompts,
             followers=followers,
             inflight=self.inflight,
@@ -247,6 +252,7 @@ class Gateway:
         s, res, feed = self.s, parts.resources, parts.feed
         self.supervisor.spawn(feed.run_owned(), "owned tokens reader")
         self.supervisor.spawn(feed.run_borrowed(), "borrowed tokens reader")
+        self.supervisor.spawn(parts.models.run(), "model catalog")
         self.supervisor.spawn(self._housekeeping(parts), "housekeeping")
         if res.admin is not None:
             self.supervisor.spawn(self._watch_prompt_lag(res, res.admin), "prompt lag")

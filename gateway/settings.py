@@ -54,6 +54,7 @@ VARIABLES = {
     "port": "GATEWAY_PORT",
     "prompts_topic": "TOPIC_PROMPTS",
     "tokens_topic": "TOPIC_TOKENS",
+    "models_topic": "TOPIC_MODELS",
     "replica_index": "GATEWAY_REPLICA_INDEX",
     "replicas": "GATEWAY_REPLICAS",
     "grace_s": "GATEWAY_GRACE_S",
@@ -105,6 +106,7 @@ class Settings:
     bootstrap: str = _DOCUMENTED["KAFKA_BOOTSTRAP"]
     prompts_topic: str = _default("prompts_topic", str)
     tokens_topic: str = _default("tokens_topic", str)
+    models_topic: str = _default("models_topic", str)  # the model catalog (gateway/models.py)
     partitions: list[int] | None = None  # None: split_partitions(replica_index, replicas)
     replica_index: int = _default("replica_index", int)
     replicas: int = _default("replicas", int)

@@ -96,6 +96,7 @@ async def gateway_process(
         **os.environ,
         "LLMSTREAM_TOPIC_PROMPTS": t.prompts,
         "LLMSTREAM_TOPIC_TOKENS": t.tokens,
+        "LLMSTREAM_TOPIC_MODELS": t.models,
         "LLMSTREAM_DATABASE_URL": database_url,
         "LLMSTREAM_LOG_LEVEL": "WARNING",
     }

@@ -18,7 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.server import Gateway as Gateway
 from gateway.settings import Settings
-from llmstream import codec
+from llmstream import codec, topics
 from llmstream.v1 import common_pb2, events_pb2
 from llmstream_tools import admin, stack
 
@@ -36,6 +36,9 @@ class Topics:
     prompts: str
     tokens: str
     partitions: int
+    # The model catalog the gateway follows: create_topics makes an empty one (nothing is
+    # announced: every model is accepted); else the configured one.
+    models: str = field(default_factory=topics.models)
 
 
 async def new_tenant(tier: str = "standard") -> tuple[str, str, str]:
@@ -68,13 +71,14 @@ def topics_fixture(partitions: int) -> Any:
 
 async def create_topics(bootstrap: str, partitions: int = 4) -> Topics:
     base = f"test.g{uuid.uuid4().hex[:10]}"
-    t = Topics(bootstrap, f"{base}.prompts", f"{base}.tokens", partitions)
-    await stack.create_topics(bootstrap, {t.prompts: partitions, t.tokens: partitions})
+    t = Topics(bootstrap, f"{base}.prompts", f"{base}.tokens", partitions, f"{base}.models")
+    await stack.create_topics(bootstrap, {t.prompts: partitions, t.tokens: partitions, t.models: 1})
     return t
 
 
 async def delete_topics(t: Topics) -> None:
-    await stack.delete_topics(t.bootstrap, [t.prompts, t.tokens])
+    """The topics `create_topics` made."""
+    await stack.delete_topics(t.bootstrap, [t.prompts, t.tokens, t.models])
 
 
 def settings(
@@ -87,6 +91,7 @@ def settings(
         bootstrap=t.bootstrap,
         prompts_topic=t.prompts,
         tokens_topic=t.tokens,
+        models_topic=t.models,
         partitions=partitions,
         redis_url=redis_url,
         database_url=database_url,
