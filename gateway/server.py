@@ -38,6 +38,7 @@ from gateway.http import AccessLog, HttpRoutes, render_errors
 from gateway.inflight import Inflight
 from gateway.metrics import GatewayMetrics
 from gateway.models import Models
+from gateway.openai import api_router
 from gateway.prompts import PromptWriter
 from gateway.resources import Resources
 from gateway.settings import Settings
@@ -110,7 +111,7 @@ class Parts:
 # OpenAI-compatible API): adds its routes (and, if it needs them, middlewares and on_shutdown
 # callbacks) to the app before it starts. docs/gateway.md, "Adding HTTP routes".
 RouteProvider = Callable[[web.Application, Parts], None]
-ROUTE_PROVIDERS: tuple[RouteProvider, ...] = ()
+ROUTE_PROVIDERS: tuple[RouteProvider, ...] = (api_router.add_routes,)
 
 
 class Gateway:

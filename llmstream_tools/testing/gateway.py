@@ -101,8 +101,9 @@ def settings(
 
 
 @contextlib.asynccontextmanager
-async def running(s: Settings) -> AsyncIterator[Gateway]:
-    gw = Gateway(s)
+async def running(s: Settings, **kw: Any) -> AsyncIterator[Gateway]:
+    """A started gateway (`kw`: Gateway's, e.g. `route_providers`), stopped after."""
+    gw = Gateway(s, **kw)
     await gw.start()
     try:
         yield gw

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import urllib.error
 import urllib.request
 from typing import Any
 
+import aiohttp
 import psycopg
 import pytest
+from aiohttp import web
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from gateway.server import Gateway
+from gateway.server import Gateway, Parts
 from llmstream_tools import admin
 from llmstream_tools.testing import gateway as testing
 from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
@@ -168,4 +171,48 @@ async def test_a_dead_delivery_loop_makes_the_replica_unready(
         assert status == 503 and body["checks"]["loops"].startswith(
             "error: owned tokens reader: RuntimeError: a bug in delivery"
         )
+        await c.close()
+
+
+async def test_a_route_provider_serves_bodies_and_streams_on_the_gateway_port(
+    topics: Topics, db_env: str, redis_url: str
+) -> None:
+    """What the OpenAI front end needs: a POST with a JSON body answered by a stream on the
+    WebSocket's port, the handler seeing its client go away, bodies bounded (413)."""
+    provided: list[Parts] = []
+    gone = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        word = (await request.json())["word"]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for i in itertools.count():
+                await resp.write(f"data: {word} {i}\n\n".encode())
+                await asyncio.sleep(0.01)
+        except ConnectionResetError:
+            gone.set()
+        return resp
+
+    def add_routes(app: web.Application, parts: Parts) -> None:
+        provided.append(parts)
+        app.router.add_post("/test/stream", stream)
+
+    s = testing.settings(topics, redis_url, db_env, "gw-h", [0, 1], max_body_bytes=1024)
+    _tenant, _name, key = await testing.new_tenant()
+    async with testing.running(s, route_providers=[add_routes]) as gw:
+        assert [p.admission for p in provided] == [gw.admission]
+        url = f"http://127.0.0.1:{s.port}/test/stream"
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(url, json={"word": "hi"})
+            assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+            assert await resp.content.readline() == b"data: hi 0\n"
+            resp.close()  # the client goes away mid-stream
+            await asyncio.wait_for(gone.wait(), 10)
+            async with session.post(url, json={"word": "x" * 2000}) as big:
+                assert big.status == 413
+            async with session.get(url) as wrong_method:
+                assert wrong_method.status == 404
+        c = await Client.connect(s.port, key)  # the WebSocket on the same port
+        await c.wait(lambda: c.hello is not None)
         await c.close()
