@@ -1,10 +1,14 @@
 // llmstream browser client (protocol llmstream.v1, docs/protocol.md). No external fetches:
 // it talks only to the gateway that served it. Request ids, received text and the last seq
 // are kept in sessionStorage so a reload (or a dropped socket) resumes every stream.
+// With "SSE" ticked, a submit is an OpenAI chat completion streamed over fetch (docs/openai.md)
+// instead; it resumes from its last event id (Last-Event-ID) after a reload or a drop. Cancel
+// still goes over the WebSocket.
 "use strict";
 (function () {
   const STORE = "llmstream.requests";
   const SIGNED = "llmstream.signedIn";
+  const SSE = "llmstream.sse";
   const $ = (id) => document.getElementById(id);
   let ws = null;
   let backoff = 250;
@@ -88,7 +92,7 @@
       showSignedIn(true);
       sessionStorage.setItem(SIGNED, "1");
       for (const [rid, r] of Object.entries(reqs)) {
-        if (!r.done) send({ type: "resume", request_id: rid, after_seq: r.lastSeq });
+        if (!r.done && !r.sse) send({ type: "resume", request_id: rid, after_seq: r.lastSeq });
       }
     };
     sock.onmessage = (ev) => onFrame(JSON.parse(ev.data));
@@ -116,10 +120,7 @@
       if (f.default_model && !model.dataset.touched) model.value = f.default_model;
     } else if (f.type === "accepted") {
       const p = pending[f.client_ref];
-      if (!reqs[rid]) {
-        reqs[rid] = { prompt: p ? p.prompt : "", text: "", lastSeq: 0, status: "queued",
-          done: false, sentAt: p ? p.sentAt : null, firstAt: null, ttft: null, tps: null };
-      }
+      if (!reqs[rid]) reqs[rid] = newRequest(p ? p.prompt : "", p ? p.sentAt : null);
       delete pending[f.client_ref];
       panel(rid);
       save();
@@ -168,6 +169,100 @@
     }
   }
 
+  // ---- Server-Sent Events (the OpenAI-compatible API) ----------------------------------
+
+  function newRequest(prompt, sentAt) {
+    return { prompt, text: "", lastSeq: 0, status: "queued", done: false, sentAt,
+      firstAt: null, ttft: null, tps: null };
+  }
+
+  async function sseSubmit(prompt, body) {
+    const sentAt = performance.now();
+    const resp = await fetch("/v1/chat/completions", {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    if (!resp.ok) {
+      const err = (await resp.json().catch(() => ({}))).error || {};
+      $("submit-error").textContent = `${resp.status} ${err.code || ""}: ${err.message || ""}`;
+      return;
+    }
+    const rid = resp.headers.get("X-Request-Id");
+    reqs[rid] = { ...newRequest(prompt, sentAt), sse: true, lastEventId: null };
+    panel(rid);
+    save();
+    await sseRead(rid, resp);
+  }
+
+  async function sseResume(rid) {
+    const r = reqs[rid];
+    const headers = r.lastEventId ? { "Last-Event-ID": r.lastEventId } : {};
+    try {
+      const resp = await fetch(`/v1/chat/completions/${encodeURIComponent(rid)}/stream`,
+        { credentials: "same-origin", headers });
+      if (resp.status === 404) { r.done = true; r.status = "not_found"; render(rid); save(); return; }
+      if (resp.ok) await sseRead(rid, resp);
+    } catch (e) { /* dropped: try again below */ }
+    if (!r.done) setTimeout(() => sseResume(rid), 1000);
+  }
+
+  async function sseRead(rid, resp) {
+    const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = "";
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += value;
+        let end;
+        while ((end = buf.indexOf("\n\n")) >= 0) {
+          onSseEvent(rid, buf.slice(0, end));
+          buf = buf.slice(end + 2);
+        }
+      }
+    } catch (e) { /* the connection dropped */ }
+    // Ended without its last event (a slow reader cut off, a replica gone): resume.
+    if (!reqs[rid].done) setTimeout(() => sseResume(rid), 250);
+  }
+
+  function onSseEvent(rid, block) {
+    const r = reqs[rid];
+    let id = null, data = "";
+    for (const line of block.split("\n")) {  // ": keep-alive" comment lines are skipped
+      if (line.startsWith("id: ")) id = line.slice(4);
+      else if (line.startsWith("data: ")) data += line.slice(6);
+    }
+    if (!data || data === "[DONE]") return;
+    const obj = JSON.parse(data);
+    if (id) r.lastEventId = id;
+    const choice = (obj.choices || [])[0];
+    if (obj.error) {
+      r.done = true;
+      r.status = obj.error.code || "error";
+    } else if (choice && choice.delta && choice.delta.content) {
+      const now = performance.now();
+      if (r.firstAt == null) {
+        r.firstAt = now;
+        if (r.sentAt != null && r.ttft == null) r.ttft = now - r.sentAt;
+      }
+      r.text += choice.delta.content;
+      r.lastSeq = parseInt(id.slice(id.lastIndexOf(":") + 1), 10);
+      r.status = "streaming";
+      const secs = (now - r.firstAt) / 1000;
+      if (secs > 0.05) r.tps = (r.lastSeq - 1) / secs;
+    } else if (choice && choice.finish_reason) {
+      r.done = true;
+      r.status = choice.finish_reason;
+    }
+    render(rid);
+    save();
+  }
+
+  $("use-sse").checked = sessionStorage.getItem(SSE) === "1";
+  $("use-sse").addEventListener("change", (e) => {
+    sessionStorage.setItem(SSE, e.target.checked ? "1" : "0");
+  });
+
   $("signin").addEventListener("submit", async (e) => {
     e.preventDefault();
     $("signin-error").textContent = "";
@@ -195,16 +290,20 @@
     $("submit-error").textContent = "";
     const ref = "r" + Date.now().toString(36) + "-" + (refs++);
     const prompt = $("prompt").value;
-    pending[ref] = { prompt, sentAt: performance.now() };
     // A chat turn, so the model server applies the model's chat template (instruct models
     // answer the question instead of continuing the text).
-    const ok = send({ type: "submit", client_ref: ref, model: $("model").value,
-      messages: [{ role: "user", content: prompt }],
+    const body = { model: $("model").value, messages: [{ role: "user", content: prompt }],
       max_tokens: parseInt($("max_tokens").value, 10) || 64,
-      temperature: Math.min(2, Math.max(0, parseFloat($("temperature").value) || 0)) });
+      temperature: Math.min(2, Math.max(0, parseFloat($("temperature").value) || 0)) };
+    if ($("use-sse").checked) { sseSubmit(prompt, { ...body, stream: true }); return; }
+    pending[ref] = { prompt, sentAt: performance.now() };
+    const ok = send({ type: "submit", client_ref: ref, ...body });
     if (!ok) $("submit-error").textContent = "not connected";
   });
 
-  for (const rid of Object.keys(reqs)) { panel(rid); }
+  for (const [rid, r] of Object.entries(reqs)) {
+    panel(rid);
+    if (r.sse && !r.done) sseResume(rid);
+  }
   if (sessionStorage.getItem(SIGNED)) connect(); else showSignedIn(false);
 })();

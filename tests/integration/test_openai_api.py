@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -71,6 +72,22 @@ async def wait_for_model(client: openai.AsyncOpenAI) -> None:
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"{MODEL} never listed")
+
+
+async def restart(api: Api, replica: int) -> None:
+    """Start gateway replica `replica` again; return once it serves the model."""
+    api.stack.start(f"gateway-{replica}")
+    url = f"http://127.0.0.1:{api.stack.gateway_ports[replica]}/readyz"
+    async with aiohttp.ClientSession() as http:
+        for _ in range(600):
+            try:
+                async with http.get(url) as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    await wait_for_model(api.client(replica))
 
 
 async def chat_stream(client: openai.AsyncOpenAI, **kw: Any) -> tuple[str, list[Any]]:
@@ -292,7 +309,7 @@ async def test_background_response_resumed_after_killing_its_gateway(api: Api) -
         rest = await api.client(0).responses.retrieve(response_id, stream=True, starting_after=last)
         more = [e async for e in rest]
     finally:
-        api.stack.start("gateway-1")
+        await restart(api, 1)
     # Exactly the events of the whole stream, replayed from the start (a token event without
     # text has no event, so numbers may skip; they never repeat or go missing).
     whole = [e async for e in await api.client(0).responses.retrieve(response_id, stream=True)]
@@ -433,6 +450,34 @@ async def test_sse_resume_on_the_other_replica_is_exact_to_the_byte(api: Api) ->
         assert len(ids) == len(set(ids))
         assert content(part + rest) == content(whole)
         assert rest[-1][1] == "[DONE]"
+
+
+async def test_a_draining_replica_answers_503_with_retry_after(api: Api) -> None:
+    port = api.stack.gateway_ports[1]
+    # A WebSocket that never answers the close frame holds the drain open for a moment.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {api.key}\r\n\r\n".encode()
+    )
+    assert b" 101 " in await reader.readline()
+    try:
+        api.stack.procs["gateway-1"].send_signal(signal.SIGTERM)
+        async with aiohttp.ClientSession() as http:
+            for _ in range(600):  # until the replica knows it drains (/readyz says so)
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                    if r.status == 503:
+                        break
+                await asyncio.sleep(0.01)
+        with pytest.raises(openai.InternalServerError) as err:
+            await api.client(1).chat.completions.create(model=MODEL, messages=HI, max_tokens=4)
+        assert (err.value.status_code, err.value.code) == (503, "service_unavailable")
+        assert int(err.value.response.headers["retry-after"]) >= 1
+    finally:
+        writer.close()
+        await asyncio.to_thread(api.stack.procs["gateway-1"].wait, 30)
+        await restart(api, 1)
 
 
 # ---- draining and billing ----------------------------------------------------------------------
