@@ -35,6 +35,7 @@ SUITES: dict[str, str] = {
     "paced": "llmstream_tools.bench.paced",
     "llamacpp": "llmstream_tools.bench.llamacpp",
     "engines": "llmstream_tools.bench.engines",
+    "sse": "llmstream_tools.bench.sse",
 }
 
 RESULTS_DIR = Path("bench") / "results"

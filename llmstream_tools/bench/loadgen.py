@@ -419,7 +419,9 @@ class OpenAITarget(Target):
     """Streamed `/v1/completions` of an OpenAI-compatible server over HTTP/1.1 keep-alive, one
     connection per client (a connection carries one request at a time). Every event without a
     `finish_reason` is one token (llama-cpp-python's server sends one per token, then one with
-    the finish reason and no text); `usage`, when present, is used instead."""
+    the finish reason and no text); `usage`, when present, is used instead (`include_usage`
+    asks for it: llmstream's gateway, whose events may carry several tokens, needs it; so does
+    its `api_key`)."""
 
     def __init__(
         self,
@@ -429,9 +431,13 @@ class OpenAITarget(Target):
         *,
         temperature: float = 0.0,
         label: str = "llama.cpp server",
+        api_key: str = "",
+        include_usage: bool = False,
     ) -> None:
         self.host, self.port, self.model, self.temperature = host, port, model, temperature
         self.label = label
+        self.auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
+        self.include_usage = include_usage
         self.conns: list[_HttpConn] = []
 
     async def open(self, clients: int) -> None:
@@ -447,10 +453,12 @@ class OpenAITarget(Target):
         body["temperature"] = self.temperature
         if self.model:
             body["model"] = self.model
+        if self.include_usage:
+            body["stream_options"] = {"include_usage": True}
         data = json.dumps(body).encode()
         request = (
             f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-            f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+            f"Content-Type: application/json\r\nAccept: text/event-stream\r\n{self.auth}"
             f"Content-Length: {len(data)}\r\n\r\n"
         ).encode() + data
         sample = Sample()
@@ -509,12 +517,14 @@ class OpenAITarget(Target):
                         sample.end = now
                         continue
                     obj = json.loads(payload)
+                    if obj.get("usage"):
+                        usage_tokens = int(obj["usage"].get("completion_tokens", 0))
+                        if not obj.get("choices"):  # include_usage's last chunk: no token
+                            continue
                     choices = obj.get("choices") or [{}]
                     if choices[0].get("finish_reason") is None:  # the last event has no token
                         sample.message(now)
                         sample.tokens += 1
-                    if obj.get("usage"):
-                        usage_tokens = int(obj["usage"].get("completion_tokens", 0))
         if usage_tokens is not None:
             sample.tokens = usage_tokens
         if sample.end is None:
