@@ -80,9 +80,19 @@ def default_model_path() -> str:
 _CONSTRUCT_LOCK = threading.Lock()
 
 
+def new_llama(path: str, **kwargs: Any) -> Any:
+    """A ``Llama`` (``kwargs`` as its constructor's), made the way every one must be made
+    here: quietly and without weight repacking (``_quiet_construction``)."""
+    from llama_cpp import Llama
+
+    with _quiet_construction():
+        return Llama(path, verbose=True, **kwargs)
+
+
 @contextlib.contextmanager
 def _quiet_construction() -> Iterator[None]:
-    """Construct ``Llama`` objects without their chatter and without fd tricks.
+    """Construct ``Llama`` objects without their chatter, without fd tricks and without
+    llama.cpp's extra CPU buffer types.
 
     With ``verbose=False`` llama-cpp-python silences llama.cpp by dup2-ing /dev/null over
     file descriptors 1 and 2 while a model loads: process-wide, so in a server it swallows
@@ -90,13 +100,30 @@ def _quiet_construction() -> Iterator[None]:
     for good. Instead we pass ``verbose=True`` and divert only Python-level ``sys.stdout`` /
     ``sys.stderr`` (our log handler keeps its own stream), one construction at a time, then
     lower the llama.cpp log callback to errors.
+
+    Extra buffer types repack weights for the CPU (AMX on recent Xeons). On an AMX machine
+    llama.cpp (llama-cpp-python 0.3.36, built natively) repacks SmolLM2's Q4_1/Q8_0 tensors
+    for AMX and then segfaults at the first decode (measured 2026-12-07; fine with repacking
+    off). The constructor has no argument for ``use_extra_bufts``, so the defaults it reads
+    are patched for the construction, under the same lock.
     """
+    from llama_cpp import llama_cpp as lib
+
+    defaults = lib.llama_model_default_params
+
+    def without_repacking() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
     with _CONSTRUCT_LOCK:
         sink = io.StringIO()
+        lib.llama_model_default_params = without_repacking
         try:
             with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
                 yield
         finally:
+            lib.llama_model_default_params = defaults
             logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("llama.cpp load output: %s", sink.getvalue()[-4000:])
@@ -160,7 +187,7 @@ class LlamaCppEngine(SlotEngine):
         self._failures = [0] * len(self._instances)
 
     def _load_shared(self) -> None:
-        from llama_cpp import Llama, llama_cpp
+        from llama_cpp import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         # Imported here, not in the decode thread: numpy's first import takes ~0.2 s.
@@ -172,8 +199,7 @@ class LlamaCppEngine(SlotEngine):
         if not os.path.isfile(path):
             raise EngineError(f"model file not found: {path}")
         started = time.monotonic()
-        with _quiet_construction():
-            tok = Llama(path, vocab_only=True, verbose=True)
+        tok = new_llama(path, vocab_only=True)
         self._tokenizer = tok
         self._n_vocab = int(tok.n_vocab())
         vocab = tok._model.vocab
@@ -225,19 +251,14 @@ class LlamaCppEngine(SlotEngine):
         )
 
     def _load_instance(self) -> Any:
-        from llama_cpp import Llama
-
-        llm: Any
-        with _quiet_construction():
-            llm = Llama(
-                str(self.model_path),
-                n_ctx=self._n_ctx,
-                n_batch=self.n_batch,
-                n_ubatch=self.n_batch,
-                n_threads=self.n_threads,
-                n_threads_batch=self.n_threads,
-                verbose=True,
-            )
+        llm = new_llama(
+            str(self.model_path),
+            n_ctx=self._n_ctx,
+            n_batch=self.n_batch,
+            n_ubatch=self.n_batch,
+            n_threads=self.n_threads,
+            n_threads_batch=self.n_threads,
+        )
         # Warm-up: touch the weights and the compute buffers once.
         warm = self._tokenizer.tokenize(b"Hello", add_bos=self._add_bos, special=False)
         llm.reset()
