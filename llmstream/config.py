@@ -245,6 +245,12 @@ SETTINGS: tuple[Setting, ...] = (
         "(`make vllm`).",
     ),
     Setting(
+        "VLLM_DOWNLOAD",
+        "0",
+        "1: the vllm engine may download `LLMSTREAM_VLLM_MODEL` from the Hugging Face Hub "
+        "(HF_HUB_OFFLINE=0); 0: local files only.",
+    ),
+    Setting(
         "VLLM_TENSOR_PARALLEL_SIZE",
         "1",
         "vLLM engine: GPUs one model replica is split over (vLLM's `tensor_parallel_size`).",

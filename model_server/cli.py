@@ -148,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def base_limits(args: argparse.Namespace) -> ModelLimits:
+    """The limits of the command line (a models file may override them per model)."""
+    return ModelLimits(
+        max_concurrency=args.max_concurrency or 4,
+        max_queue=args.max_queue,
+        max_context=args.max_context,
+        max_tokens=args.max_tokens,
+        default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+        queue_timeout_s=args.queue_timeout_s,
+        request_timeout_s=args.request_timeout_s,
+    )
+
+
 def single_model_spec(args: argparse.Namespace, base: ModelLimits) -> ModelSpec:
     engine: str = args.engine
     options: dict[str, object] = {}
@@ -187,15 +200,7 @@ def main(argv: Sequence[str], *, reexec: bool = True) -> int:
     model_server``, which that re-execution runs, passes False)."""
     args = build_parser().parse_args(list(argv))
     telemetry.setup_logging("model-server", args.log_level)
-    base = ModelLimits(
-        max_concurrency=args.max_concurrency or 4,
-        max_queue=args.max_queue,
-        max_context=args.max_context,
-        max_tokens=args.max_tokens,
-        default_max_tokens=min(args.default_max_tokens, args.max_tokens),
-        queue_timeout_s=args.queue_timeout_s,
-        request_timeout_s=args.request_timeout_s,
-    )
+    base = base_limits(args)
     try:
         tracing.setup_tracing("model-server")
         if args.models:

@@ -59,8 +59,8 @@ def engine_environment() -> dict[str, str]:
     """Variables vLLM reads, with the values measured on CPU (environment notes). Set before
     vLLM is imported; values already in the environment win."""
     return {
-        # Weights come from local paths or the image: never from a model hub at run time.
-        "HF_HUB_OFFLINE": "1",
+        # Weights come from local paths unless downloads are allowed (GPU deployments).
+        "HF_HUB_OFFLINE": "0" if config.get_bool("VLLM_DOWNLOAD") else "1",
         "VLLM_CACHE_ROOT": str(config.state_dir() / "vllm-cache"),
         # Engine core and model in one process: start ~10 s instead of 16-30 s, 1 GiB less.
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
