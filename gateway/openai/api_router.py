@@ -19,12 +19,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway import auth, errors
-from gateway.admission import Admission
 from gateway.errors import GatewayError
-from gateway.feed import TokenFeed
-from gateway.follow import Followers
-from gateway.metrics import GatewayMetrics
-from gateway.models import Models
 from gateway.openai import sse
 from gateway.openai.errors import (
     SERVER_ERROR,
@@ -57,9 +52,7 @@ from gateway.openai.serving_responses import (
     response_body,
     response_object,
 )
-from gateway.prompts import PromptWriter
-from gateway.settings import Settings
-from gateway.store import RequestMeta, RequestStore
+from gateway.store import RequestMeta
 from llmstream.fold import RequestState
 
 if TYPE_CHECKING:
@@ -129,18 +122,9 @@ def _openai(handler: Handler) -> Handler:
     return handle
 
 
-@dataclass(kw_only=True, eq=False)
+@dataclass(eq=False)
 class OpenAIRoutes:
-    settings: Settings
-    authenticator: auth.Authenticator
-    admission: Admission
-    feed: TokenFeed
-    followers: Followers
-    store: RequestStore
-    prompts: PromptWriter
-    models: Models
-    metrics: GatewayMetrics
-    draining: Callable[[], bool]
+    parts: Parts  # the gateway's: admission, token feed, store, followers, catalog, ...
     # Open SSE streams: a drain ends them (their clients resume on another replica).
     streams: set[Following] = field(default_factory=set, init=False)
 
@@ -168,12 +152,12 @@ class OpenAIRoutes:
 
     async def list_models(self, request: web.Request) -> web.Response:
         await self._principal(request)
-        return _json(request, model_list(self.models.served()))
+        return _json(request, model_list(self.parts.models.served()))
 
     async def retrieve_model(self, request: web.Request) -> web.Response:
         await self._principal(request)
         name = request.match_info["model"]
-        entry = self.models.get(name)
+        entry = self.parts.models.get(name)
         if entry is None:
             raise model_not_found(name)
         return _json(request, model_card(entry))
@@ -194,7 +178,7 @@ class OpenAIRoutes:
         render = endpoint.render if req.stream else None
         following = Following(self, principal, render, req.background)
         try:
-            admitted = await self.admission.submit(
+            admitted = await self.parts.admission.submit(
                 principal, req, following, context=following.describe(req)
             )
         except GatewayError as err:
@@ -245,7 +229,7 @@ class OpenAIRoutes:
         endpoint: Endpoint,
         after: int,
     ) -> web.StreamResponse:
-        if self.draining():  # the stream would end at once: resume on another replica
+        if self.parts.draining():  # the stream would end at once: resume on another replica
             raise errors.draining()
         following = Following(self, principal, endpoint.render, meta.background)
         await following.resume(meta, ctx, after)
@@ -271,7 +255,7 @@ class OpenAIRoutes:
         principal = await self._principal(request)
         request_id = request_id_of(request.match_info["response_id"])
         meta, ctx = await self._find(principal, request_id, RESPONSES)
-        await self.prompts.cancel(request_id, principal.tenant_id, "client")
+        await self.parts.prompts.cancel(request_id, principal.tenant_id, "client")
         return await self._snapshot(request, principal, meta, ctx, CANCEL_WAIT_S)
 
     async def _snapshot(
@@ -294,7 +278,7 @@ class OpenAIRoutes:
         """The tenant's request of this endpoint and its recorded context; another tenant's,
         or one that was not made here (a WebSocket request has no OpenAI context), is a 404."""
         missing = not_found(f"No {endpoint.noun} found with id '{request_id}'.")
-        meta = await self.store.lookup(principal.tenant_id, request_id)
+        meta = await self.parts.store.lookup(principal.tenant_id, request_id)
         if meta is None or not meta.context:
             raise missing
         try:
@@ -309,12 +293,12 @@ class OpenAIRoutes:
 
     async def _principal(self, request: web.Request) -> auth.Principal:
         headers = request.headers
-        s = self.settings
+        s = self.parts.settings
         if not auth.origin_allowed(
             headers.get("Origin"), s.origins, headers.get("Host"), tls=bool(s.tls_cert)
         ):
             raise OpenAIError(403, "Requests from this origin are not allowed.", code="forbidden")
-        principal = await self.authenticator.principal(
+        principal = await self.parts.authenticator.principal(
             headers.get("Authorization"), headers.get("Cookie")
         )
         if principal is None:
@@ -327,15 +311,4 @@ class OpenAIRoutes:
 
 def add_routes(app: web.Application, parts: Parts) -> None:
     """The gateway's route provider (gateway/server.py `ROUTE_PROVIDERS`)."""
-    OpenAIRoutes(
-        settings=parts.settings,
-        authenticator=parts.authenticator,
-        admission=parts.admission,
-        feed=parts.feed,
-        followers=parts.followers,
-        store=parts.store,
-        prompts=parts.prompts,
-        models=parts.models,
-        metrics=parts.metrics,
-        draining=parts.draining,
-    ).add_to(app)
+    OpenAIRoutes(parts).add_to(app)

@@ -94,9 +94,9 @@ class Following:
         self.render = render
         self.background = background
         # Its member of the request's watchers set, as a WebSocket's: "<gateway id>/<id>".
-        self.member = f"{routes.settings.gateway_id}/{uuid.uuid4().hex[:16]}"
+        self.member = f"{routes.parts.settings.gateway_id}/{uuid.uuid4().hex[:16]}"
         self.wake = asyncio.Event()
-        self.outbox = Outbox(routes.settings.send_buffer, self.wake.set, self._overflowed)
+        self.outbox = Outbox(routes.parts.settings.send_buffer, self.wake.set, self._overflowed)
         self.ctx: StreamContext | None = None
         self.watch: Watch | None = None
         self.ended = asyncio.Event()  # the watch reached the terminal state, or failed
@@ -140,11 +140,11 @@ class Following:
         )
         self._start(watch, frames)
         self.attached = True  # the admission recorded it as the first watcher
-        self.routes.feed.follow(watch)
+        self.routes.parts.feed.follow(watch)
 
     def unfollow(self, request_id: str) -> None:
         if self.watch is not None:
-            self.routes.feed.unfollow(self.watch)
+            self.routes.parts.feed.unfollow(self.watch)
             self.watch = None
 
     # ---- following an existing request -----------------------------------------------------
@@ -156,10 +156,10 @@ class Following:
         `attach`, as one of its followers (the grace period counts it)."""
         self.ctx = ctx
         frames = self._frames(after)
-        feed = self.routes.feed
+        feed = self.routes.parts.feed
         feed.check_resume_capacity(meta.request_id)
         if attach:
-            await self.routes.followers.attach(meta.request_id, self.member)
+            await self.routes.parts.followers.attach(meta.request_id, self.member)
             self.attached = True
         r = feed.resume(
             meta,
@@ -173,7 +173,7 @@ class Following:
 
     async def _catching_up(self, r: Resumption) -> None:
         try:
-            await self.routes.feed.catch_up(r)
+            await self.routes.parts.feed.catch_up(r)
         except GatewayError:
             # The stream would have a gap: end it (the client resumes again).
             self.failed = True
@@ -218,7 +218,7 @@ class Following:
                     break
                 self.wake.clear()
                 try:
-                    await asyncio.wait_for(self.wake.wait(), self.routes.settings.heartbeat_s)
+                    await asyncio.wait_for(self.wake.wait(), self.routes.parts.settings.heartbeat_s)
                 except TimeoutError:
                     await resp.write(heartbeat)
         except ConnectionError:
@@ -264,7 +264,7 @@ class Following:
     def _overflowed(self) -> None:
         """The client fell `GATEWAY_SEND_BUFFER` events behind: drop the connection (it may
         resume with Last-Event-ID); a write blocked on the full socket ends with it."""
-        self.routes.metrics.send_buffer_overflows += 1
+        self.routes.parts.metrics.send_buffer_overflows += 1
         if self._transport is not None:
             self._transport.abort()
 
@@ -281,10 +281,10 @@ class Following:
         watch = self.watch
         if watch is None:
             return
-        self.routes.feed.unfollow(watch)
+        self.routes.parts.feed.unfollow(watch)
         if self.attached and not watch.finished:
-            grace = not (self.background or draining or self.routes.draining())
-            self.routes.followers.detach(
+            grace = not (self.background or draining or self.routes.parts.draining())
+            self.routes.parts.followers.detach(
                 watch.request_id, self.member, self.principal.tenant_id, grace=grace
             )
 

@@ -20,7 +20,6 @@ difference is the cost of HTTP requests, chunk rendering and SSE framing. Nothin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -84,13 +83,3 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     file=sys.stderr,
                 )
     return results
-
-
-def main() -> None:  # `python -m llmstream_tools.bench.sse` for a quick run
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    print(json.dumps(loadgen.run_event_loop(run(parser.parse_args())), indent=2))
-
-
-if __name__ == "__main__":
-    main()

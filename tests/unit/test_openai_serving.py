@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import httpx2
 import openai
@@ -15,6 +15,7 @@ from openai.types.responses import Response, ResponseFailedEvent, ResponseIncomp
 
 from gateway.openai import sse
 from gateway.openai.errors import OpenAIError
+from gateway.openai.following import Renderer
 from gateway.openai.protocol import StreamContext, dumps
 from gateway.openai.serving_chat import ChatCompletionStream, chat_completion
 from gateway.openai.serving_completions import CompletionStream, completion
@@ -78,18 +79,7 @@ def final_state(
     return state
 
 
-class Stream(Protocol):
-    @property
-    def token_after_seq(self) -> int: ...
-
-    def opening(self) -> str: ...
-
-    def token(self, request_id: str, seq: int, text: str) -> str: ...
-
-    def done(self, state: RequestState) -> str: ...
-
-
-def render(stream: Stream, state: RequestState, tokens: Sequence[str] = TOKENS) -> str:
+def render(stream: Renderer, state: RequestState, tokens: Sequence[str] = TOKENS) -> str:
     """What a watch sends one SSE client: the opening at once, the token events it still
     needs, the end."""
     out = stream.opening()
@@ -379,7 +369,7 @@ def test_response_ids() -> None:
     ],
 )  # fmt: skip
 def test_resuming_after_any_event_continues_exactly(
-    make: Callable[[int], Stream], state: RequestState
+    make: Callable[[int], Renderer], state: RequestState
 ) -> None:
     """A client that got the events up to position k and reconnects (any replica: the stream
     is rebuilt from the log) receives exactly the rest, byte for byte."""
