@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from llmstream.v1 import common_pb2
+from llmstream_tools.testing.model_server import start
 from model_server import cli
 from model_server.engines.synthetic import SyntheticEngine
 from model_server.errors import InvalidArgument
 from model_server.registry import ModelHandle, ModelSpec, ModelState
 from model_server.settings import ModelsConfigError, load_models_file, parse_models
-from llmstream_tools.testing.model_server import start
 from model_server.types import ModelLimits
 from model_server.validation import parse_start, prepare
 
