@@ -1,6 +1,7 @@
 """A client session as a careful application would write one: it submits requests on one
-WebSocket and, when the socket closes (its gateway replica died, or closed it as a slow
-consumer), reconnects to the next replica and resumes every unfinished request after the last
+WebSocket, each with an idempotency key, and, when the socket closes (its gateway replica
+died, or closed it as a slow consumer), reconnects to the next replica, submits again what was
+never answered (the key makes that safe) and resumes every unfinished request after the last
 contiguous seq it holds. Every frame is recorded with its arrival time, duplicates included,
 so `check` can judge what the user would have seen. `stall()` stops reading for a while (a
 network stall: the gateway's writes back up into its send buffer)."""
@@ -34,10 +35,14 @@ class Session:
         self.key = key
         self.name = name
         self.streams: dict[str, ClientStream] = {}
-        self.refused: list[dict[str, Any]] = []
+        self.refused: dict[str, dict[str, Any]] = {}  # client_ref -> its error frame
+        self.accepted: dict[str, str] = {}  # client_ref -> request id
+        self.stray_errors: list[dict[str, Any]] = []  # error frames of nothing this session had
         self.reconnects = 0
+        self.reconnected_at: list[float] = []  # monotonic: a new socket said hello
         self.close_codes: list[int | None] = []
-        self._refs: dict[str, tuple[str, float]] = {}  # client_ref -> (prompt, submitted at)
+        # Unanswered submits: client_ref -> (prompt, submitted at, frame to send again).
+        self._refs: dict[str, tuple[str, float, str]] = {}
         self._socket = 0  # incremented per connection: errors of an old socket are stale
         self._reading = asyncio.Event()
         self._reading.set()
@@ -75,17 +80,22 @@ class Session:
         self._reader = asyncio.create_task(self._run())
 
     async def submit(self, ref: str, prompt: str, max_tokens: int) -> None:
+        """Send a submit; on a socket that is closing it is sent again after the reconnect."""
         assert self._ws is not None
-        self._refs[ref] = (prompt, time.monotonic())
-        frame = {
-            "type": "submit",
-            "client_ref": ref,
-            "model": "synthetic",
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-        }
-        await self._ws.send(json.dumps(frame))
+        frame = json.dumps(
+            {
+                "type": "submit",
+                "client_ref": ref,
+                "model": "synthetic",
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "idempotency_key": f"{self.name}/{ref}",
+            }
+        )
+        self._refs[ref] = (prompt, time.monotonic(), frame)
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.send(frame)
 
     def unanswered(self) -> int:
         """Submits with neither `accepted` nor `error` yet."""
@@ -166,7 +176,11 @@ class Session:
                 await asyncio.sleep(0.2)
         self._ws, self.current = ws, index
         self._socket += 1
+        self.reconnected_at.append(time.monotonic())
         log.info("session reconnected", extra={"fields": {"session": self.name, "port": self.port}})
+        for _, _, frame in list(self._refs.values()):
+            with contextlib.suppress(ConnectionClosed):  # the reader reconnects again
+                await ws.send(frame)
         for stream in self.unfinished():
             await self._resume(stream)
 
@@ -189,17 +203,19 @@ class Session:
         kind = f.get("type")
         rid = str(f.get("request_id", ""))
         if kind == "accepted":
-            prompt, submitted = self._refs.pop(f.get("client_ref", ""), ("", at))
+            ref = str(f.get("client_ref", ""))
+            prompt, submitted, _ = self._refs.pop(ref, ("", at, ""))
+            self.accepted.setdefault(ref, rid)
             self.streams.setdefault(rid, ClientStream(rid, prompt, submitted))
         elif kind == "token":
             self._stream(rid, at).tokens.append((at, int(f["seq"]), f["text"]))
         elif kind == "done":
             self._stream(rid, at).dones.append((at, f))
         elif kind == "error":
-            ref = f.get("client_ref")
+            ref = str(f.get("client_ref", ""))
             if ref in self._refs:
                 del self._refs[ref]
-                self.refused.append(f)
+                self.refused[ref] = f
             elif rid in self.streams:
                 stream = self.streams[rid]
                 stream.errors.append(f)
@@ -209,7 +225,7 @@ class Session:
                     self._retries.add(task)
                     task.add_done_callback(self._retries.discard)
             else:
-                self.refused.append(f)
+                self.stray_errors.append(f)
         self._changed.set()
 
     def _stream(self, rid: str, at: float) -> ClientStream:

@@ -6,11 +6,15 @@ per fault, each with its own tenant so billing is checked per phase:
 
 1. clients (`chaos.client.Session`, spread over both gateways) submit `requests` greedy
    requests of known prompts and wait until every one is streaming;
-2. the fault is injected; a killed process is started again at once, as a supervisor would
-   (the only restart anybody makes);
+2. the fault is injected, with evidence that it took effect (a pid gone, a port closed, a
+   server's run id or pid changed); a killed process is started again at once, as a
+   supervisor would (the only restart anybody makes). Meanwhile two probe sessions submit new
+   requests until every stream flows again: each must be served whole or refused with an
+   error a client can act on;
 3. when every request has ended, `chaos.check` judges each one against the synthetic engine's
-   uninterrupted output, the event log, the ledger and the tenant's Redis counters, and
-   measures the recovery time from the clients' frame arrival times.
+   uninterrupted output, the event log and the ledger, the tenant's bills across the ledger,
+   `usage_daily`, Redis and the aggregator's duplicate-bill counter, and measures how long the
+   in-flight streams were silent.
 
 Results: a table on stdout and `bench/results/<stamp>-chaos.json`.
 """
@@ -19,12 +23,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,7 +44,7 @@ import redis.asyncio as aioredis
 
 from llmstream import config, quota_keys
 from llmstream.fold import fold_all
-from llmstream_tools import infra
+from llmstream_tools import infra, promstats
 from llmstream_tools.chaos import check
 from llmstream_tools.chaos.client import Session
 from llmstream_tools.chaos.infra import private_infra
@@ -61,7 +69,10 @@ _KILLS = {
     "gateway": "gateway",
     "aggregator": "aggregator",
 }
+# The issue's recovery goal each fault is measured against (check.GOALS).
+_GOALS = {"worker": "worker kill -9", "gateway": "gateway kill -9", "kafka": "broker back"}
 RESULTS_DIR = Path("bench") / "results"
+DUPLICATE_BILLS = "llmstream_aggregator_duplicate_bills_total"
 
 
 @dataclass
@@ -73,15 +84,24 @@ class Options:
     itl_ms: float = 50.0  # synthetic engine: 240 tokens take ~12 s
     kafka_down_s: float = 10.0
     stall_s: float = 60.0
-    # A stream that receives nothing this long is stalled (recovery_seconds).
-    min_gap_s: float = 1.0
+    # New submits during each fault: one per interval (alternating gateways), at most
+    # `max_probes`, each `probe_tokens` long.
+    probe_interval_s: float = 0.5
+    max_probes: int = 20
+    probe_tokens: int = 40
     quick: bool = False
 
     @classmethod
     def quick_version(cls, **overrides: Any) -> Options:
         """What `make test` runs: fewer and shorter streams, short outages (~2-3 min)."""
         quick = cls(
-            requests=30, sockets=6, max_tokens=120, kafka_down_s=3.0, stall_s=5.0, quick=True
+            requests=30,
+            sockets=6,
+            max_tokens=120,
+            kafka_down_s=3.0,
+            stall_s=5.0,
+            max_probes=8,
+            quick=True,
         )
         return replace(quick, **overrides)
 
@@ -90,19 +110,23 @@ def prompt(i: int) -> str:
     return f"chaos request {i}: tell me a story"
 
 
-async def reference_texts(prompts: Sequence[str], max_tokens: int) -> dict[str, str]:
-    """The uninterrupted output of each prompt, from an in-process synthetic model server
-    (the same engine and server code as the stack's, without pacing)."""
+def probe_prompt(i: int) -> str:
+    return f"chaos probe {i}: submitted during the fault"
+
+
+async def reference_texts(wanted: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """The uninterrupted output of each (prompt, max_tokens), from an in-process synthetic
+    model server (the same engine and server code as the stack's, without pacing)."""
     from llmstream.v1 import model_service_pb2_grpc
     from llmstream_tools.testing.model_server import generate, running_server, start, synthetic_spec
 
-    spec = synthetic_spec(ttft_ms=0, itl_ms=0, max_queue=len(prompts) + 1)
-    out: dict[str, str] = {}
+    spec = synthetic_spec(ttft_ms=0, itl_ms=0, max_queue=len(wanted) + 1)
+    out: dict[tuple[str, int], str] = {}
     async with running_server([spec]) as (_server, channel):
         stub = model_service_pb2_grpc.ModelServiceStub(channel)
         slots = asyncio.Semaphore(32)
 
-        async def one(i: int, text: str) -> None:
+        async def one(i: int, text: str, max_tokens: int) -> None:
             async with slots:
                 res = await generate(
                     stub,
@@ -110,9 +134,9 @@ async def reference_texts(prompts: Sequence[str], max_tokens: int) -> dict[str, 
                 )
             if res.code != grpc.StatusCode.OK or len(res.finishes) != 1:
                 raise RuntimeError(f"reference run failed: {res.code} {res.details}")
-            out[text] = res.text
+            out[(text, max_tokens)] = res.text
 
-        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        await asyncio.gather(*(one(i, p, n) for i, (p, n) in enumerate(wanted)))
     return out
 
 
@@ -124,106 +148,310 @@ async def _wait_sessions(sessions: Sequence[Session], cond: Any, within_s: float
     return True
 
 
-async def _inject(
-    fault: str, stack: Stack, sessions: Sequence[Session], opts: Options
-) -> dict[str, float]:
-    """Inject `fault`; returns how long its steps took (seconds), for the record."""
-    steps: dict[str, float] = {}
-    t = time.monotonic()
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
 
-    def step(name: str) -> None:
-        nonlocal t
+
+def _process_port(stack: Stack, name: str) -> int | None:
+    """The port a stack process listens on (gRPC, HTTP or /metrics), if any."""
+    argv = stack.commands[name]
+    if argv[0] in ("gateway", "model-server"):
+        return int(argv[argv.index("--port") + 1])
+    return stack.metrics_ports.get(name)
+
+
+class DuplicateBills:
+    """The aggregator's duplicate-bill counter summed over its incarnations (a kill -9 resets
+    it): read before each kill and at the end of each phase."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.port = stack.metrics_ports["aggregator"]
+        self.banked = 0.0  # counted by incarnations that are gone
+        self.last = 0.0  # what the current incarnation said last
+
+    def _read(self) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            scrape = promstats.parse(r.read().decode())
+        return promstats.total(scrape, DUPLICATE_BILLS) or 0.0
+
+    async def sample(self) -> float:
+        """The total so far (the current incarnation's last value if it does not answer)."""
+        with contextlib.suppress(OSError):
+            self.last = await asyncio.to_thread(self._read)
+        return self.banked + self.last
+
+    async def before_kill(self) -> None:
+        await self.sample()
+        self.banked += self.last
+        self.last = 0.0
+
+
+@dataclass
+class Phase:
+    """What one fault phase observed, for the verdict."""
+
+    fault: str
+    stack: Stack
+    opts: Options
+    sessions: list[Session]
+    probe_sessions: list[Session]
+    probes: list[check.Probe] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)  # what contradicts the fault ('': fine)
+    marks: dict[str, float] = field(default_factory=dict)  # monotonic times of fault steps
+    steps: dict[str, float] = field(default_factory=dict)  # seconds per step
+
+    def streams(self) -> dict[str, check.ClientStream]:
+        return {rid: st for s in self.sessions for rid, st in s.streams.items()}
+
+    def step(self, name: str) -> None:
         now = time.monotonic()
-        steps[name] = round(now - t, 2)
-        t = now
+        last = max(self.marks.values(), default=now)
+        self.steps[f"{name}_s"] = round(now - last, 2)
+        self.marks[name] = now
 
+
+async def _kill(phase: Phase, name: str, bills: DuplicateBills) -> None:
+    """kill -9 of a stack process with the evidence that it died, then its restart."""
+    stack = phase.stack
+    proc = stack.procs[name]
+    if name == "aggregator":
+        await bills.before_kill()
+    await asyncio.to_thread(stack.kill, name)
+    port = _process_port(stack, name)
+    phase.evidence.append(
+        check.process_killed(
+            proc.returncode,
+            _pid_alive(proc.pid),
+            _port_open(port) if port is not None else None,
+        )
+    )
+    stack.start(name)  # what a supervisor does; nothing else is restarted by anyone
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _redis_info() -> dict[str, Any]:
+    r = aioredis.from_url(config.redis_url(), socket_timeout=5, socket_connect_timeout=5)
+    try:
+        info = await r.info("server")
+    finally:
+        await r.aclose()
+    return {"run_id": info["run_id"], "uptime_s": int(info["uptime_in_seconds"])}
+
+
+def _server_ids(name: str) -> dict[str, Any]:
+    (st,) = [s for s in infra.status() if s.name == name]
+    return {"pid": st.pid}
+
+
+async def _restart(phase: Phase, name: str) -> None:
+    """Stop and start an infrastructure server, proving it restarted."""
+    before = await _redis_info() if name == "redis" else _server_ids(name)
+    await asyncio.to_thread(infra.stop_component, name)
+    phase.step("stop")
+    await asyncio.to_thread(infra.start_component, name)
+    phase.step("start")
+    after = await _redis_info() if name == "redis" else _server_ids(name)
+    phase.evidence.append(check.server_restarted(before, after))
+
+
+async def _kafka_outage(phase: Phase) -> None:
+    before = _server_ids("kafka")
+    await asyncio.to_thread(infra.stop_component, "kafka")
+    phase.step("stop")
+    port = config.get_int("KAFKA_PORT")
+    phase.evidence.append("" if not _port_open(port) else "broker port still open")
+    await asyncio.sleep(phase.opts.kafka_down_s)
+    phase.step("down")
+    await asyncio.to_thread(infra.start_component, "kafka")
+    phase.step("back")  # the broker answers a Metadata request again
+    phase.evidence.append(check.server_restarted(before, _server_ids("kafka")))
+
+
+async def _stall(phase: Phase) -> None:
+    session = phase.sessions[0]
+    stalled_from = time.monotonic()
+    await session.stall(phase.opts.stall_s)
+    phase.step("stall")
+    # Proof: while it stood still, the session took in no frame although it had streams open.
+    received = [t for st in session.streams.values() for t in st.arrivals() if t > stalled_from]
+    open_after = [st for st in session.streams.values() if not st.finished_by(stalled_from)]
+    if not open_after:
+        phase.evidence.append("the stalled session had no open stream")
+    elif received and min(received) < stalled_from + phase.opts.stall_s:
+        phase.evidence.append("the stalled session kept receiving")
+    else:
+        phase.evidence.append("")
+
+
+async def _inject(phase: Phase, bills: DuplicateBills) -> None:
+    fault = phase.fault
     if fault in _KILLS:
-        name = _KILLS[fault]
-        await asyncio.to_thread(stack.kill, name)
-        stack.start(name)  # what a supervisor does; nothing else is restarted by anyone
+        await _kill(phase, _KILLS[fault], bills)
     elif fault == "kafka":
-        await asyncio.to_thread(infra.stop_component, "kafka")
-        step("stop_s")
-        await asyncio.sleep(opts.kafka_down_s)
-        step("down_s")
-        await asyncio.to_thread(infra.start_component, "kafka")
-        step("start_s")
+        await _kafka_outage(phase)
     elif fault in ("redis", "postgres"):
-        await asyncio.to_thread(infra.stop_component, fault)
-        step("stop_s")
-        await asyncio.to_thread(infra.start_component, fault)
-        step("start_s")
+        await _restart(phase, fault)
     elif fault == "stall":
-        await sessions[0].stall(opts.stall_s)
+        await _stall(phase)
     else:
         raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
-    return steps
+    phase.step("injected")
+
+
+def _flowing(streams: Sequence[check.ClientStream], since: float) -> bool:
+    """Every stream has ended or received a frame after `since`."""
+    return all(s.dones or any(t > since for t in s.arrivals()) for s in streams)
+
+
+async def _probe(
+    phase: Phase, injected: asyncio.Event, in_flight: list[check.ClientStream]
+) -> None:
+    """New submits, alternating gateways, until the fault is over and every stream that was
+    in flight flows again (or `max_probes`)."""
+    opts = phase.opts
+    for i in range(opts.max_probes):
+        session = phase.probe_sessions[i % len(phase.probe_sessions)]
+        probe = check.Probe(f"p{i}", probe_prompt(i))
+        phase.probes.append(probe)
+        await session.submit(probe.ref, probe.prompt, opts.probe_tokens)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(injected.wait(), opts.probe_interval_s)
+        if injected.is_set() and _flowing(in_flight, phase.marks["injected"]):
+            return
+        if injected.is_set():
+            await asyncio.sleep(opts.probe_interval_s)
+
+
+def _probe_outcomes(phase: Phase) -> None:
+    for i, probe in enumerate(phase.probes):
+        session = phase.probe_sessions[i % len(phase.probe_sessions)]
+        probe.refusal = session.refused.get(probe.ref)
+        rid = session.accepted.get(probe.ref)
+        probe.stream = session.streams.get(rid) if rid is not None else None
 
 
 async def run_fault(
-    stack: Stack, fault: str, opts: Options, expected: dict[str, str]
+    stack: Stack,
+    fault: str,
+    opts: Options,
+    expected: dict[tuple[str, int], str],
+    bills: DuplicateBills,
 ) -> check.FaultResult:
-    result = check.FaultResult(fault, requests=opts.requests)
+    result = check.FaultResult(fault, requests=opts.requests, goal=_GOALS.get(fault, ""))
     started = time.monotonic()
     tenant_id, key = await stack.tenant_key("enterprise")
     ports = stack.gateway_ports
-    sessions = [Session(ports, i, key, f"{fault}-{i}") for i in range(opts.sockets)]
+    phase = Phase(
+        fault,
+        stack,
+        opts,
+        sessions=[Session(ports, i, key, f"{fault}-{i}") for i in range(opts.sockets)],
+        probe_sessions=[Session(ports, i, key, f"{fault}-probe-{i}") for i in range(2)],
+    )
+    every = [*phase.sessions, *phase.probe_sessions]
+    bills_before = await bills.sample()
     try:
-        await asyncio.gather(*(s.start() for s in sessions))
+        await asyncio.gather(*(s.start() for s in every))
         for i in range(opts.requests):
-            await sessions[i % len(sessions)].submit(f"q{i}", prompt(i), opts.max_tokens)
-        if not await _wait_sessions(sessions, lambda s: s.unanswered() == 0, 60):
+            await phase.sessions[i % len(phase.sessions)].submit(
+                f"q{i}", prompt(i), opts.max_tokens
+            )
+        if not await _wait_sessions(phase.sessions, lambda s: s.unanswered() == 0, 60):
             raise RuntimeError(f"{fault}: submits not answered within 60 s")
-        refused = [f for s in sessions for f in s.refused]
+        refused = [f for s in phase.sessions for f in s.refused.values()]
         if refused:
             raise RuntimeError(f"{fault}: {len(refused)} submits refused, e.g. {refused[0]}")
         streaming = await _wait_sessions(
-            sessions, lambda s: all(st.tokens for st in s.streams.values()), 60
+            phase.sessions, lambda s: all(st.tokens for st in s.streams.values()), 60
         )
         if not streaming:
             raise RuntimeError(f"{fault}: not every request was streaming within 60 s")
+        streams = phase.streams()
         fault_at = time.monotonic()
-        streams = {rid: st for s in sessions for rid, st in s.streams.items()}
-        result.in_flight = sum(1 for st in streams.values() if not st.dones)
+        phase.marks["fault"] = fault_at
+        in_flight = [st for st in streams.values() if not st.dones]
+        result.in_flight = len(in_flight)
         log.info("injecting", extra={"fields": {"fault": fault, "in_flight": result.in_flight}})
-        result.extra["steps"] = await _inject(fault, stack, sessions, opts)
-        fault_end = time.monotonic()
-        result.outage_s = fault_end - fault_at
+        injected = asyncio.Event()
+        prober = asyncio.create_task(_probe(phase, injected, in_flight))
+        try:
+            await _inject(phase, bills)
+        except BaseException:
+            prober.cancel()
+            raise
+        finally:
+            injected.set()
+        result.outage_s = phase.marks["injected"] - fault_at
         budget = opts.max_tokens * opts.itl_ms / 1000 + 120
-        if not await _wait_sessions(sessions, lambda s: not s.unfinished(), budget):
+        await prober
+        if not await _wait_sessions(
+            every, lambda s: not s.unfinished() and not s.unanswered(), budget
+        ):
             result.notes.append(f"requests unfinished {budget:.0f} s after the fault")
-        per_stream = check.stream_recoveries(streams.values(), fault_at, fault_end, opts.min_gap_s)
-        result.recovery_s = check.recovery_seconds(
-            streams.values(), fault_at, fault_end, opts.min_gap_s
-        )
-        stalled = sorted(r for r in per_stream if r)
-        result.extra["stalled_streams"] = len(stalled)
-        result.extra["stall_median_s"] = round(stalled[len(stalled) // 2], 2) if stalled else 0
-        result.extra["reconnects"] = sum(s.reconnects for s in sessions)
-        result.extra["close_codes"] = sorted({str(c) for s in sessions for c in s.close_codes})
+        _measure(phase, result, streams)
     finally:
-        await asyncio.gather(*(s.close() for s in sessions))
+        await asyncio.gather(*(s.close() for s in every))
     result.dead_processes = sorted(n for n, p in stack.procs.items() if p.poll() is not None)
     for name in result.dead_processes:  # so that the next phase runs on a whole stack
         stack.start(name)
-    await _judge(stack, tenant_id, streams, expected, result)
+    _probe_outcomes(phase)
+    result.extra["steps"] = phase.steps
+    await _judge(phase, tenant_id, expected, result, bills, bills_before)
+    evidence = [e for e in phase.evidence if e]
+    result.proof = "; ".join(evidence) if evidence or phase.evidence else "no evidence taken"
     result.seconds = time.monotonic() - started
     return result
 
 
+def _measure(
+    phase: Phase, result: check.FaultResult, streams: dict[str, check.ClientStream]
+) -> None:
+    """Silences of the in-flight streams, and what the fault's goal bounds."""
+    fault_at = phase.marks["fault"]
+    result.stall = check.spread(check.longest_silences(streams.values(), fault_at))
+    if phase.fault == "gateway":
+        # Reconnect -> first frame of each stream that was open on the dead socket.
+        waits: list[float | None] = []
+        for s in phase.sessions:
+            later = [t for t in s.reconnected_at if t > fault_at]
+            if later:
+                waits += check.first_frames_after(s.streams.values(), later[0])
+        result.goal_measure = check.spread(waits)
+    elif phase.fault == "kafka":
+        result.goal_measure = check.spread(
+            check.first_frames_after(streams.values(), phase.marks["back"])
+        )
+    result.extra["reconnects"] = sum(s.reconnects for s in phase.sessions)
+    result.extra["close_codes"] = sorted({str(c) for s in phase.sessions for c in s.close_codes})
+
+
 async def _judge(
-    stack: Stack,
+    phase: Phase,
     tenant_id: str,
-    streams: dict[str, check.ClientStream],
-    expected: dict[str, str],
+    expected: dict[tuple[str, int], str],
     result: check.FaultResult,
+    bills: DuplicateBills,
+    bills_before: float,
 ) -> None:
     from llmstream_tools.testing.worker import read_all
 
+    stack, opts = phase.stack, phase.opts
+    streams = phase.streams()
+    probe_streams = {p.stream.request_id: p for p in phase.probes if p.stream is not None}
+    wanted = set(streams) | set(probe_streams)
     bootstrap = config.kafka_bootstrap()
     events = await read_all(bootstrap, stack.tokens_topic)
     events += await read_all(bootstrap, stack.prompts_topic)
-    states = fold_all(e for e in events if e.request_id in streams)
+    states = fold_all(e for e in events if e.request_id in wanted)
     terminal = sum(1 for st in states.values() if st.terminal)
     result.extra["takeovers"] = sum(1 for st in states.values() if st.attempts > 1)
     result.extra["log_duplicate_deltas"] = sum(st.duplicates for st in states.values())
@@ -236,37 +464,82 @@ async def _judge(
     # The aggregator may still be catching up (it was killed, or PostgreSQL was away).
     deadline = time.monotonic() + 90
     while True:
-        async with await psycopg.AsyncConnection.connect(
-            stack.database_url, connect_timeout=10
-        ) as conn:
-            cur = await conn.execute(
-                "SELECT request_id, count(*), sum(prompt_tokens), sum(completion_tokens)"
-                " FROM usage_ledger WHERE tenant_id = %s GROUP BY request_id",
-                (tenant_id,),
-            )
-            ledger = check.ledger_by_request(await cur.fetchall())
+        ledger, daily = await _ledger(stack.database_url, tenant_id)
         if sum(r.rows for r in ledger.values()) >= terminal or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.5)
     verdicts = [
-        check.judge_request(st, expected.get(st.prompt, ""), states.get(rid), ledger.get(rid))
+        check.judge_request(
+            st, expected.get((st.prompt, opts.max_tokens), ""), states.get(rid), ledger.get(rid)
+        )
         for rid, st in streams.items()
     ]
-    total = sum(r.prompt_tokens + r.completion_tokens for r in ledger.values())
-    r = aioredis.from_url(config.redis_url(), socket_timeout=5, socket_connect_timeout=5)
+    probes = []
+    for p in phase.probes:
+        v = None
+        if p.stream is not None:
+            rid = p.stream.request_id
+            text = expected.get((p.prompt, opts.probe_tokens), "")
+            v = check.judge_request(p.stream, text, states.get(rid), ledger.get(rid))
+        probes.append((check.judge_probe(p, v), v))
+    # Settlement in Redis follows the ledger (an outbox): wait until it agrees, or give up.
+    deadline = time.monotonic() + 30
+    while True:
+        billing = await _tenant_billing(tenant_id, ledger, daily)
+        billing.duplicate_bill_counter = int(await bills.sample() - bills_before)
+        findings = check.judge_tenant(billing)
+        if not (findings.mismatches or findings.double_bills) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+        ledger, daily = await _ledger(stack.database_url, tenant_id)
+    result.extra["billing"] = asdict(billing)
+    check.tally(result, verdicts, findings, probes)
+
+
+async def _ledger(
+    database_url: str, tenant_id: str
+) -> tuple[dict[str, check.LedgerRow], tuple[int, int]]:
+    """The tenant's ledger rows by request, and its usage_daily (requests, tokens)."""
+    async with await psycopg.AsyncConnection.connect(database_url, connect_timeout=10) as conn:
+        cur = await conn.execute(
+            "SELECT request_id, count(*), sum(prompt_tokens), sum(completion_tokens)"
+            " FROM usage_ledger WHERE tenant_id = %s GROUP BY request_id",
+            (tenant_id,),
+        )
+        ledger = dict(check.ledger_by_request(await cur.fetchall()))
+        cur = await conn.execute(
+            "SELECT coalesce(sum(requests), 0), coalesce(sum(prompt_tokens + completion_tokens), 0)"
+            " FROM usage_daily WHERE tenant_id = %s",
+            (tenant_id,),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+    return ledger, (int(row[0]), int(row[1]))
+
+
+async def _tenant_billing(
+    tenant_id: str, ledger: dict[str, check.LedgerRow], daily: tuple[int, int]
+) -> check.TenantBilling:
+    now_ms = int(time.time() * 1000)
+    rc = aioredis.from_url(config.redis_url(), socket_timeout=5, socket_connect_timeout=5)
     try:
-        deadline = time.monotonic() + 30
-        now_ms = int(time.time() * 1000)
-        while True:
-            day = int(await r.get(quota_keys.tokens_day(tenant_id, now_ms)) or 0)
-            open_streams = int(await r.zcard(quota_keys.streams(tenant_id)))
-            quota = check.quota_mismatches(day, total, open_streams)
-            if not quota or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.5)
+        day = int(await rc.get(quota_keys.tokens_day(tenant_id, now_ms)) or 0)
+        month = int(await rc.get(quota_keys.tokens_month(tenant_id, now_ms)) or 0)
+        settled = int(await rc.scard(quota_keys.settled(tenant_id, now_ms)))
+        open_streams = int(await rc.zcard(quota_keys.streams(tenant_id)))
     finally:
-        await r.aclose()
-    check.tally(result, verdicts, quota)
+        await rc.aclose()
+    return check.TenantBilling(
+        ledger_rows=sum(r.rows for r in ledger.values()),
+        ledger_tokens=sum(r.prompt_tokens + r.completion_tokens for r in ledger.values()),
+        daily_requests=daily[0],
+        daily_tokens=daily[1],
+        redis_day=day,
+        redis_month=month,
+        settled=settled,
+        open_streams=open_streams,
+        duplicate_bill_counter=0,
+    )
 
 
 async def run(opts: Options, workdir: Path) -> list[check.FaultResult]:
@@ -275,8 +548,9 @@ async def run(opts: Options, workdir: Path) -> list[check.FaultResult]:
     unknown = [f for f in opts.faults if f not in FAULTS]
     if unknown:
         raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
-    prompts = [prompt(i) for i in range(opts.requests)]
-    expected = await reference_texts(prompts, opts.max_tokens)
+    wanted = [(prompt(i), opts.max_tokens) for i in range(opts.requests)]
+    wanted += [(probe_prompt(i), opts.probe_tokens) for i in range(opts.max_probes)]
+    expected = await reference_texts(wanted)
     results: list[check.FaultResult] = []
     with private_infra(keep_logs=workdir):
         async with local_stack(
@@ -286,10 +560,12 @@ async def run(opts: Options, workdir: Path) -> list[check.FaultResult]:
             itl_ms=opts.itl_ms,
             gateways=2,
             model_servers=2,
+            metrics=True,
         ) as stack:
+            bills = DuplicateBills(stack)
             for fault in opts.faults:
                 print(f"== {fault}: {FAULTS[fault]}", file=sys.stderr, flush=True)
-                result = await run_fault(stack, fault, opts, expected)
+                result = await run_fault(stack, fault, opts, expected, bills)
                 print(check.table([result]).splitlines()[-1], file=sys.stderr, flush=True)
                 print(f"   {json.dumps(result.extra)}", file=sys.stderr, flush=True)
                 for example in result.examples:
@@ -324,6 +600,24 @@ def options_from(args: argparse.Namespace) -> Options:
     return Options.quick_version(**overrides) if args.quick else replace(Options(), **overrides)
 
 
+def record(
+    opts: Options, results: Sequence[check.FaultResult], stamp: str, seconds: float
+) -> dict[str, Any]:
+    """The JSON written to the results dir (and published under docs/results/)."""
+    from llmstream_tools.bench.cli import machine
+
+    return {
+        "suite": "chaos",
+        "started_at": stamp,
+        "seconds": round(seconds, 1),
+        "machine": machine(),
+        "options": asdict(opts),
+        "ok": all(r.ok for r in results),
+        "table": check.table(results),
+        "results": [{**asdict(r), "kept": r.kept, "goal_result": r.goal_result} for r in results],
+    }
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="llmstream chaos", description=__doc__)
     add_arguments(parser)
@@ -343,25 +637,14 @@ def main(argv: Sequence[str]) -> int:
     except infra.InfraError as exc:  # the private instance could not start: one line
         print(f"llmstream chaos: {exc}", file=sys.stderr)
         return 1
-    ok = all(r.ok for r in results)
+    data = record(opts, results, stamp, time.time() - started)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / f"{stamp}-chaos.json"
-    from llmstream_tools.bench.cli import machine
-
-    record = {
-        "suite": "chaos",
-        "started_at": stamp,
-        "seconds": round(time.time() - started, 1),
-        "machine": machine(),
-        "options": asdict(opts),
-        "ok": ok,
-        "results": [asdict(r) for r in results],
-    }
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(check.table(results))
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(data["table"])
     print(f"results: {path}", file=sys.stderr)
-    if ok:
+    if data["ok"]:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
         print(f"service logs: {workdir}", file=sys.stderr)
-    return 0 if ok else 1
+    return 0 if data["ok"] else 1

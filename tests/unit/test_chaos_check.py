@@ -1,5 +1,8 @@
-"""The chaos suite's verdicts (llmstream_tools/chaos/check.py): what counts as lost, duplicated, a
-billing mismatch, and how recovery time is read from frame arrival times."""
+"""The chaos suite's verdicts (llmstream_tools/chaos/check.py): a request is kept only when its
+client got the whole expected text, once, ending `stop`/`length`, and it is billed once;
+every other outcome lands in its own column. Also: tenant billing across the ledger, the
+rollup, Redis and the duplicate-bill counter; new submits during a fault; fault proofs; stall
+spreads and the recovery goals."""
 
 from __future__ import annotations
 
@@ -9,19 +12,34 @@ import pytest
 
 from llmstream.fold import RequestState, Status
 from llmstream_tools.chaos.check import (
+    FAILED,
+    KEPT,
+    MISSING_DONE,
+    TRUNCATED,
+    WRONG_TEXT,
+    BillingFindings,
     ClientStream,
     FaultResult,
     LedgerRow,
+    Probe,
+    TenantBilling,
+    first_frames_after,
+    goal_verdict,
+    judge_probe,
     judge_request,
-    quota_mismatches,
-    recovery_seconds,
-    stream_recoveries,
+    judge_tenant,
+    longest_silences,
+    process_killed,
+    server_restarted,
+    spread,
     table,
     tally,
 )
 from llmstream_tools.chaos.runner import FAULTS, add_arguments, main, options_from
 
 EXPECTED = "alpha beta gamma"
+GOOD = [(1.0, 1, "alpha"), (2.0, 2, " beta"), (3.0, 3, " gamma")]
+BILL = LedgerRow(1, 5, 3)
 
 
 def stream(
@@ -35,96 +53,204 @@ def stream(
 
 
 def logged(text: str = EXPECTED, **kw: object) -> RequestState:
-    st = RequestState("r1", status=Status.COMPLETED, text_parts=[text])
+    st = RequestState("r1", status=Status.COMPLETED, text_parts=[text], finish_reason="length")
     st.prompt_tokens, st.completion_tokens = 5, 3
     for k, v in kw.items():
         setattr(st, k, v)
     return st
 
 
-GOOD = [(1.0, 1, "alpha"), (2.0, 2, " beta"), (3.0, 3, " gamma")]
+def test_a_complete_stream_billed_once_is_kept() -> None:
+    v = judge_request(stream(GOOD), EXPECTED, logged(), BILL)
+    assert v.kept and v.outcome == KEPT and v.reasons == []
+    assert not (v.repeated_seq or v.gapped_seq or v.double_bill or v.billing_mismatch)
 
 
-def test_a_complete_stream_billed_once_is_clean() -> None:
-    v = judge_request(stream(GOOD), EXPECTED, logged(), LedgerRow(1, 5, 3))
-    assert (v.lost, v.duplicated, v.billing_mismatch, v.reasons) == (False, False, False, [])
+def test_an_empty_text_done_is_truncated_not_kept() -> None:
+    # The old verdict passed this: an empty text is a prefix of every expected text.
+    v = judge_request(stream([], last_seq=0), EXPECTED, logged(""), LedgerRow(1, 5, 0))
+    assert v.outcome == TRUNCATED and not v.kept
+    v = judge_request(stream(GOOD[:2]), EXPECTED, logged("alpha beta"), BILL)
+    assert v.outcome == TRUNCATED
 
 
-def test_repeated_seq_is_a_duplicate_not_a_wrong_text() -> None:
-    v = judge_request(stream([*GOOD[:2], (2.5, 2, " beta"), GOOD[2]], last_seq=3), EXPECTED,
-                      logged(), LedgerRow(1, 5, 3))  # fmt: skip
-    assert v.duplicated and not v.lost
+def test_an_error_finish_is_failed_even_with_a_prefix() -> None:
+    s = stream(GOOD[:1], finish_reason="error", error_code="model_unavailable")
+    v = judge_request(s, EXPECTED, logged("alpha", status=Status.FAILED), BILL)
+    assert v.outcome == FAILED and "model_unavailable" in v.reasons[0]
+    for reason in ("timeout", "cancelled", "content_filter"):
+        s = stream(GOOD, finish_reason=reason)
+        assert judge_request(s, EXPECTED, logged(), BILL).outcome == FAILED, reason
 
 
-def test_two_done_frames_or_two_terminal_events_are_duplicates() -> None:
-    s = stream(GOOD)
-    s.dones.append((9.5, dict(s.dones[0][1])))
-    assert judge_request(s, EXPECTED, logged(), LedgerRow(1, 5, 3)).duplicated
-    v = judge_request(stream(GOOD), EXPECTED, logged(extra_terminals=1), LedgerRow(1, 5, 3))
-    assert v.duplicated and not v.lost
+def test_a_missing_done_is_its_own_outcome() -> None:
+    v = judge_request(stream(GOOD, done_at=None), EXPECTED, logged(), BILL)
+    assert v.outcome == MISSING_DONE and not v.kept
 
 
-def test_gap_missing_done_or_other_text_is_lost() -> None:
-    gap = judge_request(stream([GOOD[0], GOOD[2]], last_seq=3), EXPECTED, logged(), None)
-    assert gap.lost
-    assert judge_request(stream(GOOD, done_at=None), EXPECTED, logged(), LedgerRow(1, 5, 3)).lost
+def test_a_repeated_seq_is_flagged_and_not_kept() -> None:
+    s = stream([*GOOD[:2], (2.5, 2, " beta"), GOOD[2]], last_seq=3)
+    v = judge_request(s, EXPECTED, logged(), BILL)
+    assert v.repeated_seq and v.outcome == KEPT  # the text itself is right...
+    result = FaultResult("x", requests=1, in_flight=1, proof="")
+    tally(result, [v], BillingFindings())
+    assert result.repeated_seq == 1 and not result.ok  # ...but the request does not pass
+    two_dones = stream(GOOD)
+    two_dones.dones.append((9.5, dict(two_dones.dones[0][1])))
+    assert judge_request(two_dones, EXPECTED, logged(), BILL).repeated_seq
+    assert judge_request(stream(GOOD), EXPECTED, logged(extra_terminals=1), BILL).repeated_seq
+
+
+def test_a_gap_on_the_client_or_in_the_log_is_flagged() -> None:
+    v = judge_request(stream([GOOD[0], GOOD[2]], last_seq=3), EXPECTED, logged(), BILL)
+    assert v.gapped_seq and v.outcome == WRONG_TEXT  # "alpha gamma" is no prefix either
+    v = judge_request(stream(GOOD), EXPECTED, logged(missing_seqs=2), BILL)
+    assert v.gapped_seq
+
+
+def test_another_text_is_wrong_even_when_complete() -> None:
     wrong = [(1.0, 1, "alpha"), (2.0, 2, " beta"), (3.0, 3, " delta")]
-    v = judge_request(stream(wrong), EXPECTED, logged("alpha beta delta"), LedgerRow(1, 5, 3))
-    assert v.lost and not v.duplicated
-    # No terminal event in the log although the client saw done.
-    v = judge_request(stream(GOOD), EXPECTED, None, None)
-    assert v.lost and not v.billing_mismatch
+    v = judge_request(stream(wrong), EXPECTED, logged("alpha beta delta"), BILL)
+    assert v.outcome == WRONG_TEXT
+    # The client's text must be the log's too.
+    v = judge_request(stream(GOOD), EXPECTED, logged("alpha beta"), BILL)
+    assert v.outcome == WRONG_TEXT
 
 
-def test_a_cancelled_stream_must_be_a_prefix() -> None:
-    s = stream(GOOD[:2], finish_reason="cancelled")
-    assert not judge_request(s, EXPECTED, logged("alpha beta"), LedgerRow(1, 5, 3)).lost
-    s = stream([(1.0, 1, "beta")], finish_reason="cancelled")
-    assert judge_request(s, EXPECTED, logged("beta"), LedgerRow(1, 5, 3)).lost
+def test_error_frames_are_counted_even_when_the_stream_recovered() -> None:
+    s = stream(GOOD)
+    s.errors.append({"type": "error", "code": "internal", "request_id": "r1"})
+    v = judge_request(s, EXPECTED, logged(), BILL)
+    assert v.error_frames == 1 and "internal" in v.reasons[0]
+    result = FaultResult("x", requests=1, in_flight=1, proof="")
+    tally(result, [v], BillingFindings())
+    assert result.error_frames == 1 and not result.ok
 
 
-def test_ledger_rows_must_be_one_with_the_logs_usage() -> None:
-    for row in (None, LedgerRow(2, 10, 6), LedgerRow(1, 5, 4)):
+def test_a_request_billed_twice_or_not_at_all() -> None:
+    v = judge_request(stream(GOOD), EXPECTED, logged(), LedgerRow(2, 10, 6))
+    assert v.double_bill and not v.billing_mismatch
+    for row in (None, LedgerRow(1, 5, 4)):
         v = judge_request(stream(GOOD), EXPECTED, logged(), row)
-        assert v.billing_mismatch and not v.lost, row
-    no_terminal = RequestState("r1", status=Status.RUNNING)
-    assert judge_request(stream(GOOD), EXPECTED, no_terminal, LedgerRow(1, 5, 3)).billing_mismatch
+        assert v.billing_mismatch and not v.double_bill, row
+    running = RequestState("r1", status=Status.RUNNING)
+    assert judge_request(stream(GOOD), EXPECTED, running, BILL).billing_mismatch
+    # A done without a terminal event in the log: an answer nobody bills.
+    assert judge_request(stream(GOOD), EXPECTED, None, None).billing_mismatch
 
 
-def test_quota_counters_must_equal_the_ledger() -> None:
-    assert quota_mismatches(100, 100, 0) == []
-    assert len(quota_mismatches(40, 100, 0)) == 1
-    assert len(quota_mismatches(100, 100, 2)) == 1
+def tenant(**kw: int) -> TenantBilling:
+    base = dict(
+        ledger_rows=2,
+        ledger_tokens=100,
+        daily_requests=2,
+        daily_tokens=100,
+        redis_day=100,
+        redis_month=100,
+        settled=2,
+        open_streams=0,
+        duplicate_bill_counter=0,
+    )
+    return TenantBilling(**{**base, **kw})
 
 
-def test_recovery_is_the_end_of_the_last_stall_after_the_fault() -> None:
-    flowing = ClientStream("a", "p", 0.0, [(t / 10, i, "x") for i, t in enumerate(range(1, 200))])
-    stalled = ClientStream("b", "p", 0.0, [(1.0, 1, "x"), (4.9, 2, "x"), (7.5, 3, "x")])
-    stalled.dones.append((7.6, {}))
+def test_tenant_stores_must_hold_what_the_ledger_holds() -> None:
+    assert judge_tenant(tenant()) == BillingFindings()
+    # More than the ledger anywhere is a double bill.
+    for kw in (
+        {"daily_requests": 3},
+        {"daily_tokens": 140},
+        {"redis_day": 140},
+        {"redis_month": 140},
+        {"settled": 3},
+        {"duplicate_bill_counter": 1},
+    ):
+        found = judge_tenant(tenant(**kw))
+        assert len(found.double_bills) == 1 and not found.mismatches, kw
+    # Less is a mismatch; open reservations are a mismatch, not a double bill.
+    found = judge_tenant(tenant(redis_day=60, daily_tokens=60))
+    assert len(found.mismatches) == 2 and not found.double_bills
+    found = judge_tenant(tenant(redis_day=140, redis_month=140, open_streams=1))
+    assert len(found.mismatches) == 3 and not found.double_bills
+
+
+def test_new_submits_are_served_whole_or_refused_with_a_retry_hint() -> None:
+    kept = judge_request(stream(GOOD), EXPECTED, logged(), BILL)
+    accepted = Probe("p0", "p", stream=stream(GOOD))
+    assert judge_probe(accepted, kept) == "served"
+    refused = Probe("p1", "p", refusal={"code": "overloaded", "retry_after_ms": 500})
+    assert judge_probe(refused, None) == "refused"
+    unmatchable = Probe("p2", "p", refusal={"code": "internal"})
+    assert judge_probe(unmatchable, None).startswith("bad: refused with internal")
+    assert judge_probe(Probe("p3", "p"), None) == "bad: never answered"
+    failed = judge_request(
+        stream([], last_seq=0, finish_reason="error"), EXPECTED, logged(""), BILL
+    )
+    assert judge_probe(Probe("p4", "p", stream=stream([])), failed).startswith("bad: accepted")
+    result = FaultResult("x", requests=1, in_flight=1, proof="")
+    tally(result, [kept], BillingFindings(), [("served", kept), ("bad: never answered", None)])
+    assert result.probes == {"served": 1, "refused": 0, "bad": 1} and not result.ok
+
+
+def test_faults_must_prove_they_happened() -> None:
+    assert process_killed(-9, alive_after=False, port_open_after=False) == ""
+    assert process_killed(-9, alive_after=False, port_open_after=None) == ""
+    assert "not -9" in process_killed(0, alive_after=False, port_open_after=False)
+    assert "alive" in process_killed(-9, alive_after=True, port_open_after=False)
+    assert "port" in process_killed(-9, alive_after=False, port_open_after=True)
+    assert server_restarted({"run_id": "a", "uptime_s": 50}, {"run_id": "b", "uptime_s": 1}) == ""
+    assert server_restarted({"pid": 10}, {"pid": 11}) == ""
+    assert server_restarted({"pid": 10}, {"pid": 10}).startswith("unchanged")
+    assert "no restart" in server_restarted({"uptime_s": 5}, {"uptime_s": 9})
+    assert server_restarted({"uptime_s": 50}, {"uptime_s": 1}) == ""
+
+
+def test_longest_silence_per_in_flight_stream() -> None:
+    flowing = ClientStream("a", "p", 0.0, [(t / 10, t, "x") for t in range(1, 100)])
+    flowing.dones.append((10.0, {}))
+    stalled = ClientStream("b", "p", 0.0, [(1.0, 1, "x"), (4.9, 2, "x"), (5.0, 3, "x")])
+    stalled.dones.append((5.1, {}))
     finished_before = ClientStream("c", "p", 0.0, [(1.0, 1, "x")])
     finished_before.dones.append((1.5, {}))
-    # Fault at 2.0, over at 2.1: b is silent 1.0 -> 4.9 (recovers 2.9 s after the fault),
-    # then silent 4.9 -> 7.5 too, but that stall began long after the fault was over.
-    per = stream_recoveries([flowing, stalled, finished_before], 2.0, 2.1, 1.0)
-    assert per == [0.0, 4.9 - 2.0]
-    assert recovery_seconds([flowing, stalled], 2.0, 2.1, 1.0) == 4.9 - 2.0
-    # A stall that begins during a long fault counts even though it began after fault_at.
-    late = ClientStream("d", "p", 0.0, [(1.9, 1, "x"), (5.0, 2, "x"), (20.0, 3, "x")])
-    assert recovery_seconds([late], 2.0, 12.0, 1.0) == 18.0
-    silent = ClientStream("e", "p", 0.0, [(1.0, 1, "x")])
-    assert recovery_seconds([flowing, silent], 2.0, 2.1, 1.0) is None
+    silent = ClientStream("d", "p", 0.0, [(1.0, 1, "x")])
+    # Fault at 2.0: b was silent from its last frame (1.0) until 4.9.
+    per = longest_silences([flowing, stalled, finished_before, silent], 2.0)
+    assert per[1:] == [pytest.approx(3.9), None] and per[0] == pytest.approx(0.1)
+    s = spread(per)
+    assert (s.n, s.never, s.text()) == (2, 1, "never (1)") and s.max == pytest.approx(3.9)
+    assert first_frames_after([flowing, stalled, silent], 3.0) == [pytest.approx(0.1), 1.9, None]
 
 
-def test_tally_and_table() -> None:
-    r = FaultResult("worker", requests=2, in_flight=2, recovery_s=3.25)
-    bad = judge_request(stream(GOOD), EXPECTED, logged(), None)
-    good = judge_request(stream(GOOD), EXPECTED, logged(), LedgerRow(1, 5, 3))
-    tally(r, [bad, good], ["quota day counter 1 != ledger total 2"])
-    assert (r.lost, r.duplicated, r.billing_mismatches) == (0, 0, 2)
-    assert not r.ok and len(r.examples) == 2
-    lines = table([r, FaultResult("kafka", in_flight=5, dead_processes=["gateway"])]).splitlines()
-    assert lines[2] == "| worker | 2 | 0 | 0 | 2 | 3.2 | 0.0 | all up |"
-    assert lines[3] == "| kafka | 5 | 0 | 0 | 0 | never | 0.0 | died: gateway |"
+def test_spread_and_goals() -> None:
+    s = spread([float(i) for i in range(1, 101)])
+    assert (s.p50, s.p99, s.max) == (50.0, 99.0, 100.0)
+    assert s.text() == "50.0 / 99.0 / 100.0" and spread([]).text() == "-"
+    assert goal_verdict("worker kill -9", spread([0.5, 1.9])) == "PASS"
+    assert goal_verdict("worker kill -9", spread([0.5, 2.1])) == "MISS"
+    assert goal_verdict("leader kill -9", spread([4.0, None])) == "MISS"
+
+
+def test_table_has_a_column_per_outcome() -> None:
+    r = FaultResult("worker", requests=3, in_flight=2, proof="", goal="worker kill -9")
+    kept = judge_request(stream(GOOD), EXPECTED, logged(), BILL)
+    empty = judge_request(
+        stream([], last_seq=0), EXPECTED, logged("", completion_tokens=0), LedgerRow(1, 5, 0)
+    )
+    failed = judge_request(stream(GOOD, finish_reason="error"), EXPECTED, logged(), BILL)
+    tally(r, [kept, empty, failed], BillingFindings(double_bills=["x"]))
+    r.stall = spread([0.1, 9.0])
+    assert (r.kept, r.outcomes[TRUNCATED], r.outcomes[FAILED], r.double_bills) == (1, 1, 1, 1)
+    assert not r.ok and r.goal_result == "MISS"
+    header, _, line = table([r]).splitlines()
+    assert header.startswith("| fault | requests | in flight | kept | failed | truncated |")
+    assert line == (
+        "| worker | 3 | 2 | 1 | 1 | 1 | 0 | 0 | 0 | 0 | 0 | 1 | 0 | 0/0/0 "
+        "| 0.1 / 9.0 / 9.0 | MISS ≤ 2 s | yes | all up |"
+    )
+    unproven = FaultResult("redis", proof="unchanged: {'pid': 1}", dead_processes=["gateway"])
+    assert (
+        table([unproven]).splitlines()[-1].endswith("| NO: unchanged: {'pid': 1} | died: gateway |")
+    )
 
 
 def test_cli_options_quick_and_overrides() -> None:
