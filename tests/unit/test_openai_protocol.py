@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 from openai.types.shared import ErrorObject
 
+from gateway.admission import ChatMessage
 from gateway.errors import GatewayError, draining, overloaded, quota_exceeded
 from gateway.openai import errors, protocol
 from gateway.openai.errors import OpenAIError
-from gateway.openai.protocol import ChatMessage, StreamContext
+from gateway.openai.protocol import StreamContext
 from llmstream.fold import RequestState, Status
 
 
