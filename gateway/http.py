@@ -44,7 +44,7 @@ class AccessLog(AbstractAccessLogger):
         fields = telemetry.fields(
             method=request.method, path=request.path, status=response.status, s=round(time, 3)
         )
-        self.logger.debug("http", extra=fields)
+        self.logger.debug("http request", extra=fields)
 
     @property
     def enabled(self) -> bool:

@@ -1,7 +1,8 @@
 """The WebSocket front end (docs/protocol.md): upgrade checks, one `Conn` per socket, its frames.
 
-Served by aiohttp on the gateway's port (`handle` is the route of `/ws`): the upgrade is checked
-before it is accepted (a refusal is a `GatewayError`, answered as HTTP like any route's). A
+Served by aiohttp on the gateway's port (`handle` takes the upgrade requests of `/ws`): the
+upgrade is checked before it is accepted (a refusal is a `GatewayError`, answered as HTTP like
+any route's). A
 socket's frames are parsed by gateway/protocol.py and dispatched here: `submit` goes to the
 admission (gateway/admission.py), `resume` to the token feed (gateway/feed.py), `cancel` to the
 prompts topic. Every refusal is a `GatewayError`, rendered as an `error` frame by
