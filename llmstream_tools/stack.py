@@ -33,14 +33,15 @@ from llmstream.ports import free_port
 from llmstream_tools import admin
 
 
-async def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:
-    """Create topics (name -> partition count, replication 1) for a test or benchmark run."""
+async def create_topics(bootstrap: str, partitions: dict[str, int], replication: int = 1) -> None:
+    """Create topics (name -> partition count) for a test or benchmark run. With 3 replicas
+    a write needs 2 of them (min.insync.replicas), as on the cluster's own topics."""
+    configs = {"min.insync.replicas": "2"} if replication >= 3 else {}
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
     await asyncio.wait_for(admin.start(), 15)
     try:
-        await asyncio.wait_for(
-            admin.create_topics([NewTopic(n, p, 1) for n, p in partitions.items()]), 15
-        )
+        topics = [NewTopic(n, p, replication, topic_configs=configs) for n, p in partitions.items()]
+        await asyncio.wait_for(admin.create_topics(topics), 15)
     finally:
         await admin.close()
 
@@ -120,10 +121,12 @@ async def local_stack(
     model_servers: int = 1,
     metrics: bool = False,
     engine_args: list[str] | None = None,
+    replication: int = 1,
 ) -> AsyncIterator[Stack]:
     """Gateway replica i owns an even share of the tokens partitions (`--replica-index i`);
     the workers use every model server replica. With `metrics`, every process serves
-    /metrics (ports in `Stack.metrics_ports`)."""
+    /metrics (ports in `Stack.metrics_ports`). `replication`: replicas of the stack's topics
+    (3 on a 3-broker cluster)."""
     bootstrap = config.kafka_bootstrap()
     base = f"stack.{uuid.uuid4().hex[:8]}"
     topics = [f"{base}.prompts", f"{base}.tokens", f"{base}.dlq", f"{base}.models"]
@@ -132,7 +135,9 @@ async def local_stack(
     stack: Stack | None = None
     try:
         await create_topics(
-            bootstrap, {topics[0]: partitions, topics[1]: partitions, topics[2]: 1, topics[3]: 1}
+            bootstrap,
+            {topics[0]: partitions, topics[1]: partitions, topics[2]: 1, topics[3]: 1},
+            replication,
         )
         async with await psycopg.AsyncConnection.connect(
             server_db, autocommit=True, connect_timeout=10

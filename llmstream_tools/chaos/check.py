@@ -266,9 +266,9 @@ def judge_probe(probe: Probe, verdict: Verdict | None) -> str:
 
 
 def process_killed(exit_code: int | None, alive_after: bool, port_open_after: bool | None) -> str:
-    """'' if a kill -9 took effect (exit status -9, the pid gone, its port closed when it
-    has one), else what contradicts it."""
-    if exit_code != -9:
+    """'' if a kill -9 took effect (exit status -9 when the process is a child, the pid gone,
+    its port closed when it has one), else what contradicts it."""
+    if exit_code is not None and exit_code != -9:
         return f"exit status {exit_code}, not -9"
     if alive_after:
         return "pid still alive after the kill"
@@ -321,16 +321,21 @@ def spread(values: Sequence[float | None]) -> Spread:
     return Spread(len(known), round(rank(0.5), 3), round(rank(0.99), 3), known[-1], never)
 
 
-def longest_silences(streams: Iterable[ClientStream], fault_at: float) -> list[float | None]:
+def longest_silences(
+    streams: Iterable[ClientStream], fault_at: float, until: float | None = None
+) -> list[float | None]:
     """Per stream in flight at `fault_at`: the longest time it received nothing, from its last
-    frame before the fault to its `done` (None: it never received anything again)."""
+    frame before the fault to its `done`, or only up to `until` (a silence still going on then
+    counts up to it). None: it never received anything again (without `until`)."""
     out: list[float | None] = []
     for s in streams:
         if s.finished_by(fault_at):
             continue
         times = s.arrivals()
         prev = max([s.submitted_at, *[t for t in times if t <= fault_at]])
-        after = [t for t in times if t > fault_at]
+        after = [t for t in times if t > fault_at and (until is None or t <= until)]
+        if until is not None and not s.finished_by(until):
+            after.append(until)
         if not after:
             out.append(None)
             continue

@@ -7,7 +7,9 @@ this process and, through the environment, every service process it starts), so 
 `llmstream_tools.infra` starts and stops servers of its own there (PostgreSQL and Redis pick free
 ports above the shared ones). A fresh instance starts in ~5-10 s (initdb, KRaft format), about
 what reusing one would take, so nothing is kept: everything is stopped and deleted afterwards.
-Kafka jars come from the usual cache dir.
+Kafka jars come from the usual cache dir. With `brokers=3` Kafka is a cluster of three KRaft
+nodes (replication factor 3, min.insync.replicas 2), and LLMSTREAM_KAFKA_BOOTSTRAP names all
+three, so a process started while one is down still finds the others.
 """
 
 from __future__ import annotations
@@ -32,15 +34,12 @@ _EXTERNAL = ("KAFKA_BOOTSTRAP", "DATABASE_URL", "REDIS_URL")
 class PrivateInfra:
     state_dir: Path
     kafka_port: int
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.kafka_port}"
+    bootstrap: str
 
 
 @contextlib.contextmanager
 def private_infra(
-    parent: Path | None = None, keep_logs: Path | None = None
+    parent: Path | None = None, keep_logs: Path | None = None, brokers: int = 1
 ) -> Iterator[PrivateInfra]:
     """Start a private instance; os.environ points at it until the block ends. The servers'
     logs are copied to `keep_logs/infra-<component>.log` before the state dir is deleted."""
@@ -52,10 +51,11 @@ def private_infra(
         os.environ.pop(config.PREFIX + n, None)
     os.environ[config.PREFIX + "STATE_DIR"] = str(state)
     os.environ[config.PREFIX + "KAFKA_PORT"] = str(port)
-    os.environ[config.PREFIX + "KAFKA_BOOTSTRAP"] = f"127.0.0.1:{port}"
     try:
-        infra.up()
-        yield PrivateInfra(state, port)
+        infra.up(brokers=brokers)
+        bootstrap = infra.kafka_bootstrap()
+        os.environ[config.PREFIX + "KAFKA_BOOTSTRAP"] = bootstrap
+        yield PrivateInfra(state, port, bootstrap)
     finally:
         try:
             # Only what was started under this state dir: `down` never touches other servers.
@@ -67,7 +67,8 @@ def private_infra(
                 else:
                     os.environ[config.PREFIX + n] = value
             if keep_logs is not None:
-                for log in state.glob("*/*.log*"):
+                for log in [*state.glob("*/*.log*"), *state.glob("kafka/node-*/*.log*")]:
+                    name = "-".join(log.relative_to(state).parts)
                     with contextlib.suppress(OSError):
-                        shutil.copy(log, keep_logs / f"infra-{log.parent.name}-{log.name}")
+                        shutil.copy(log, keep_logs / f"infra-{name}")
             shutil.rmtree(state, ignore_errors=True)

@@ -57,11 +57,19 @@ FAULTS: dict[str, str] = {
     "model-server": "kill -9 a model server replica",
     "gateway": "kill -9 the gateway replica half of the clients are connected to",
     "aggregator": "kill -9 the aggregator",
-    "kafka": "stop the Kafka broker, start it again after --kafka-down-s",
     "redis": "restart Redis",
     "postgres": "restart PostgreSQL",
     "stall": "one client stops reading for --stall-s",
+    "kafka": "stop every broker (controlled shutdown), start them again after --kafka-down-s",
+    "kafka-kill": "kill -9 every broker, start them again after --kafka-down-s",
+    "kafka-leader": "kill -9 the leader of a tokens partition, later one of its followers, "
+    "start both again after --kafka-down-s (3 brokers)",
+    "worker+leader": "kill -9 a worker while the tokens leader is killed (3 brokers)",
+    "gateway+redis": "kill -9 a gateway replica while Redis restarts",
+    "aggregator+postgres": "kill -9 the aggregator while PostgreSQL restarts",
 }
+# Faults that need a cluster: with one broker there is no leader to move.
+CLUSTER_FAULTS = ("kafka-leader", "worker+leader")
 # Process of the stack each kill fault hits (the first replica).
 _KILLS = {
     "worker": "worker-0",
@@ -70,20 +78,40 @@ _KILLS = {
     "aggregator": "aggregator",
 }
 # The issue's recovery goal each fault is measured against (check.GOALS).
-_GOALS = {"worker": "worker kill -9", "gateway": "gateway kill -9", "kafka": "broker back"}
+_GOALS = {
+    "worker": "worker kill -9",
+    "gateway": "gateway kill -9",
+    "kafka": "broker back",
+    "kafka-kill": "broker back",
+    "kafka-leader": "leader kill -9",
+}
+# Faults whose streams must outlast several steps (leader kill, follower kill, restarts).
+_LONG = {"kafka-leader": 4}
+
+
+def default_faults(brokers: int) -> list[str]:
+    return [f for f in FAULTS if brokers >= 3 or f not in CLUSTER_FAULTS]
+
+
 RESULTS_DIR = Path("bench") / "results"
 DUPLICATE_BILLS = "llmstream_aggregator_duplicate_bills_total"
 
 
 @dataclass
 class Options:
-    faults: list[str] = field(default_factory=lambda: list(FAULTS))
+    faults: list[str] = field(default_factory=lambda: default_faults(3))
+    brokers: int = 3  # Kafka nodes of the private instance
     requests: int = 100  # per fault, all in flight when it is injected
     sockets: int = 10
     max_tokens: int = 240
     itl_ms: float = 50.0  # synthetic engine: 240 tokens take ~12 s
     kafka_down_s: float = 10.0
     stall_s: float = 60.0
+    # Between the leader kill and the follower kill (kafka-leader).
+    leader_gap_s: float = 10.0
+    # How long a combined fault keeps its server down after the kill (gateway+redis,
+    # aggregator+postgres): the restarted or surviving processes work without it meanwhile.
+    hold_s: float = 5.0
     # New submits during each fault: one per interval (alternating gateways), at most
     # `max_probes`, each `probe_tokens` long.
     probe_interval_s: float = 0.5
@@ -95,15 +123,23 @@ class Options:
     def quick_version(cls, **overrides: Any) -> Options:
         """What `make test` runs: fewer and shorter streams, short outages (~2-3 min)."""
         quick = cls(
+            faults=default_faults(1),
+            brokers=1,
             requests=30,
             sockets=6,
             max_tokens=120,
             kafka_down_s=3.0,
             stall_s=5.0,
+            leader_gap_s=5.0,
+            hold_s=2.0,
             max_probes=8,
             quick=True,
         )
         return replace(quick, **overrides)
+
+    def tokens(self, fault: str) -> int:
+        """max_tokens of the fault's requests."""
+        return self.max_tokens * _LONG.get(fault, 1)
 
 
 def prompt(i: int) -> str:
@@ -201,6 +237,7 @@ class Phase:
     evidence: list[str] = field(default_factory=list)  # what contradicts the fault ('': fine)
     marks: dict[str, float] = field(default_factory=dict)  # monotonic times of fault steps
     steps: dict[str, float] = field(default_factory=dict)  # seconds per step
+    extra: dict[str, Any] = field(default_factory=dict)  # facts for the record
 
     def streams(self) -> dict[str, check.ClientStream]:
         return {rid: st for s in self.sessions for rid, st in s.streams.items()}
@@ -252,28 +289,117 @@ def _server_ids(name: str) -> dict[str, Any]:
     return {"pid": st.pid}
 
 
+async def _server_state(name: str) -> dict[str, Any]:
+    """What changes when a server restarts: Redis' run id and uptime, else its pid."""
+    return await _redis_info() if name == "redis" else _server_ids(name)
+
+
 async def _restart(phase: Phase, name: str) -> None:
     """Stop and start an infrastructure server, proving it restarted."""
-    before = await _redis_info() if name == "redis" else _server_ids(name)
+    before = await _server_state(name)
     await asyncio.to_thread(infra.stop_component, name)
     phase.step("stop")
     await asyncio.to_thread(infra.start_component, name)
     phase.step("start")
-    after = await _redis_info() if name == "redis" else _server_ids(name)
-    phase.evidence.append(check.server_restarted(before, after))
+    phase.evidence.append(check.server_restarted(before, await _server_state(name)))
 
 
-async def _kafka_outage(phase: Phase) -> None:
-    before = _server_ids("kafka")
-    await asyncio.to_thread(infra.stop_component, "kafka")
+def _broker_pids() -> dict[int, int | None]:
+    return {n.node_id: n.pid for n in infra.kafka_nodes()}
+
+
+async def _kafka_outage(phase: Phase, kill: bool) -> None:
+    """Every broker stopped (or killed), started again after `kafka_down_s`."""
+    before = _broker_pids()
+    await asyncio.to_thread(infra.stop_component, "kafka", kill)
     phase.step("stop")
-    port = config.get_int("KAFKA_PORT")
-    phase.evidence.append("" if not _port_open(port) else "broker port still open")
+    open_ports = [n.address for n in infra.kafka_nodes() if _port_open(_port_of(n.address))]
+    phase.evidence.append(f"broker ports still open: {open_ports}" if open_ports else "")
     await asyncio.sleep(phase.opts.kafka_down_s)
     phase.step("down")
     await asyncio.to_thread(infra.start_component, "kafka")
-    phase.step("back")  # the broker answers a Metadata request again
-    phase.evidence.append(check.server_restarted(before, _server_ids("kafka")))
+    phase.step("back")  # every broker answers a Metadata request again
+    after = _broker_pids()
+    phase.evidence += [
+        check.server_restarted({"pid": before[i]}, {"pid": after[i]}) for i in before
+    ]
+
+
+def _port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+async def _tokens_partitions(stack: Stack) -> dict[int, tuple[int, list[int]]]:
+    """Partition -> (leader, in-sync replicas) of the stack's tokens topic."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=config.kafka_bootstrap())
+    await admin.start()
+    try:
+        (topic,) = await admin.describe_topics([stack.tokens_topic])
+    finally:
+        await admin.close()
+    return {int(p["partition"]): (int(p["leader"]), list(p["isr"])) for p in topic["partitions"]}
+
+
+async def _kill_broker(phase: Phase, node_id: int) -> None:
+    (node,) = [n for n in infra.kafka_nodes() if n.node_id == node_id]
+    assert node.pid is not None, f"broker {node_id} is not running"
+    await asyncio.to_thread(infra.stop_kafka_node, node_id, True)
+    phase.evidence.append(
+        check.process_killed(None, _pid_alive(node.pid), _port_open(_port_of(node.address)))
+    )
+
+
+async def _restart_brokers(phase: Phase, node_ids: Sequence[int]) -> None:
+    await asyncio.gather(*(asyncio.to_thread(infra.start_kafka_node, i) for i in node_ids))
+    phase.step("back")
+
+
+async def _kafka_leader(phase: Phase) -> None:
+    """kill -9 of the leader of tokens partition 0; `leader_gap_s` later of a follower of it
+    (now 1 of 3 brokers: no quorum, and fewer in-sync replicas than min.insync.replicas);
+    both started again after `kafka_down_s`."""
+    opts = phase.opts
+    leader, _ = (await _tokens_partitions(phase.stack))[0]
+    await _kill_broker(phase, leader)
+    phase.step("leader_killed")
+    await asyncio.sleep(opts.leader_gap_s)
+    new_leader, isr = (await _tokens_partitions(phase.stack))[0]
+    follower = next(i for i in isr if i not in (leader, new_leader))
+    phase.extra["brokers"] = {"leader": leader, "new_leader": new_leader, "follower": follower}
+    await _kill_broker(phase, follower)
+    phase.step("follower_killed")
+    await asyncio.sleep(opts.kafka_down_s)
+    phase.step("down")
+    await _restart_brokers(phase, [leader, follower])
+
+
+async def _worker_and_leader(phase: Phase, bills: DuplicateBills) -> None:
+    """kill -9 of a worker right after the tokens partition 0 leader's; the broker comes back
+    after `kafka_down_s`."""
+    leader, _ = (await _tokens_partitions(phase.stack))[0]
+    await _kill_broker(phase, leader)
+    await _kill(phase, "worker-0", bills)
+    phase.step("killed")
+    await asyncio.sleep(phase.opts.kafka_down_s)
+    phase.step("down")
+    await _restart_brokers(phase, [leader])
+
+
+async def _kill_during_restart(phase: Phase, name: str, server: str, bills: DuplicateBills) -> None:
+    """kill -9 of a stack process (restarted at once) while an infrastructure server is
+    down; the server comes back afterwards."""
+    before = await _server_state(server)
+    await asyncio.to_thread(infra.stop_component, server)
+    phase.step("stop")
+    await _kill(phase, name, bills)
+    phase.step("killed")
+    await asyncio.sleep(phase.opts.hold_s)
+    phase.step("held")
+    await asyncio.to_thread(infra.start_component, server)
+    phase.step("start")
+    phase.evidence.append(check.server_restarted(before, await _server_state(server)))
 
 
 async def _stall(phase: Phase) -> None:
@@ -296,8 +422,16 @@ async def _inject(phase: Phase, bills: DuplicateBills) -> None:
     fault = phase.fault
     if fault in _KILLS:
         await _kill(phase, _KILLS[fault], bills)
-    elif fault == "kafka":
-        await _kafka_outage(phase)
+    elif fault in ("kafka", "kafka-kill"):
+        await _kafka_outage(phase, kill=fault == "kafka-kill")
+    elif fault == "kafka-leader":
+        await _kafka_leader(phase)
+    elif fault == "worker+leader":
+        await _worker_and_leader(phase, bills)
+    elif fault == "gateway+redis":
+        await _kill_during_restart(phase, "gateway", "redis", bills)
+    elif fault == "aggregator+postgres":
+        await _kill_during_restart(phase, "aggregator", "postgres", bills)
     elif fault in ("redis", "postgres"):
         await _restart(phase, fault)
     elif fault == "stall":
@@ -347,6 +481,7 @@ async def run_fault(
     bills: DuplicateBills,
 ) -> check.FaultResult:
     result = check.FaultResult(fault, requests=opts.requests, goal=_GOALS.get(fault, ""))
+    tokens = opts.tokens(fault)
     started = time.monotonic()
     tenant_id, key = await stack.tenant_key("enterprise")
     ports = stack.gateway_ports
@@ -362,9 +497,7 @@ async def run_fault(
     try:
         await asyncio.gather(*(s.start() for s in every))
         for i in range(opts.requests):
-            await phase.sessions[i % len(phase.sessions)].submit(
-                f"q{i}", prompt(i), opts.max_tokens
-            )
+            await phase.sessions[i % len(phase.sessions)].submit(f"q{i}", prompt(i), tokens)
         if not await _wait_sessions(phase.sessions, lambda s: s.unanswered() == 0, 60):
             raise RuntimeError(f"{fault}: submits not answered within 60 s")
         refused = [f for s in phase.sessions for f in s.refused.values()]
@@ -391,7 +524,7 @@ async def run_fault(
         finally:
             injected.set()
         result.outage_s = phase.marks["injected"] - fault_at
-        budget = opts.max_tokens * opts.itl_ms / 1000 + 120
+        budget = tokens * opts.itl_ms / 1000 + 120
         await prober
         if not await _wait_sessions(
             every, lambda s: not s.unfinished() and not s.unanswered(), budget
@@ -404,7 +537,7 @@ async def run_fault(
     for name in result.dead_processes:  # so that the next phase runs on a whole stack
         stack.start(name)
     _probe_outcomes(phase)
-    result.extra["steps"] = phase.steps
+    result.extra.update(phase.extra, steps=phase.steps)
     await _judge(phase, tenant_id, expected, result, bills, bills_before)
     evidence = [e for e in phase.evidence if e]
     result.proof = "; ".join(evidence) if evidence or phase.evidence else "no evidence taken"
@@ -426,10 +559,16 @@ def _measure(
             if later:
                 waits += check.first_frames_after(s.streams.values(), later[0])
         result.goal_measure = check.spread(waits)
-    elif phase.fault == "kafka":
-        result.goal_measure = check.spread(
-            check.first_frames_after(streams.values(), phase.marks["back"])
+    if "back" in phase.marks:  # brokers answer again -> each stream's next frame
+        back = check.spread(check.first_frames_after(streams.values(), phase.marks["back"]))
+        result.extra["broker_back_to_flowing_s"] = asdict(back)
+        if phase.fault in ("kafka", "kafka-kill"):
+            result.goal_measure = back
+    if phase.fault == "kafka-leader":
+        leader = check.longest_silences(
+            streams.values(), fault_at, until=phase.marks["follower_killed"]
         )
+        result.goal_measure = check.spread(leader)
     result.extra["reconnects"] = sum(s.reconnects for s in phase.sessions)
     result.extra["close_codes"] = sorted({str(c) for s in phase.sessions for c in s.close_codes})
 
@@ -468,9 +607,10 @@ async def _judge(
         if sum(r.rows for r in ledger.values()) >= terminal or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.5)
+    tokens = opts.tokens(phase.fault)
     verdicts = [
         check.judge_request(
-            st, expected.get((st.prompt, opts.max_tokens), ""), states.get(rid), ledger.get(rid)
+            st, expected.get((st.prompt, tokens), ""), states.get(rid), ledger.get(rid)
         )
         for rid, st in streams.items()
     ]
@@ -548,13 +688,17 @@ async def run(opts: Options, workdir: Path) -> list[check.FaultResult]:
     unknown = [f for f in opts.faults if f not in FAULTS]
     if unknown:
         raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
-    wanted = [(prompt(i), opts.max_tokens) for i in range(opts.requests)]
+    if opts.brokers < 3 and any(f in CLUSTER_FAULTS for f in opts.faults):
+        raise ValueError(f"{', '.join(CLUSTER_FAULTS)} need --brokers 3")
+    lengths = sorted({opts.tokens(f) for f in opts.faults})
+    wanted = [(prompt(i), n) for n in lengths for i in range(opts.requests)]
     wanted += [(probe_prompt(i), opts.probe_tokens) for i in range(opts.max_probes)]
     expected = await reference_texts(wanted)
     results: list[check.FaultResult] = []
-    with private_infra(keep_logs=workdir):
+    with private_infra(keep_logs=workdir, brokers=opts.brokers):
         async with local_stack(
             workdir,
+            replication=min(3, opts.brokers),
             workers=2,
             partitions=4,
             itl_ms=opts.itl_ms,
@@ -578,8 +722,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = Options()
     parser.add_argument(
         "--faults",
-        default=",".join(FAULTS),
-        help="comma-separated, in order; known: " + ", ".join(FAULTS),
+        help="comma-separated, in order (default: every fault the brokers allow); known: "
+        + ", ".join(FAULTS),
+    )
+    parser.add_argument(
+        "--brokers",
+        type=int,
+        choices=(1, 3),
+        help=f"Kafka nodes of the private instance (default {d.brokers}; --quick: 1); "
+        f"{', '.join(CLUSTER_FAULTS)} need 3",
     )
     parser.add_argument("--requests", type=int, help=f"per fault (default {d.requests})")
     parser.add_argument("--quick", action="store_true", help="the quick version `make test` runs")
@@ -592,12 +743,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> Options:
-    overrides: dict[str, Any] = {"faults": [f for f in args.faults.split(",") if f]}
-    for name in ("requests", "stall_s", "kafka_down_s", "max_tokens"):
+    overrides: dict[str, Any] = {}
+    for name in ("brokers", "requests", "stall_s", "kafka_down_s", "max_tokens"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
-    return Options.quick_version(**overrides) if args.quick else replace(Options(), **overrides)
+    opts = Options.quick_version(**overrides) if args.quick else replace(Options(), **overrides)
+    faults = [f for f in args.faults.split(",") if f] if args.faults else None
+    return replace(opts, faults=faults or default_faults(opts.brokers))
 
 
 def record(
@@ -622,12 +775,11 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="llmstream chaos", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(list(argv))
-    try:
-        opts = options_from(args)
-        if any(f not in FAULTS for f in opts.faults):
-            parser.error(f"--faults: known are {', '.join(FAULTS)}")
-    except ValueError as exc:
-        parser.error(str(exc))
+    opts = options_from(args)
+    if any(f not in FAULTS for f in opts.faults):
+        parser.error(f"--faults: known are {', '.join(FAULTS)}")
+    if opts.brokers < 3 and any(f in CLUSTER_FAULTS for f in opts.faults):
+        parser.error(f"--faults: {', '.join(CLUSTER_FAULTS)} need --brokers 3")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     workdir = Path(tempfile.mkdtemp(prefix="llmstream-chaos-logs-"))
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

@@ -11,6 +11,7 @@ component, cause, what to do. Everything is synchronous and every wait is bounde
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from . import _kafka, _postgres, _redis
 from ._common import ComponentStatus, InfraError, record, state_lock
@@ -20,13 +21,17 @@ __all__ = [
     "COMPONENTS",
     "ComponentStatus",
     "InfraError",
+    "KafkaNode",
     "down",
     "ensure_topics",
     "kafka_bootstrap",
+    "kafka_nodes",
     "kafka_pid",
     "start_component",
+    "start_kafka_node",
     "status",
     "stop_component",
+    "stop_kafka_node",
     "up",
 ]
 
@@ -58,15 +63,19 @@ def _check_names(components: Sequence[str]) -> list[str]:
     return names
 
 
-def up(components: Sequence[str] = COMPONENTS) -> list[ComponentStatus]:
+def up(components: Sequence[str] = COMPONENTS, brokers: int | None = None) -> list[ComponentStatus]:
     """Start (or reuse) the components; returns their status in the order asked.
 
-    The Kafka JVM boots while PostgreSQL and Redis are started, then Kafka's readiness is
-    awaited (a real Metadata request). Raises InfraError on the first failure.
+    `brokers`: Kafka nodes of a new state dir (1 when never set; a formatted cluster keeps its
+    size, asking for another one is an error). The Kafka JVMs boot while PostgreSQL and Redis
+    are started, then Kafka's readiness is awaited (a real Metadata request listing every
+    node). Raises InfraError on the first failure.
     """
     names = _check_names(components)
     results: dict[str, ComponentStatus] = {}
     with state_lock():
+        if brokers is not None and "kafka" in names:
+            _kafka.set_brokers(brokers)
         kafka_wait = _kafka.begin_up() if "kafka" in names else None
         if "postgres" in names:
             results["postgres"] = _postgres.up()
@@ -112,10 +121,36 @@ def start_component(name: str) -> ComponentStatus:
 
 
 def kafka_pid() -> int | None:
-    """Pid of the Kafka broker started by llmstream (None if not running or external)."""
+    """Pid of the Kafka broker started by llmstream (node 1 of a cluster; None if not running
+    or external)."""
     return _kafka.pid()
 
 
 def kafka_bootstrap() -> str:
-    """Bootstrap servers infra uses: LLMSTREAM_KAFKA_BOOTSTRAP, else 127.0.0.1:KAFKA_PORT."""
+    """Bootstrap servers infra uses: LLMSTREAM_KAFKA_BOOTSTRAP, else every local node
+    (127.0.0.1:KAFKA_PORT for one)."""
     return _kafka.bootstrap()
+
+
+@dataclass(frozen=True)
+class KafkaNode:
+    node_id: int  # the broker id in Kafka's metadata (partition leaders, replicas)
+    address: str
+    pid: int | None  # None: not running
+
+
+def kafka_nodes() -> list[KafkaNode]:
+    """The local Kafka nodes (one unless `up(brokers=N)` made a cluster)."""
+    return [KafkaNode(n.node_id, n.address, n.pid()) for n in _kafka.nodes()]
+
+
+def stop_kafka_node(node_id: int, kill: bool = False) -> bool:
+    """Stop one local Kafka node: graceful by default, SIGKILL with kill=True."""
+    with state_lock():
+        return _kafka.stop_node(node_id, kill)
+
+
+def start_kafka_node(node_id: int) -> ComponentStatus:
+    """Start one stopped local Kafka node; returns once it answers."""
+    with state_lock():
+        return _kafka.start_node(node_id)

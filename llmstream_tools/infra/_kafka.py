@@ -1,4 +1,6 @@
-"""Local single-node Apache Kafka (KRaft, combined broker + controller) from Maven Central jars.
+"""Local Apache Kafka (KRaft, every node a combined broker + controller) from Maven Central jars:
+one node by default, or a cluster of N (`llmstream infra up --brokers 3`: replication factor 3,
+`min.insync.replicas=2`, a static quorum of N controllers) to test broker failures.
 
 Layout:
   $LLMSTREAM_CACHE_DIR/kafka-<version>/libs/        jars (Maven), `.complete` marker beside it
@@ -6,6 +8,11 @@ Layout:
   $LLMSTREAM_STATE_DIR/kafka/data/                  KRaft metadata + topic logs (formatted once)
   $LLMSTREAM_STATE_DIR/kafka/kafka.log              broker stdout/stderr (previous run: .log.1)
   $LLMSTREAM_STATE_DIR/kafka/kafka.pid              pid of the broker started by llmstream
+  $LLMSTREAM_STATE_DIR/kafka/brokers                nodes of the cluster (absent: 1)
+  $LLMSTREAM_STATE_DIR/kafka/node-<N>/              the same files for node N >= 2, with its
+                                                    ports (`port`, `controller.port`)
+Node 1 listens on LLMSTREAM_KAFKA_PORT; the others on free ports chosen once and remembered
+(a static quorum names every controller's address, so they never move).
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
@@ -74,18 +83,29 @@ def local_address() -> str:
     return f"127.0.0.1:{port()}"
 
 
+def local_addresses() -> list[str]:
+    """Every node's address (node 1 first); nodes whose ports are not chosen yet are left out."""
+    return [n.address for n in nodes() if n.port is not None]
+
+
 def bootstrap() -> str:
-    """LLMSTREAM_KAFKA_BOOTSTRAP if set, else the local broker on LLMSTREAM_KAFKA_PORT."""
-    return config.kafka_bootstrap()
+    """LLMSTREAM_KAFKA_BOOTSTRAP if set, else every local node (node 1: LLMSTREAM_KAFKA_PORT)."""
+    if os.environ.get(config.PREFIX + "KAFKA_BOOTSTRAP", "").strip() or brokers() == 1:
+        return config.kafka_bootstrap()
+    return ",".join(local_addresses())
 
 
 def is_external() -> bool:
-    """True if LLMSTREAM_KAFKA_BOOTSTRAP names something other than the local broker's port."""
-    servers = [s for s in bootstrap().split(",") if s.strip()]
-    if len(servers) != 1:
+    """True if LLMSTREAM_KAFKA_BOOTSTRAP names anything but the local nodes."""
+    servers = [s.strip() for s in bootstrap().split(",") if s.strip()]
+    if not servers:
         return True
-    host, p = split_host_port(servers[0], 9092)
-    return host not in LOCAL_HOSTS or p != port()
+    local = {split_host_port(a, 9092) for a in local_addresses()}
+    for server in servers:
+        host, p = split_host_port(server, 9092)
+        if host not in LOCAL_HOSTS or ("127.0.0.1", p) not in local:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- paths
@@ -95,20 +115,97 @@ def kafka_dir() -> Path:
     return component_dir(NAME)
 
 
+def brokers() -> int:
+    """Nodes of the local cluster: what `infra up --brokers N` recorded (1 by default)."""
+    return read_int(kafka_dir() / "brokers") or 1
+
+
+def set_brokers(count: int) -> None:
+    """Record the cluster size before the first start; a formatted cluster keeps its own."""
+    if count < 1:
+        raise InfraError(NAME, f"--brokers {count}: at least one broker", "use 1 or 3")
+    if count == brokers():
+        return
+    if any(n.formatted for n in nodes()):
+        raise InfraError(
+            NAME,
+            f"the local cluster in {kafka_dir()} was formatted with {brokers()} broker(s), "
+            f"not {count}",
+            f"use another LLMSTREAM_STATE_DIR, or `llmstream infra down` and delete "
+            f"{kafka_dir()} to start from scratch",
+        )
+    write_text(kafka_dir() / "brokers", f"{count}\n")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One KRaft node (combined broker + controller). Node 1 keeps the single-node layout."""
+
+    node_id: int
+
+    @property
+    def dir(self) -> Path:
+        return kafka_dir() if self.node_id == 1 else kafka_dir() / f"node-{self.node_id}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "kafka.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "kafka.log"
+
+    @property
+    def props_file(self) -> Path:
+        return self.dir / "server.properties"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "data"
+
+    @property
+    def formatted(self) -> bool:
+        return (self.data_dir / "meta.properties").exists()
+
+    @property
+    def port(self) -> int | None:
+        return port() if self.node_id == 1 else read_int(self.dir / "port")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def pid(self) -> int | None:
+        """Pid of this node's broker, if llmstream started it and it is alive."""
+        # The command line holds the path of its server.properties: unique per node.
+        return owned_pid(self.pid_file, f"kafka.Kafka {self.props_file}")
+
+
+def nodes() -> list[Node]:
+    return [Node(i) for i in range(1, brokers() + 1)]
+
+
+def node(node_id: int) -> Node:
+    if not 1 <= node_id <= brokers():
+        raise InfraError(NAME, f"no node {node_id} in a cluster of {brokers()}", "")
+    return Node(node_id)
+
+
+# Node 1 under its single-node names (status, tests, `infra.kafka_pid`).
 def pid_file() -> Path:
-    return kafka_dir() / "kafka.pid"
+    return Node(1).pid_file
 
 
 def log_file() -> Path:
-    return kafka_dir() / "kafka.log"
+    return Node(1).log_file
 
 
 def props_file() -> Path:
-    return kafka_dir() / "server.properties"
+    return Node(1).props_file
 
 
 def data_dir() -> Path:
-    return kafka_dir() / "data"
+    return Node(1).data_dir
 
 
 def version() -> str:
@@ -123,14 +220,9 @@ def libs_dir() -> Path:
     return jar_dir() / "libs"
 
 
-def _marker() -> str:
-    # The broker's command line contains the path of its server.properties: unique per state dir.
-    return f"kafka.Kafka {props_file()}"
-
-
 def pid() -> int | None:
-    """Pid of the broker llmstream started for this state dir, if it is alive."""
-    return owned_pid(pid_file(), _marker())
+    """Pid of node 1's broker llmstream started for this state dir, if it is alive."""
+    return Node(1).pid()
 
 
 # --------------------------------------------------------------------------- probes
@@ -152,15 +244,17 @@ async def _metadata(servers: str, timeout_s: float) -> int:
         await client.close()
 
 
-def metadata_error(servers: str, timeout_s: float = 10.0) -> str | None:
-    """None if a Metadata request to servers succeeds with at least one broker, else the cause."""
+def metadata_error(servers: str, timeout_s: float = 10.0, want: int = 1) -> str | None:
+    """None if a Metadata request to servers lists at least `want` brokers, else the cause."""
     try:
-        brokers = run_async(lambda: _metadata(servers, timeout_s), timeout_s)
+        brokers_seen = run_async(lambda: _metadata(servers, timeout_s), timeout_s)
     except TimeoutError:
         return f"no answer within {timeout_s:.0f} s"
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
-    return None if brokers > 0 else "metadata lists no brokers"
+    if brokers_seen >= want:
+        return None
+    return "metadata lists no brokers" if not brokers_seen else f"{brokers_seen} of {want} brokers"
 
 
 # --------------------------------------------------------------------------- status
@@ -171,6 +265,8 @@ def status() -> ComponentStatus:
         error = metadata_error(bootstrap(), 5.0)
         state = "running (external)" if error is None else "unreachable (external)"
         return ComponentStatus(NAME, bootstrap(), state, detail=error or "")
+    if brokers() > 1:
+        return _cluster_status()
     address = local_address()
     broker = pid()
     detail = f"Kafka {version()} KRaft, data {data_dir()}"
@@ -183,6 +279,22 @@ def status() -> ComponentStatus:
     if kafka_api_versions("127.0.0.1", port(), 2.0):
         return ComponentStatus(NAME, address, "running (external)")
     return ComponentStatus(NAME, address, "stopped", log=str(log_file()))
+
+
+def _cluster_status() -> ComponentStatus:
+    pids = {n.node_id: n.pid() for n in nodes()}
+    up = [i for i, p in pids.items() if p is not None]
+    detail = f"Kafka {version()} KRaft, {len(pids)} nodes, pids " + ", ".join(
+        f"{i}:{p or '-'}" for i, p in pids.items()
+    )
+    first = pids[1]
+    if len(up) == len(pids) and first is not None:
+        state = running_state(first)
+    elif up:
+        state = f"degraded ({len(up)} of {len(pids)} brokers running)"
+    else:
+        state = "stopped"
+    return ComponentStatus(NAME, bootstrap(), state, first, str(log_file()), detail)
 
 
 # --------------------------------------------------------------------------- prerequisites
@@ -278,7 +390,8 @@ def ensure_jars() -> Path:
 
 
 def _controller_port() -> int:
-    """Controller listener port: remembered, else KAFKA_PORT+1 upward (static quorum)."""
+    """Single node's controller port: remembered, else KAFKA_PORT+1 upward (a static quorum of
+    one voter may change address between starts without reformatting)."""
     remembered = kafka_dir() / "controller.port"
     previous = read_int(remembered)
     if previous is not None and previous != port() and port_free(previous):
@@ -290,6 +403,37 @@ def _controller_port() -> int:
     raise InfraError(NAME, f"no free port for the controller above {port()}", "free one")
 
 
+def _cluster_ports() -> dict[int, tuple[int, int]]:
+    """(broker port, controller port) of every node of a cluster: chosen once, remembered.
+
+    Every node's properties name every controller, so a port never changes afterwards."""
+    files = {
+        n.node_id: (None if n.node_id == 1 else n.dir / "port", n.dir / "controller.port")
+        for n in nodes()
+    }
+    taken = {port()} | {
+        value for pair in files.values() for f in pair if f and (value := read_int(f))
+    }
+    out: dict[int, tuple[int, int]] = {}
+    candidate = port() + 1
+    for node_id, pair in files.items():
+        chosen = []
+        for f in pair:
+            value = port() if f is None else read_int(f)
+            while value is None:
+                if candidate not in taken and port_free(candidate):
+                    value = candidate
+                    taken.add(value)
+                    assert f is not None
+                    write_text(f, f"{value}\n")
+                candidate += 1
+                if candidate >= 65536:
+                    raise InfraError(NAME, f"no free ports above {port()}", "free some")
+            chosen.append(value)
+        out[node_id] = (chosen[0], chosen[1])
+    return out
+
+
 def _rendered_port() -> int | None:
     """The PLAINTEXT port in the server.properties the running broker was started with."""
     text = read_text(props_file()) or ""
@@ -297,19 +441,30 @@ def _rendered_port() -> int | None:
     return int(match.group(1)) if match else None
 
 
-def render_properties(controller_port: int) -> Path:
+def render_properties(n: Node, ports: dict[int, tuple[int, int]]) -> Path:
+    """`ports`: (broker, controller) port of every node, by node id."""
+    replication = min(3, len(ports))
     template = Template((repo_deploy_dir() / "server.properties").read_text())
     text = template.substitute(
-        port=port(), controller_port=controller_port, log_dir=str(data_dir())
+        node_id=n.node_id,
+        port=ports[n.node_id][0],
+        controller_port=ports[n.node_id][1],
+        voters=",".join(f"{i}@127.0.0.1:{c}" for i, (_, c) in sorted(ports.items())),
+        replication=replication,
+        # With 3 replicas, an acknowledged write is on 2 nodes: one may die without loss.
+        min_isr=2 if replication >= 3 else 1,
+        broker_session_timeout_ms=5000 if len(ports) == 1 else 3000,
+        broker_heartbeat_ms=1000 if len(ports) == 1 else 500,
+        log_dir=str(n.data_dir),
     )
     extra = [kv.strip() for kv in config.get("KAFKA_EXTRA_PROPERTIES").split(";") if kv.strip()]
     if extra:
         text += "\n# LLMSTREAM_KAFKA_EXTRA_PROPERTIES\n" + "\n".join(extra) + "\n"
-    write_text(props_file(), text)
-    return props_file()
+    write_text(n.props_file, text)
+    return n.props_file
 
 
-def _jvm(java: str, libs: Path, level: str) -> list[str]:
+def _jvm(java: str, libs: Path, level: str, logs: Path) -> list[str]:
     return [
         java,
         f"-Xmx{config.get('KAFKA_HEAP')}",
@@ -321,59 +476,62 @@ def _jvm(java: str, libs: Path, level: str) -> list[str]:
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={repo_deploy_dir() / 'log4j2.yaml'}",
         f"-Dllmstream.log.level={level}",
-        f"-Dkafka.logs.dir={kafka_dir()}",
+        f"-Dkafka.logs.dir={logs}",
         "-cp",
         f"{libs}/*",
     ]
 
 
-def ensure_formatted(java: str, libs: Path) -> None:
-    """Format the KRaft storage once (kafka.tools.StorageTool format)."""
-    if (data_dir() / "meta.properties").exists():
+def ensure_formatted(java: str, libs: Path, n: Node) -> None:
+    """Format the node's KRaft storage once (kafka.tools.StorageTool format); every node of a
+    cluster with the same cluster id."""
+    if n.formatted:
         return
     id_file = kafka_dir() / "cluster.id"
     cluster_id = read_text(id_file)
     if not cluster_id:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         write_text(id_file, cluster_id + "\n")
-    log.info("kafka: formatting KRaft storage %s (cluster id %s)", data_dir(), cluster_id)
+    log.info("kafka: formatting KRaft storage %s (cluster id %s)", n.data_dir, cluster_id)
     cmd = [
-        *_jvm(java, libs, "WARN"),
+        *_jvm(java, libs, "WARN", n.dir),
         "kafka.tools.StorageTool",
         "format",
         "-t",
         cluster_id,
         "-c",
-        str(props_file()),
+        str(n.props_file),
         "--ignore-formatted",
     ]
-    result = run(cmd, FORMAT_TIMEOUT_S, cwd=kafka_dir())
-    if result.returncode != 0 or not (data_dir() / "meta.properties").exists():
+    result = run(cmd, FORMAT_TIMEOUT_S, cwd=n.dir)
+    if result.returncode != 0 or not n.formatted:
         cause = "timed out" if result.timed_out else last_error_line(result.output)
         raise InfraError(
             NAME,
-            f"formatting KRaft storage {data_dir()} failed: {cause}",
-            f"check {props_file()} (and LLMSTREAM_KAFKA_EXTRA_PROPERTIES), or delete "
-            f"{data_dir()} to start from scratch",
+            f"formatting KRaft storage {n.data_dir} failed: {cause}",
+            f"check {n.props_file} (and LLMSTREAM_KAFKA_EXTRA_PROPERTIES), or delete "
+            f"{n.data_dir} to start from scratch",
         )
 
 
 # --------------------------------------------------------------------------- lifecycle
 
 
-def _wait_ready(broker: int, timeout: float, started_here: bool) -> None:
-    """Until the broker answers ApiVersions and a real Metadata request (aiokafka bootstrap)."""
+def _wait_ready(n: Node, broker: int, timeout: float, started_here: bool, want: int = 1) -> None:
+    """Until the node answers ApiVersions and a real Metadata request (aiokafka bootstrap)
+    listing at least `want` brokers."""
     deadline = time.monotonic() + timeout
-    address = local_address()
+    address = n.address
     last_error = "not listening yet"
+    assert n.port is not None
     while True:
         if not pid_alive(broker):
             with contextlib.suppress(FileNotFoundError):
-                pid_file().unlink()
+                n.pid_file.unlink()
             raise InfraError(
                 NAME,
                 f"the broker (pid {broker}) exited during startup",
-                f"{log_hint(log_file())}; fix the cause (LLMSTREAM_KAFKA_EXTRA_PROPERTIES, "
+                f"{log_hint(n.log_file)}; fix the cause (LLMSTREAM_KAFKA_EXTRA_PROPERTIES, "
                 f"ports, disk) and run `llmstream infra up` again",
             )
         remaining = deadline - time.monotonic()
@@ -382,19 +540,46 @@ def _wait_ready(broker: int, timeout: float, started_here: bool) -> None:
                 log.warning("kafka: stopping broker pid %d that did not become ready", broker)
                 terminate(broker, 10.0)
                 with contextlib.suppress(FileNotFoundError):
-                    pid_file().unlink()
+                    n.pid_file.unlink()
             raise InfraError(
                 NAME,
                 f"the broker did not answer on {address} within {timeout:.0f} s ({last_error})",
-                f"{log_hint(log_file())}; raise LLMSTREAM_STARTUP_TIMEOUT_S or run "
+                f"{log_hint(n.log_file)}; raise LLMSTREAM_STARTUP_TIMEOUT_S or run "
                 "`llmstream infra down` and retry",
             )
-        if kafka_api_versions("127.0.0.1", port(), min(2.0, max(remaining, 0.1))):
-            error = metadata_error(address, min(10.0, max(remaining, 0.5)))
+        if kafka_api_versions("127.0.0.1", n.port, min(2.0, max(remaining, 0.1))):
+            error = metadata_error(address, min(10.0, max(remaining, 0.5)), want)
             if error is None:
                 return
             last_error = error
         time.sleep(min(0.2, max(remaining, 0.01)))
+
+
+def _spawn(java: str, libs: Path, n: Node) -> int:
+    """Start the node's broker (its storage formatted, its properties rendered)."""
+    rotate_log(n.log_file)
+    cmd = [*_jvm(java, libs, "INFO", n.dir), "kafka.Kafka", str(n.props_file)]
+    with open(n.log_file, "ab") as out:
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=n.dir,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise InfraError(
+                NAME, f"cannot start {java}: {exc}", "check the Java install"
+            ) from None
+    _children.append(proc)
+    write_text(n.pid_file, f"{proc.pid}\n")
+    log.info(
+        "kafka: started node %d pid %d on %s (log %s)", n.node_id, proc.pid, n.address, n.log_file
+    )
+    return proc.pid
 
 
 def begin_up() -> Callable[[], ComponentStatus]:
@@ -414,9 +599,12 @@ def begin_up() -> Callable[[], ComponentStatus]:
             )
         external = ComponentStatus(NAME, servers, "running (external)")
         return lambda: external
+    if brokers() > 1:
+        return _begin_cluster_up()
 
     timeout = startup_timeout()
     broker = pid()
+    first = Node(1)
     if broker is not None:
         running_port = _rendered_port()
         if running_port is not None and running_port != port():
@@ -428,7 +616,7 @@ def begin_up() -> Callable[[], ComponentStatus]:
             )
 
         def reuse() -> ComponentStatus:
-            _wait_ready(broker, timeout, started_here=False)
+            _wait_ready(first, broker, timeout, started_here=False)
             return status()
 
         return reuse
@@ -447,32 +635,45 @@ def begin_up() -> Callable[[], ComponentStatus]:
 
     java = find_java()
     libs = ensure_jars()
-    render_properties(_controller_port())
-    ensure_formatted(java, libs)
-
-    rotate_log(log_file())
-    cmd = [*_jvm(java, libs, "INFO"), "kafka.Kafka", str(props_file())]
-    with open(log_file(), "ab") as out:
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=kafka_dir(),
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            raise InfraError(
-                NAME, f"cannot start {java}: {exc}", "check the Java install"
-            ) from None
-    _children.append(proc)
-    write_text(pid_file(), f"{proc.pid}\n")
-    log.info("kafka: started broker pid %d on %s (log %s)", proc.pid, local_address(), log_file())
+    render_properties(first, {1: (port(), _controller_port())})
+    ensure_formatted(java, libs, first)
+    started = _spawn(java, libs, first)
 
     def wait() -> ComponentStatus:
-        _wait_ready(proc.pid, timeout, started_here=True)
+        _wait_ready(first, started, timeout, started_here=True)
+        return status()
+
+    return wait
+
+
+def _begin_cluster_up() -> Callable[[], ComponentStatus]:
+    """Every node not running is started at once: a node alone cannot answer before a
+    majority of the controllers runs, so the wait comes after all have started."""
+    timeout = startup_timeout()
+    ports = _cluster_ports()
+    running = {n: n.pid() for n in nodes()}
+    missing = [n for n, p in running.items() if p is None]
+    for n in missing:
+        if not port_free_soon(ports[n.node_id][0]):
+            raise InfraError(
+                NAME,
+                f"port {ports[n.node_id][0]} of node {n.node_id} is in use by another program",
+                f"stop that program, or delete {n.dir} and {kafka_dir()}/brokers to start over",
+            )
+    if missing:
+        java = find_java()
+        libs = ensure_jars()
+        for n in missing:
+            n.dir.mkdir(parents=True, exist_ok=True)
+            render_properties(n, ports)
+            ensure_formatted(java, libs, n)
+        for n in missing:
+            running[n] = _spawn(java, libs, n)
+
+    def wait() -> ComponentStatus:
+        for n, broker in running.items():
+            assert broker is not None
+            _wait_ready(n, broker, timeout, started_here=n in missing, want=len(running))
         return status()
 
     return wait
@@ -482,9 +683,20 @@ def up() -> ComponentStatus:
     return begin_up()()
 
 
-def stop(kill: bool = False) -> bool:
-    """Stop the broker llmstream started (SIGTERM: controlled shutdown; kill: SIGKILL now)."""
-    broker = pid()
+def start_node(node_id: int) -> ComponentStatus:
+    """Start one node of the cluster (after `stop_node`); returns once it answers."""
+    n = node(node_id)
+    broker = n.pid()
+    if broker is None:
+        broker = _spawn(find_java(), ensure_jars(), n)
+    _wait_ready(n, broker, startup_timeout(), started_here=False)
+    return status()
+
+
+def stop_node(node_id: int, kill: bool = False) -> bool:
+    """Stop one node (SIGTERM: controlled shutdown; kill: SIGKILL now)."""
+    n = node(node_id)
+    broker = n.pid()
     if broker is None:
         return False
     if kill:
@@ -493,6 +705,25 @@ def stop(kill: bool = False) -> bool:
     else:
         terminate(broker, STOP_TIMEOUT_S)
     with contextlib.suppress(FileNotFoundError):
-        pid_file().unlink()
-    log.info("kafka: stopped broker pid %d", broker)
+        n.pid_file.unlink()
+    log.info("kafka: stopped node %d pid %d", n.node_id, broker)
     return True
+
+
+def stop(kill: bool = False) -> bool:
+    """Stop every broker llmstream started (SIGTERM: controlled shutdown; kill: SIGKILL now).
+    The signals go out together: a cluster's last nodes would wait for a quorum that the
+    first ones, stopped alone, had taken away."""
+    running = [(n, p) for n in nodes() if (p := n.pid()) is not None]
+    for _, broker in running:
+        if kill:
+            kill_hard(broker)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(broker, signal.SIGTERM)
+    for n, broker in running:
+        terminate(broker, 10.0 if kill else STOP_TIMEOUT_S)
+        with contextlib.suppress(FileNotFoundError):
+            n.pid_file.unlink()
+        log.info("kafka: stopped node %d pid %d", n.node_id, broker)
+    return bool(running)

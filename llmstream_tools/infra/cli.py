@@ -18,7 +18,15 @@ def main(argv: Sequence[str]) -> int:
         description="Local Kafka (KRaft), PostgreSQL and Redis for development and tests.",
     )
     sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("up", help="start what is missing, create topics, apply migrations (idempotent)")
+    up = sub.add_parser(
+        "up", help="start what is missing, create topics, apply migrations (idempotent)"
+    )
+    up.add_argument(
+        "--brokers",
+        type=int,
+        help="Kafka nodes of a new local cluster (default 1; 3: replication factor 3, "
+        "min.insync.replicas 2). A cluster keeps the size it was first started with.",
+    )
     sub.add_parser("down", help="stop what `infra up` started (data is kept)")
     sub.add_parser("status", help="each component with its address and state")
     sub.add_parser(
@@ -42,7 +50,7 @@ def main(argv: Sequence[str]) -> int:
                 print(f"{s.name:<10} {s.address:<45} {s.state}")
             return 0 if all(s.state.startswith("running") for s in statuses) else 3
         if args.action == "up":
-            for s in infra.up():
+            for s in infra.up(brokers=args.brokers):
                 print(f"{s.name:<10} {s.address:<45} {s.state}")
         infra.ensure_topics()
         applied = asyncio.run(migrate.apply(config.database_url()))

@@ -35,7 +35,14 @@ from llmstream_tools.chaos.check import (
     table,
     tally,
 )
-from llmstream_tools.chaos.runner import FAULTS, add_arguments, main, options_from
+from llmstream_tools.chaos.runner import (
+    CLUSTER_FAULTS,
+    FAULTS,
+    add_arguments,
+    default_faults,
+    main,
+    options_from,
+)
 
 EXPECTED = "alpha beta gamma"
 GOOD = [(1.0, 1, "alpha"), (2.0, 2, " beta"), (3.0, 3, " gamma")]
@@ -219,6 +226,8 @@ def test_longest_silence_per_in_flight_stream() -> None:
     s = spread(per)
     assert (s.n, s.never, s.text()) == (2, 1, "never (1)") and s.max == pytest.approx(3.9)
     assert first_frames_after([flowing, stalled, silent], 3.0) == [pytest.approx(0.1), 1.9, None]
+    # Up to a later step only: a silence still going on then counts up to it.
+    assert longest_silences([stalled, silent], 2.0, until=3.0) == [2.0, 2.0]
 
 
 def test_spread_and_goals() -> None:
@@ -257,11 +266,16 @@ def test_cli_options_quick_and_overrides() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     full = options_from(parser.parse_args([]))
-    assert full.faults == list(FAULTS) and full.requests >= 100 and full.stall_s == 60
+    assert full.faults == list(FAULTS) and full.brokers == 3 and full.requests >= 100
     quick = options_from(
         parser.parse_args(["--quick", "--faults", "kafka,stall", "--stall-s", "2"])
     )
     assert quick.quick and quick.faults == ["kafka", "stall"] and quick.stall_s == 2
     assert quick.requests < full.requests and quick.kafka_down_s < full.kafka_down_s
+    # One broker has no leader to move: the cluster faults are left out or refused.
+    assert options_from(parser.parse_args(["--quick"])).faults == default_faults(1)
+    assert not set(CLUSTER_FAULTS) & set(default_faults(1))
     with pytest.raises(SystemExit):
         main(["--faults", "worker,meteor"])
+    with pytest.raises(SystemExit):
+        main(["--quick", "--faults", "kafka-leader"])
