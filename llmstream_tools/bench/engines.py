@@ -231,7 +231,7 @@ async def direct_vllm(ids: list[int], max_tokens: int) -> None:
     async def stream(rid: str, p: Any) -> tuple[int, float]:
         t0 = time.perf_counter()
         tokens, ttft = 0, 0.0
-        async for out in llm.generate(api.TokensPrompt(prompt_token_ids=ids), p, rid):
+        async for out in llm.generate(api.tokens_input(ids), p, rid):
             if not tokens and out.outputs[0].token_ids:
                 ttft = time.perf_counter() - t0
             tokens += len(out.outputs[0].token_ids)

@@ -9,7 +9,8 @@ What the adapter asks of vLLM, and why:
   detokenizer and stop checker see only the tokens of *this* stream, so after a takeover
   (prompt + continuation ids) they would restart at the seam: a character or a stop string
   split by the interruption would be lost. The core primes both with the continuation.
-- **Continuation** = ``TokensPrompt(prompt + continuation)``. Greedy float32 decoding then
+- **Continuation** = token input ``prompt + continuation`` (``tokens_input``, the engine
+  input vLLM 0.32 takes without re-rendering). Greedy float32 decoding then
   continues with exactly the uninterrupted run's ids (measured: environment notes, and
   tests/integration/test_model_server_vllm.py). Seeded sampling is reproducible for a whole
   stream but not across a seam: vLLM seeds one generator per request and draws from it per
@@ -83,7 +84,7 @@ class VllmApi:
     AsyncLLM: Any
     AsyncEngineArgs: Any
     SamplingParams: Any
-    TokensPrompt: Any
+    tokens_input: Any
     RequestOutputKind: Any
     StatLoggerBase: Any
     on_cpu: bool
@@ -93,8 +94,9 @@ def import_vllm() -> VllmApi:
     for key, value in engine_environment().items():
         os.environ.setdefault(key, value)  # vLLM reads them on import and engine start
     try:
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.inputs.engine import tokens_input
         from vllm.platforms import current_platform
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -105,7 +107,7 @@ def import_vllm() -> VllmApi:
         AsyncLLM,
         AsyncEngineArgs,
         SamplingParams,
-        TokensPrompt,
+        tokens_input,
         RequestOutputKind,
         StatLoggerBase,
         on_cpu=bool(current_platform.is_cpu()),
@@ -313,9 +315,8 @@ class VllmEngine(Engine):
         api, rid = self._api, req.request_id
         if rid in self._active:
             raise EngineError(f"duplicate engine request id {rid!r}")
-        prompt = api.TokensPrompt(
-            prompt_token_ids=[*req.prompt_token_ids, *req.continuation_token_ids]
-        )
+        # An engine input, not a raw prompt: vLLM would re-render raw prompts (deprecated).
+        prompt = api.tokens_input([*req.prompt_token_ids, *req.continuation_token_ids])
         params = api.SamplingParams(**sampling_kwargs(req), output_kind=api.RequestOutputKind.DELTA)
         self._active.add(rid)
         finished = False

@@ -281,7 +281,7 @@ def engine_with(standin: StandIn) -> VllmEngine:
         AsyncLLM,
         lambda **kw: kw,
         lambda **kw: kw,
-        lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids},
+        lambda ids: {"type": "token", "prompt_token_ids": ids},
         OutputKind,
         StatLoggerBase,
         on_cpu=True,
