@@ -36,6 +36,7 @@ SUITES: dict[str, str] = {
     "llamacpp": "llmstream_tools.bench.llamacpp",
     "engines": "llmstream_tools.bench.engines",
     "sse": "llmstream_tools.bench.sse",
+    "kafka-clients": "llmstream_tools.bench.kafka_clients",
 }
 
 RESULTS_DIR = Path("bench") / "results"

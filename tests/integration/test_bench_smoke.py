@@ -114,3 +114,28 @@ async def test_llamacpp_scenario_runs_against_llama_cpp_server(tmp_path: Path) -
         assert_clean_run(scenario[path], requests=1, tokens=4)
     assert scenario["llama_cpp_server_threads"] == 1
     assert {g["result"] for g in result["goals"]} <= {"PASS", "MISS"} and len(result["goals"]) == 2
+
+
+async def test_kafka_clients_suite_measures_both_clients(tmp_path: Path) -> None:
+    out, _ = await bench(
+        tmp_path, "kafka-clients", "--kc-records", "100", "--kc-rates", "100",
+        "--kc-seconds", "0.2", "--kc-repeat", "1", "--no-plots",
+    )  # fmt: skip
+    result = suite(tmp_path, "kafka-clients")
+    clients = ("aiokafka", "confluent-kafka")
+    for runs in result["backlog"].values():
+        (run,) = runs
+        for client in clients:
+            assert run[client]["produce_linger0_cpu_us_per_record"] > 0
+            assert run[client]["produce_linger5_records_per_s"] > 0
+            assert run[client]["fetch_cpu_us_per_record"] > 0
+    for linger in ("0", "5"):
+        (run,) = result["low_rate"][linger]["100"]
+        for client in clients:
+            assert run[client]["records"] == 20
+            assert 0 < run[client]["latency_ms_p50"] <= run[client]["latency_ms_p99"]
+    steps = result["record_size"]["steps"]
+    per_token = [step["kinds"]["1-token + trace"]["bytes_per_token"] for step in steps]
+    assert per_token == sorted(per_token, reverse=True) and per_token[0] > per_token[-1]
+    assert "| produce, linger 0: CPU µs/record" in out
+    assert "| bytes/token, today |" in out
