@@ -13,6 +13,10 @@ Properties the callers rely on (tests/unit/test_fold.py checks each):
   `extra_terminals` (so a redelivered terminal event can never bill twice).
 - Gaps are visible: a seq jump, or a terminal `last_seq` beyond what was folded, is counted in
   `missing_seqs` instead of being silently accepted.
+- Fenced: an event whose `fence` (owner generation, attempt) is older than the newest fence
+  folded so far was written by a worker that no longer owns the request (a zombie); it is
+  ignored and counted in `fenced`. Events without a fence (the gateway's, older workers') are
+  never stale.
 """
 
 from __future__ import annotations
@@ -108,6 +112,10 @@ class RequestState:
     duplicates: int = 0
     missing_seqs: int = 0
     extra_terminals: int = 0
+    # The newest Event.fence folded (generation, attempt) and the older ones ignored.
+    fence_generation: int = 0
+    fence_attempt: int = 0
+    fenced: int = 0
 
     @property
     def text(self) -> str:
@@ -174,6 +182,9 @@ def fold(state: RequestState | None, event: events_pb2.Event) -> RequestState:
     elif event.request_id != state.request_id:
         raise ValueError(f"event of {event.request_id!r} folded into {state.request_id!r}")
     state.events += 1
+    if event.HasField("fence") and _stale(state, event.fence):
+        state.fenced += 1
+        return state
     if event.tenant_id and not state.tenant_id:
         state.tenant_id = event.tenant_id
     at_ms = int(event.event_time.ToMilliseconds()) if event.HasField("event_time") else None
@@ -234,6 +245,16 @@ def fold(state: RequestState | None, event: events_pb2.Event) -> RequestState:
             state.completion_tokens = f.usage.completion_tokens
             state.status = Status.FAILED
     return state
+
+
+def _stale(state: RequestState, fence: events_pb2.Fence) -> bool:
+    """True for an event of an older owner or attempt than the newest folded; otherwise its
+    fence becomes the newest."""
+    key = (fence.generation, fence.attempt)
+    if key < (state.fence_generation, state.fence_attempt):
+        return True
+    state.fence_generation, state.fence_attempt = key
+    return False
 
 
 def _fold_delta(state: RequestState, delta: events_pb2.TokenDelta, at_ms: int | None) -> None:

@@ -36,19 +36,26 @@ def failure_code(code: grpc.StatusCode, details: str) -> str:
 
 @dataclass(frozen=True)
 class Envelope:
-    """What every event of one request shares."""
+    """What every event of one request's attempt shares."""
 
     request_id: str
     tenant_id: str
     producer_id: str
     traceparent: str = ""
     tracestate: str = ""
+    # The fence (docs/events.md): the group generation of the assignment this worker runs the
+    # request under, and the current attempt (0 until one starts).
+    generation: int = 0
+    attempt: int = 0
 
     def event(self) -> events_pb2.Event:
         ev = codec.new_event(self.request_id, self.tenant_id, self.producer_id)
         if self.traceparent:
             ev.trace.traceparent = self.traceparent
             ev.trace.tracestate = self.tracestate
+        ev.fence.SetInParent()
+        ev.fence.generation = self.generation
+        ev.fence.attempt = self.attempt
         return ev
 
     def started(
@@ -102,21 +109,23 @@ class Envelope:
         return ev
 
 
-def envelope_of(submit: events_pb2.Event, producer_id: str) -> Envelope:
+def envelope_of(submit: events_pb2.Event, producer_id: str, generation: int) -> Envelope:
     return Envelope(
         request_id=submit.request_id,
         tenant_id=submit.tenant_id,
         producer_id=producer_id,
         traceparent=submit.trace.traceparent,
         tracestate=submit.trace.tracestate,
+        generation=generation,
     )
 
 
 class DeltaEncoder:
     """Fast path for the hot event: a `token_delta` record value and headers.
 
-    The envelope fields that never change within a request (schema version, ids, trace) are
-    serialized once; each delta serializes only its event time and body and appends them.
+    The envelope fields that never change within an attempt (schema version, ids, trace,
+    fence) are serialized once; each delta serializes only its event time and body and appends
+    them.
     Protobuf parses concatenated encodings as one merged message, so the bytes equal what
     `codec.encode(envelope.delta(...))` produces up to field order, and decode identically.
     """

@@ -3,12 +3,15 @@
 Every send goes through one lock, so events leave in call order (aiokafka appends to the
 partition's batch in `send` order). A delta that arrives while the previous event is not yet
 acknowledged waits in the coalescer; a timer (the coalescing delay) and the previous event's
-acknowledgement both trigger the flush, so the hot path creates no task per token.
+acknowledgement both trigger the flush, so the hot path creates no task per token. Every send
+first asks the worker's `ProduceGate` (worker/lease.py): a worker that may have lost its
+partitions writes nothing until the group confirms it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -17,6 +20,7 @@ from llmstream import codec
 from llmstream.v1 import common_pb2, events_pb2
 from worker.coalesce import Coalescer
 from worker.core import Envelope
+from worker.lease import ProduceGate
 
 
 class Producer(Protocol):
@@ -41,12 +45,14 @@ class Emitter:
         partition: int,
         env: Envelope,
         *,
+        gate: ProduceGate,
         coalesce_s: float,
         coalesce_bytes: int,
         last_seq: int = 0,
         token_ids: Sequence[int] = (),
     ) -> None:
         self._producer = producer
+        self._gate = gate
         self.topic = topic
         self.partition = partition
         self.env = env
@@ -70,6 +76,8 @@ class Emitter:
         await self._send_raw(codec.encode(event), codec.headers(event))
 
     async def _send_raw(self, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        if not self._gate.is_open():
+            await self._gate.wait()
         fut = await self._producer.send(
             self.topic, value=value, key=self._key, partition=self.partition, headers=headers
         )
@@ -81,6 +89,13 @@ class Emitter:
         self._futures.append(fut)
         self._last = fut
         self.events += 1
+
+    async def begin_attempt(self, attempt: int) -> None:
+        """Events from now on belong to `attempt` (their fence)."""
+        await self.flush()  # buffered deltas leave with the previous attempt's fence
+        async with self._lock:
+            self.env = dataclasses.replace(self.env, attempt=attempt)
+            self._deltas = self.env.delta_encoder()
 
     async def send(self, event: events_pb2.Event, *, gates: bool = True) -> None:
         """`gates=False`: the next delta does not wait for this event's acknowledgement

@@ -24,6 +24,7 @@ from worker.cancels import CancelLookahead
 from worker.core import Envelope, envelope_of
 from worker.emitter import Emitter, Producer
 from worker.filters import Blocklist
+from worker.lease import ProduceGate
 from worker.metrics import WorkerMetrics
 from worker.models import ModelServers
 from worker.partitions import Partitions
@@ -44,8 +45,10 @@ class Executor:
         lookahead: CancelLookahead,
         metrics: WorkerMetrics,
         on_fatal: Callable[[BaseException], None],
+        gate: ProduceGate,
     ) -> None:
         self.settings = settings
+        self._gate = gate
         self._producer = producer
         self._models = models
         self._partitions = partitions
@@ -109,6 +112,7 @@ class Executor:
             reply.topic or s.tokens_topic,
             reply.partition,
             env,
+            gate=self._gate,
             coalesce_s=s.coalesce_ms / 1000.0,
             coalesce_bytes=s.coalesce_bytes,
             last_seq=prior.last_seq if prior else 0,
@@ -239,6 +243,7 @@ class Executor:
             step = machine.on_message(msg)
             if step.started is not None:
                 version = await self._models.version(replica, run.submit.submitted.model)
+                await em.begin_attempt(step.started)
                 started = em.env.started(
                     self.settings.worker_id, replica, version, step.started, em.last_seq
                 )
@@ -302,7 +307,8 @@ class Executor:
         """A bug: end the request with `failed` internal rather than block its partition."""
         em = run.emitter
         if em is None:
-            em = run.emitter = self._emitter(run, envelope_of(run.submit, self.settings.worker_id))
+            env = envelope_of(run.submit, self.settings.worker_id, run.generation)
+            em = run.emitter = self._emitter(run, env)
         try:
             await em.flush()
             estimate = run.submit.submitted.estimated_prompt_tokens
@@ -349,7 +355,7 @@ class Executor:
         )
         run.tokens_span = span
         traceparent, tracestate = tracing.trace_context_of(span)
-        env = envelope_of(run.submit, self.settings.worker_id)
+        env = envelope_of(run.submit, self.settings.worker_id, run.generation)
         return dataclasses.replace(env, traceparent=traceparent, tracestate=tracestate)
 
 

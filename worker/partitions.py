@@ -46,6 +46,9 @@ class PartitionState:
     # The group's committed offset at assignment (None: none yet): where the cancel lookahead
     # starts reading.
     lookahead_from: int | None
+    # Consumer-group generation of the assignment: later owners of the partition have a greater
+    # one, so it orders the fences of its requests' events (docs/events.md).
+    generation: int = 0
     status: Status = Status.ACTIVE
     offsets: PartitionOffsets = field(default_factory=PartitionOffsets)
     runs: dict[str, Run] = field(default_factory=dict)  # in flight, by request id
@@ -80,8 +83,10 @@ class Partitions:
 
     # -------------------------------------------------------------- assignment
 
-    def assign(self, tp: TopicPartition, end_offset: int, committed: int | None) -> None:
-        self.states[tp] = PartitionState(tp, takeover_until=end_offset, lookahead_from=committed)
+    def assign(
+        self, tp: TopicPartition, end_offset: int, committed: int | None, generation: int = 0
+    ) -> None:
+        self.states[tp] = PartitionState(tp, end_offset, committed, generation=generation)
 
     def revoke(self, tp: TopicPartition) -> None:
         """Forget a partition (the caller abandons its runs first; any left are forgotten)."""
@@ -179,6 +184,20 @@ class Partitions:
             if offset is not None:
                 todo[tp] = offset
         return todo
+
+    def commit_point(self, assigned: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """What is committed already, or would be now, per partition: committing it again
+        changes nothing but proves the group still counts this worker in (`ProduceGate`). A
+        partition without any commit yet offers the start of the log (0: nothing consumed)."""
+        out = {}
+        for tp in assigned:
+            state = self.states.get(tp)
+            if state is None:
+                continue
+            offsets = state.offsets
+            point = offsets.to_commit() or offsets.last_committed or state.lookahead_from
+            out[tp] = point or 0
+        return out
 
     def committed(self, offsets: dict[TopicPartition, int]) -> None:
         for tp, offset in offsets.items():

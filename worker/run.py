@@ -25,6 +25,8 @@ class Run:
     # The record is below the partition's end offset at assignment: an earlier owner may have
     # produced some of its events, so the log is read (takeover) before it starts.
     needs_lookup: bool
+    # Group generation of the partition's assignment: the owner part of its events' fence.
+    generation: int = 0
     # Set when the fetch that brought this prompt was cut at the in-flight bound, so records
     # behind it (a cancel) may not have been fetched yet: the start then waits until the cancel
     # lookahead has read the partition to its end once after `fetched_at` (monotonic).

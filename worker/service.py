@@ -6,9 +6,14 @@ coalesced `token_delta`s (seq 1..n) and exactly one terminal event to the reques
 partition. This module owns the Kafka side: fetching, rebalances, commits, dead letters,
 shutdown. See docs/worker.md for the guarantees and how each is achieved.
 
-Background loops (cancel lookahead, committer) run under a `Supervisor`: if one dies, the
-worker stops at once and exits 1, so the orchestrator restarts it instead of it running on
-without cancels or commits. The fetch loop is `run`'s own body: its failure ends `run`.
+Background loops (cancel lookahead, committer, lease watchdog) run under a `Supervisor`: if one
+dies, the worker stops at once and exits 1, so the orchestrator restarts it instead of it running
+on without cancels or commits. The fetch loop is `run`'s own body: its failure ends `run`.
+
+Fencing (docs/events.md): every event carries the group generation of its partition's
+assignment and its attempt, and nothing is produced while the `ProduceGate` (worker/lease.py)
+is closed: after the process stood still for half its session timeout, until a commit with its
+generation succeeds; after the group refused a commit, until a new assignment.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import CommitFailedError, KafkaError
 
 from llmstream import catalog, codec, kafka, telemetry
 from llmstream.runner import Shutdown
@@ -30,6 +35,7 @@ from llmstream.supervisor import Supervisor
 from llmstream.v1 import events_pb2
 from worker.cancels import CancelLookahead, EarlyCancels
 from worker.executor import Executor
+from worker.lease import TICK_S, ProduceGate
 from worker.metrics import WorkerMetrics
 from worker.models import ModelServers
 from worker.partitions import Partitions, PartitionState
@@ -66,6 +72,12 @@ class KafkaClients:
             takeover=kafka.reader(conn, f"{s.worker_id}-takeover"),
             lookahead=kafka.reader(conn, f"{s.worker_id}-cancels"),
         )
+
+    def generation(self) -> int:
+        """The group generation of the current assignment. aiokafka has no public accessor
+        (its coordinator sets it before calling `on_partitions_assigned`); the fence needs it
+        because it is the one number that grows with every change of owner."""
+        return int(self.consumer._coordinator.generation)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -110,6 +122,9 @@ class Worker:
         )
         self.takeover = TakeoverReader(self.clients.takeover, s.tokens_topic, s.takeover_margin_ms)
         self.models = ModelServers(s.model_server_tls_ca)
+        # The group drops a member after its session timeout without heartbeat; half of it
+        # standing still is already a doubt worth a round trip to the coordinator.
+        self.gate = ProduceGate(s.session_timeout_ms / 2000)
         self.executor = Executor(
             s,
             self.clients.producer,
@@ -118,6 +133,7 @@ class Worker:
             self.lookahead,
             self.metrics,
             on_fatal=self.fail,
+            gate=self.gate,
         )
         self.dead_letters = kafka.DeadLetterWriter(self.clients.producer, s.dlq_topic, s.worker_id)
         # Set by a failure after which nothing should be produced or fetched (a produce that
@@ -149,6 +165,7 @@ class Worker:
             try:
                 self.supervisor.spawn(self.lookahead.run(), "cancel-lookahead")
                 self.supervisor.spawn(self._commit_loop(), "committer")
+                self.supervisor.spawn(self._lease_watchdog(), "lease-watchdog")
                 # The gateways' model catalog (docs/events.md): what our replicas serve.
                 stubs = {r: self.models.stub(r) for r in s.model_servers}
                 self.supervisor.spawn(
@@ -258,11 +275,15 @@ class Worker:
             async with asyncio.timeout(ASSIGNMENT_READ_LIMIT_S):
                 ends = await consumer.end_offsets(list(assigned))
                 committed = {tp: await consumer.committed(tp) for tp in assigned}
+            generation = self.clients.generation()
             for tp in assigned:
-                self.partitions.assign(tp, int(ends.get(tp, 0)), committed[tp])
+                self.partitions.assign(tp, int(ends.get(tp, 0)), committed[tp], generation)
+            self.gate.confirm()  # a fresh assignment: the group counts this worker in
             log.info(
                 "partitions assigned",
-                extra=telemetry.fields(partitions=sorted(tp.partition for tp in assigned)),
+                extra=telemetry.fields(
+                    partitions=sorted(tp.partition for tp in assigned), generation=generation
+                ),
             )
 
     # ---------------------------------------------------------------- consuming
@@ -405,15 +426,40 @@ class Worker:
             await asyncio.sleep(COMMIT_INTERVAL_S)
             await self._commit()
 
+    async def _lease_watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            if self.gate.tick():
+                log.warning(
+                    "the worker stood still for half its session timeout: producing paused "
+                    "until the group confirms it"
+                )
+
     async def _commit(self) -> None:
+        """Commit the done prefix. While the gate is closed, the commit (of the same offsets
+        if nothing is new) also asks the group whether this worker is still a member."""
         consumer = self.clients.consumer
-        todo = self.partitions.to_commit(consumer.assignment())
+        confirming = not self.gate.lease.held
+        assigned = consumer.assignment()
+        todo = (self.partitions.commit_point if confirming else self.partitions.to_commit)(assigned)
         if not todo:
             return
         try:
             await asyncio.wait_for(consumer.commit(todo), kafka.CALL_TIMEOUT_S)
+        except CommitFailedError as exc:
+            # The group moved on without this worker: another may own these partitions now.
+            # Nothing more is produced until the rebalance gives it partitions again.
+            self.gate.lose()
+            log.warning(
+                "commit refused by the group: producing stopped until the next assignment",
+                extra=telemetry.fields(error=repr(exc)),
+            )
+            return
         except (KafkaError, TimeoutError) as exc:
             # The next round commits the same prefix (or a longer one).
             log.warning("commit failed", extra=telemetry.fields(error=repr(exc)))
             return
         self.partitions.committed(todo)
+        if confirming:
+            self.gate.confirm()
+            log.info("the group still counts this worker in: producing again")

@@ -79,8 +79,11 @@ class Session:
         self._socket += 1
         self._reader = asyncio.create_task(self._run())
 
-    async def submit(self, ref: str, prompt: str, max_tokens: int) -> None:
-        """Send a submit; on a socket that is closing it is sent again after the reconnect."""
+    async def submit(
+        self, ref: str, prompt: str, max_tokens: int, temperature: float = 0.0
+    ) -> None:
+        """Send a submit; on a socket that is closing it is sent again after the reconnect.
+        Temperature 0 is greedy: the text is known in advance."""
         assert self._ws is not None
         frame = json.dumps(
             {
@@ -89,7 +92,7 @@ class Session:
                 "model": "synthetic",
                 "prompt": prompt,
                 "max_tokens": max_tokens,
-                "temperature": 0,
+                "temperature": temperature,
                 "idempotency_key": f"{self.name}/{ref}",
             }
         )

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -35,6 +36,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,8 @@ FAULTS: dict[str, str] = {
     "worker+leader": "kill -9 a worker while the tokens leader is killed (3 brokers)",
     "gateway+redis": "kill -9 a gateway replica while Redis restarts",
     "aggregator+postgres": "kill -9 the aggregator while PostgreSQL restarts",
+    "zombie": "SIGSTOP a worker past its session timeout, SIGCONT once its requests were "
+    "taken over (sampled requests: a zombie's continuation differs from the new owner's)",
 }
 # Faults that need a cluster: with one broker there is no leader to move.
 CLUSTER_FAULTS = ("kafka-leader", "worker+leader")
@@ -87,6 +91,10 @@ _GOALS = {
 }
 # Faults whose streams must outlast several steps (leader kill, follower kill, restarts).
 _LONG = {"kafka-leader": 4}
+# Sampled without a seed, so that an attempt's continuation is its own: the text to expect
+# comes from the log (check.owner_truth), not from a reference run.
+_SAMPLED = {"zombie": 1.0}
+ZOMBIE = "worker-0"
 
 
 def default_faults(brokers: int) -> list[str]:
@@ -418,7 +426,67 @@ async def _stall(phase: Phase) -> None:
         phase.evidence.append("")
 
 
-async def _inject(phase: Phase, bills: DuplicateBills) -> None:
+def _process_state(pid: int) -> str:
+    """The state letter of /proc/<pid>/stat (T: stopped)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[-1].split()[0]
+
+
+async def _zombie(phase: Phase, in_flight: list[check.ClientStream]) -> None:
+    """SIGSTOP of a worker until the group has moved its requests (every stream in flight
+    flowed again after the session timeout, which only another worker can have done), then
+    SIGCONT: it runs on where it stopped, with buffered model output to produce."""
+    proc = phase.stack.procs[ZOMBIE]
+    session_s = int(phase.stack.env.get("LLMSTREAM_WORKER_SESSION_TIMEOUT_MS", "10000")) / 1000
+    phase.extra["frozen_at_ms"] = int(time.time() * 1000)
+    os.kill(proc.pid, signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    phase.evidence.append(await _state_becomes(proc.pid, "T"))
+    after = frozen_at + session_s
+    if not await _wait_sessions(phase.sessions, lambda _: _flowing(in_flight, after), 120):
+        phase.evidence.append("the frozen worker's requests were not taken over in 120 s")
+    phase.step("taken_over")
+    os.kill(proc.pid, signal.SIGCONT)
+    phase.evidence.append(await _state_becomes(proc.pid, "not T"))
+    phase.extra["frozen_s"] = round(time.monotonic() - frozen_at, 2)
+
+
+async def _state_becomes(pid: int, want: str, within_s: float = 5.0) -> str:
+    """'' once the process is in state `want` ("T": stopped; "not T"), else what it is in
+    (a signal takes effect asynchronously)."""
+    end = time.monotonic() + within_s
+    while True:
+        state = _process_state(pid)
+        if (state == "T") == (want == "T") or time.monotonic() > end:
+            return "" if (state == "T") == (want == "T") else f"state {state}, not {want}"
+        await asyncio.sleep(0.01)
+
+
+def _assigned_at_ms(stack: Stack, name: str) -> list[int]:
+    """Wall-clock ms of the `partitions assigned` lines of a worker's log."""
+    out = []
+    for line in (stack.tmp / f"{name}.log").read_text(errors="replace").splitlines():
+        if '"partitions assigned"' in line:
+            ts = json.loads(line)["ts"]
+            out.append(int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000))
+    return out
+
+
+def _zombie_out_ms(stack: Stack, frozen_at_ms: int) -> tuple[int, int | None]:
+    """When the zombie was out of the group: from another worker's first assignment after the
+    freeze to the zombie's own next one (None: none yet)."""
+    others = [
+        t
+        for name in stack.procs
+        if name.startswith("worker-") and name != ZOMBIE
+        for t in _assigned_at_ms(stack, name)
+        if t > frozen_at_ms
+    ]
+    back = [t for t in _assigned_at_ms(stack, ZOMBIE) if t > frozen_at_ms]
+    return min(others, default=frozen_at_ms), min(back, default=None)
+
+
+async def _inject(phase: Phase, bills: DuplicateBills, in_flight: list[check.ClientStream]) -> None:
     fault = phase.fault
     if fault in _KILLS:
         await _kill(phase, _KILLS[fault], bills)
@@ -436,6 +504,8 @@ async def _inject(phase: Phase, bills: DuplicateBills) -> None:
         await _restart(phase, fault)
     elif fault == "stall":
         await _stall(phase)
+    elif fault == "zombie":
+        await _zombie(phase, in_flight)
     else:
         raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
     phase.step("injected")
@@ -497,7 +567,8 @@ async def run_fault(
     try:
         await asyncio.gather(*(s.start() for s in every))
         for i in range(opts.requests):
-            await phase.sessions[i % len(phase.sessions)].submit(f"q{i}", prompt(i), tokens)
+            session = phase.sessions[i % len(phase.sessions)]
+            await session.submit(f"q{i}", prompt(i), tokens, _SAMPLED.get(fault, 0.0))
         if not await _wait_sessions(phase.sessions, lambda s: s.unanswered() == 0, 60):
             raise RuntimeError(f"{fault}: submits not answered within 60 s")
         refused = [f for s in phase.sessions for f in s.refused.values()]
@@ -517,7 +588,7 @@ async def run_fault(
         injected = asyncio.Event()
         prober = asyncio.create_task(_probe(phase, injected, in_flight))
         try:
-            await _inject(phase, bills)
+            await _inject(phase, bills, in_flight)
         except BaseException:
             prober.cancel()
             raise
@@ -594,6 +665,7 @@ async def _judge(
     terminal = sum(1 for st in states.values() if st.terminal)
     result.extra["takeovers"] = sum(1 for st in states.values() if st.attempts > 1)
     result.extra["log_duplicate_deltas"] = sum(st.duplicates for st in states.values())
+    result.extra["fenced_events"] = sum(st.fenced for st in states.values())
     reasons: dict[str, int] = {}
     for st in states.values():
         reason = st.finish_reason or st.status.value
@@ -608,12 +680,22 @@ async def _judge(
             break
         await asyncio.sleep(0.5)
     tokens = opts.tokens(phase.fault)
-    verdicts = [
-        check.judge_request(
-            st, expected.get((st.prompt, tokens), ""), states.get(rid), ledger.get(rid)
-        )
-        for rid, st in streams.items()
-    ]
+    truths = {}
+    if phase.fault == "zombie":
+        zombie = stack.commands[ZOMBIE][stack.commands[ZOMBIE].index("--id") + 1]
+        out_ms = _zombie_out_ms(stack, phase.extra["frozen_at_ms"])
+        result.extra["zombie_out_ms"] = out_ms
+        truths = check.owner_truth((e for e in events if e.request_id in wanted), zombie, out_ms)
+        result.extra["zombie_late_events"] = sum(t.late_events for t in truths.values())
+        result.extra["taken_over"] = sum(t.taken_over for t in truths.values())
+    verdicts = []
+    for rid, cs in streams.items():
+        truth = truths.get(rid)
+        text = truth.text if truth is not None else expected.get((cs.prompt, tokens), "")
+        verdict = check.judge_request(cs, text, states.get(rid), ledger.get(rid))
+        if truth is not None:
+            check.judge_owner(verdict, states.get(rid), truth)
+        verdicts.append(verdict)
     probes = []
     for p in phase.probes:
         v = None

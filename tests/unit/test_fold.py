@@ -208,3 +208,67 @@ def test_persist_and_resume_anywhere_equals_one_fold() -> None:
         resumed = state.as_dict()
         resumed.pop("tokens_folded")
         assert resumed == whole, cuts
+
+
+def fenced(event: events_pb2.Event, generation: int, attempt: int) -> events_pb2.Event:
+    event.fence.generation, event.fence.attempt = generation, attempt
+    return event
+
+
+def test_a_zombies_events_after_a_newer_owner_are_ignored() -> None:
+    # Worker A (generation 3) streamed seq 1-2, froze, lost the partition; worker B (generation
+    # 5) took over after seq 2. A resumes and writes on: its deltas, its retry's `started`
+    # (attempt 2 by A's own count) and its terminal are older than B's fence.
+    s = run(
+        [
+            submitted(),
+            fenced(started(1), 3, 1),
+            fenced(delta(1, "a"), 3, 1),
+            fenced(delta(2, "b"), 3, 1),
+            fenced(started(2), 5, 2),
+            fenced(delta(3, "C"), 5, 2),
+            fenced(delta(3, "x"), 3, 1),
+            fenced(delta(4, "y"), 3, 1),
+            fenced(started(2), 3, 2),
+            fenced(completed(4), 3, 1),
+            fenced(delta(4, "D"), 5, 2),
+            fenced(completed(4), 5, 2),
+        ]
+    )
+    assert s.text == "abCD" and s.status is Status.COMPLETED
+    assert (s.fence_generation, s.fence_attempt) == (5, 2)
+    assert s.fenced == 4 and s.extra_terminals == 0 and s.duplicates == 0
+    assert s.worker_id == "w" and s.attempts == 2
+
+
+def test_a_newer_attempt_of_the_same_owner_fences_the_older() -> None:
+    s = run(
+        [
+            fenced(started(1), 4, 1),
+            fenced(delta(1, "a"), 4, 1),
+            fenced(started(2), 4, 2),
+            fenced(delta(2, "late"), 4, 1),
+            fenced(delta(2, "b"), 4, 2),
+        ]
+    )
+    assert s.text == "ab" and s.fenced == 1
+
+
+def test_unfenced_events_are_never_stale() -> None:
+    # The gateway's events carry no fence, nor do events of workers older than fencing.
+    s = run([fenced(started(1), 7, 1), submitted(), delta(1, "a"), completed(1)])
+    assert s.text == "a" and s.fenced == 0 and s.submitted_seen
+
+
+def test_fencing_survives_persist_and_resume() -> None:
+    events = [
+        fenced(started(1), 3, 1),
+        fenced(delta(1, "a"), 3, 1),
+        fenced(started(2), 5, 2),
+        fenced(delta(2, "late"), 3, 1),
+        fenced(delta(2, "b"), 5, 2),
+    ]
+    state = None
+    for event in events:
+        state = RequestState.from_dict(fold(state, event).as_dict())
+    assert state is not None and state.text == "ab" and state.fenced == 1

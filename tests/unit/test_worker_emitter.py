@@ -1,4 +1,5 @@
-"""The Emitter (worker/emitter.py) against a fake producer: order, coalescing, timer flush."""
+"""The Emitter (worker/emitter.py) against a fake producer: order, coalescing, timer flush, the
+fence on every event, and nothing sent while the produce gate is closed."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from llmstream.fold import fold
 from llmstream.v1 import events_pb2
 from worker.core import envelope_of
 from worker.emitter import Emitter
+from worker.lease import ProduceGate
 
 
 class FakeProducer:
@@ -28,14 +30,17 @@ class FakeProducer:
         return fut
 
 
-def make(ack_s: float, coalesce_ms: float) -> tuple[Emitter, FakeProducer]:
+def make(
+    ack_s: float, coalesce_ms: float, gate: ProduceGate | None = None
+) -> tuple[Emitter, FakeProducer]:
     producer = FakeProducer(ack_s)
     submit = codec.new_event("r1", "t1")
     em = Emitter(
         producer,
         "toks",
         2,
-        envelope_of(submit, "w"),
+        envelope_of(submit, "w", generation=7),
+        gate=gate or ProduceGate(suspect_after_s=3600),
         coalesce_s=coalesce_ms / 1000,
         coalesce_bytes=1000,
     )
@@ -88,3 +93,40 @@ async def test_the_first_delta_does_not_wait_for_the_started_ack() -> None:
     assert decoded(producer)[1].token_delta.text == "first"
     assert not em.coalescer.empty
     em.close()
+
+
+async def test_every_event_carries_the_fence_of_its_attempt() -> None:
+    em, producer = make(ack_s=0.0, coalesce_ms=0)
+    await em.begin_attempt(1)
+    await em.send(em.env.started("w", "m:1", "v1", 1, 0), gates=False)
+    await em.push("a", [1])
+    await em.push("b", [2])  # buffered behind the unacknowledged "a"
+    await em.begin_attempt(2)  # a retry: what was buffered leaves with attempt 1
+    await em.send(em.env.started("w", "m:2", "v1", 2, em.last_seq), gates=False)
+    await em.push("c", [3])
+    await em.flush()
+    await em.settle()
+    fences = [
+        (e.WhichOneof("body"), e.fence.generation, e.fence.attempt) for e in decoded(producer)
+    ]
+    assert fences == [
+        ("started", 7, 1),
+        ("token_delta", 7, 1),
+        ("token_delta", 7, 1),
+        ("started", 7, 2),
+        ("token_delta", 7, 2),
+    ]
+
+
+async def test_nothing_is_sent_while_the_gate_is_closed() -> None:
+    gate = ProduceGate(suspect_after_s=3600)
+    em, producer = make(ack_s=0.0, coalesce_ms=0, gate=gate)
+    await em.push("a", [1])
+    gate.lose()
+    pushing = asyncio.create_task(em.push("b", [2]))
+    for _ in range(10):  # let it run until it waits at the gate
+        await asyncio.sleep(0)
+    assert len(producer.sent) == 1 and not pushing.done()
+    gate.confirm()
+    await pushing
+    assert [e.token_delta.text for e in decoded(producer)] == ["a", "b"]

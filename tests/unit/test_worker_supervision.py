@@ -1,14 +1,18 @@
 """How the worker stops (worker/service.py) against fake Kafka clients: a dead background loop
-stops it at once with exit status 1; SIGTERM drains; a second signal cuts the drain short."""
+stops it at once with exit status 1; SIGTERM drains; a second signal cuts the drain short. And
+how it stops producing: a commit the group refuses closes the produce gate until a new
+assignment; while closed, a commit with the worker's generation reopens it."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import CommitFailedError
 
 from llmstream import codec
 from llmstream.runner import Shutdown
@@ -23,6 +27,7 @@ class GroupConsumer:
     """Assigns `TP` when it starts; fetches nothing."""
 
     def __init__(self) -> None:
+        self._coordinator = SimpleNamespace(generation=4)  # what aiokafka's consumer holds
         self.listener: Any = None
         self.assigned: set[TopicPartition] = set()
         self.commits: list[dict[TopicPartition, int]] = []
@@ -230,3 +235,41 @@ async def test_a_failed_rebalance_callback_stops_the_worker_with_status_1() -> N
     w = worker(fakes)
     assert await asyncio.wait_for(w.run(), 5) == 1
     assert isinstance(w.fatal, RuntimeError) and w.partitions.get(TP) is None
+
+
+async def test_a_refused_commit_stops_producing_until_the_group_confirms_the_worker() -> None:
+    fakes = Fakes()
+    w = worker(fakes)
+    task = await started(w)
+    state = w.partitions.get(TP)
+    assert state is not None and state.generation == 4
+    fakes.consumer.commit_error = CommitFailedError("the group rebalanced")
+    state.fetched(0)
+    state.done(0)
+    await _until(lambda: not w.gate.lease.held)
+    assert not w.gate.is_open() and fakes.consumer.commits == []
+    # Still a member after all: the next commit goes through and reopens the gate.
+    fakes.consumer.commit_error = None
+    await _until(lambda: w.gate.lease.held)
+    assert fakes.consumer.commits == [{TP: 1}] and w.gate.is_open()
+    w.request_stop()
+    assert await asyncio.wait_for(task, 5) == 0
+
+
+async def test_a_closed_gate_is_confirmed_by_committing_what_is_committed_already() -> None:
+    fakes = Fakes()
+    w = worker(fakes)
+    task = await started(w)
+    w.gate.lose()  # e.g. the process stood still: nothing new to commit, the commit point is 0
+    await _until(lambda: w.gate.lease.held)
+    assert fakes.consumer.commits == [{TP: 0}]
+    w.request_stop()
+    assert await asyncio.wait_for(task, 5) == 0
+
+
+async def _until(cond: Any) -> None:
+    for _ in range(500):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
