@@ -2,7 +2,7 @@
 
 Every service checks its ports before it starts, so a taken port is one line naming the port,
 what wanted it and the variable that moves it, instead of a traceback from deep inside
-grpc/websockets/prometheus_client.
+grpc/aiohttp/prometheus_client.
 """
 
 from __future__ import annotations
