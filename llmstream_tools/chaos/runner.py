@@ -97,8 +97,17 @@ _SAMPLED = {"zombie": 1.0}
 ZOMBIE = "worker-0"
 
 
-def default_faults(brokers: int) -> list[str]:
-    return [f for f in FAULTS if brokers >= 3 or f not in CLUSTER_FAULTS]
+# Left out of `make test`'s quick run: the broker's clean stop (its kill -9 is the harder
+# case) and the zombie (tests/integration/test_zombie_worker.py runs it on its own).
+QUICK_SKIPS = ("kafka", "zombie")
+
+
+def default_faults(brokers: int, quick: bool = False) -> list[str]:
+    return [
+        f
+        for f in FAULTS
+        if (brokers >= 3 or f not in CLUSTER_FAULTS) and not (quick and f in QUICK_SKIPS)
+    ]
 
 
 RESULTS_DIR = Path("bench") / "results"
@@ -131,7 +140,7 @@ class Options:
     def quick_version(cls, **overrides: Any) -> Options:
         """What `make test` runs: fewer and shorter streams, short outages (~2-3 min)."""
         quick = cls(
-            faults=default_faults(1),
+            faults=default_faults(1, quick=True),
             brokers=1,
             requests=30,
             sockets=6,
@@ -415,13 +424,20 @@ async def _stall(phase: Phase) -> None:
     stalled_from = time.monotonic()
     await session.stall(phase.opts.stall_s)
     phase.step("stall")
-    # Proof: while it stood still, the session took in no frame although it had streams open.
-    received = [t for st in session.streams.values() for t in st.arrivals() if t > stalled_from]
+    # Proof: while it stood still, the session took in nothing (but the one frame its read
+    # under way at the start returned) although it had streams open.
+    stalled_until = stalled_from + phase.opts.stall_s
+    received = [
+        t
+        for st in session.streams.values()
+        for t in st.arrivals()
+        if stalled_from < t < stalled_until
+    ]
     open_after = [st for st in session.streams.values() if not st.finished_by(stalled_from)]
     if not open_after:
         phase.evidence.append("the stalled session had no open stream")
-    elif received and min(received) < stalled_from + phase.opts.stall_s:
-        phase.evidence.append("the stalled session kept receiving")
+    elif len(received) > 1:
+        phase.evidence.append(f"the stalled session took in {len(received)} frames")
     else:
         phase.evidence.append("")
 
@@ -832,7 +848,7 @@ def options_from(args: argparse.Namespace) -> Options:
             overrides[name] = value
     opts = Options.quick_version(**overrides) if args.quick else replace(Options(), **overrides)
     faults = [f for f in args.faults.split(",") if f] if args.faults else None
-    return replace(opts, faults=faults or default_faults(opts.brokers))
+    return replace(opts, faults=faults or default_faults(opts.brokers, opts.quick))
 
 
 def record(

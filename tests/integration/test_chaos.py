@@ -3,9 +3,10 @@ PostgreSQL / Redis instance and a whole local stack (two gateways, two workers, 
 model servers, the aggregator), each fault is injected while every request of its phase
 streams: kill -9 of a worker, a model server replica, a gateway replica (its clients reconnect
 to the other and resume), the aggregator; Redis and PostgreSQL restarts; a client that stops
-reading; the broker stopped, and killed with kill -9; a gateway killed while Redis restarts and
-the aggregator killed while PostgreSQL restarts. New requests are submitted while each fault
-goes on. (The 3-broker faults run in `make chaos`.)
+reading; the broker killed with kill -9; a gateway killed while Redis restarts and the
+aggregator killed while PostgreSQL restarts. New requests are submitted while each fault goes
+on. (`make chaos` adds the broker's clean stop, the zombie worker — here in
+test_zombie_worker.py — and the 3-broker faults.)
 
 The strict verdict (llmstream_tools/chaos/check.py) for each: every request kept (one `done`,
 `stop`/`length`, the synthetic engine's uninterrupted text, no seq gap or repeat, no error
@@ -31,7 +32,7 @@ async def test_every_fault_keeps_every_request_whole_and_billed_once(tmp_path: P
     opts = Options.quick_version()
     results = await run(opts, tmp_path)
 
-    assert [r.fault for r in results] == opts.faults == default_faults(1)
+    assert [r.fault for r in results] == opts.faults == default_faults(1, quick=True)
     for r in results:
         where = (r.fault, r.examples, r.notes)
         # Every request was streaming just before the fault; on a busy machine the first ones
@@ -49,7 +50,6 @@ async def test_every_fault_keeps_every_request_whole_and_billed_once(tmp_path: P
     assert by_fault["worker"].extra["takeovers"] > 0
     assert by_fault["model-server"].extra["takeovers"] > 0
     assert by_fault["gateway"].extra["reconnects"] > 0
-    assert by_fault["kafka"].outage_s >= opts.kafka_down_s
     assert by_fault["kafka-kill"].outage_s >= opts.kafka_down_s
     # The shared infrastructure (other tests use it meanwhile) was not touched.
     assert [(c.name, c.pid) for c in infra.status()] == shared_before

@@ -10,7 +10,9 @@ import argparse
 
 import pytest
 
+from llmstream import codec
 from llmstream.fold import RequestState, Status
+from llmstream.v1 import common_pb2, events_pb2
 from llmstream_tools.chaos.check import (
     FAILED,
     KEPT,
@@ -25,10 +27,12 @@ from llmstream_tools.chaos.check import (
     TenantBilling,
     first_frames_after,
     goal_verdict,
+    judge_owner,
     judge_probe,
     judge_request,
     judge_tenant,
     longest_silences,
+    owner_truth,
     process_killed,
     server_restarted,
     spread,
@@ -273,9 +277,66 @@ def test_cli_options_quick_and_overrides() -> None:
     assert quick.quick and quick.faults == ["kafka", "stall"] and quick.stall_s == 2
     assert quick.requests < full.requests and quick.kafka_down_s < full.kafka_down_s
     # One broker has no leader to move: the cluster faults are left out or refused.
-    assert options_from(parser.parse_args(["--quick"])).faults == default_faults(1)
+    assert options_from(parser.parse_args(["--quick"])).faults == default_faults(1, quick=True)
     assert not set(CLUSTER_FAULTS) & set(default_faults(1))
+    assert "zombie" in default_faults(1) and "zombie" not in default_faults(1, quick=True)
     with pytest.raises(SystemExit):
         main(["--faults", "worker,meteor"])
     with pytest.raises(SystemExit):
         main(["--quick", "--faults", "kafka-leader"])
+
+
+def event(producer: str, at_ms: int, **body: object) -> events_pb2.Event:
+    ev = codec.new_event("r1", "t", producer)
+    ev.event_time.FromMilliseconds(at_ms)
+    ((kind, value),) = body.items()
+    getattr(ev, kind).CopyFrom(value)
+    return ev
+
+
+def started(producer: str, at_ms: int, after: int) -> events_pb2.Event:
+    return event(producer, at_ms, started=events_pb2.GenerationStarted(resumed_after_seq=after))
+
+
+def delta(producer: str, at_ms: int, seq: int, text: str) -> events_pb2.Event:
+    return event(producer, at_ms, token_delta=events_pb2.TokenDelta(seq=seq, text=text))
+
+
+def done(producer: str, at_ms: int, completion: int) -> events_pb2.Event:
+    usage = common_pb2.Usage(prompt_tokens=5, completion_tokens=completion)
+    body = events_pb2.RequestCompleted(finish_reason=common_pb2.FINISH_REASON_LENGTH, usage=usage)
+    return event(producer, at_ms, completed=body)
+
+
+def test_owner_truth_leaves_out_what_the_zombie_wrote_while_out() -> None:
+    # A streamed seq 1-2, froze at 150; B was assigned at 200 and took over after seq 2; A
+    # resumed and wrote on until its own new assignment at 400, after which it owns the
+    # request again (a legitimate takeover of B's work).
+    log = [
+        started("A", 100, 0),
+        delta("A", 110, 1, "a"),
+        delta("A", 120, 2, "b"),
+        delta("A", 140, 3, "late-sent"),  # sent before the freeze, landed after B's read
+        started("B", 210, 2),
+        delta("B", 220, 3, "C"),
+        delta("A", 300, 4, "x"),  # the zombie, out of the group
+        done("A", 301, 4),
+        delta("B", 230, 4, "D"),
+        started("A", 410, 4),
+        delta("A", 420, 5, "E"),
+        done("A", 430, 5),
+        done("B", 240, 4),  # B's, after A took the request back: not the owner any more
+    ]
+    (truth,) = owner_truth(log, "A", (200, 400)).values()
+    assert truth.text == "abCDE" and truth.last_seq == 5
+    assert truth.usage == (5, 5) and truth.finish_reason == "length"
+    assert truth.late_events == 2 and truth.taken_over
+
+
+def test_the_bill_must_be_the_owners() -> None:
+    (truth,) = owner_truth([started("B", 1, 0), done("B", 2, 3)], "A", (0, None)).values()
+    v = judge_request(stream(GOOD), EXPECTED, logged(), BILL)
+    judge_owner(v, logged(), truth)
+    assert not v.billing_mismatch
+    judge_owner(v, logged(completion_tokens=4), truth)
+    assert v.billing_mismatch and "stale attempt" in v.reasons[-1]
