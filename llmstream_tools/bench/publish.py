@@ -40,10 +40,13 @@ def as_run_record(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(root: Path, src: str) -> str:
+    """The block of one result file: a chaos run's own summary, else the benchmarks'."""
     from llmstream_tools.bench.cli import summary
+    from llmstream_tools.chaos import report
 
-    record = as_run_record(json.loads((root / src).read_text()))
-    return f"Source: `{src}`.\n\n{summary(record)}\n"
+    data = json.loads((root / src).read_text())
+    text = report.summary(data) if data.get("suite") == "chaos" else summary(as_run_record(data))
+    return f"Source: `{src}`.\n\n{text}\n"
 
 
 def rendered(text: str, root: Path) -> str:

@@ -50,6 +50,7 @@ from llmstream_tools import infra, promstats
 from llmstream_tools.chaos import check
 from llmstream_tools.chaos.client import Session
 from llmstream_tools.chaos.infra import private_infra
+from llmstream_tools.chaos.report import summary
 from llmstream_tools.stack import Stack, local_stack
 
 log = logging.getLogger("llmstream_tools.chaos")
@@ -865,7 +866,9 @@ def record(
         "options": asdict(opts),
         "ok": all(r.ok for r in results),
         "table": check.table(results),
-        "results": [{**asdict(r), "kept": r.kept, "goal_result": r.goal_result} for r in results],
+        "results": [
+            {**asdict(r), "kept": r.kept, "goal_result": r.goal_result, "ok": r.ok} for r in results
+        ],
     }
 
 
@@ -891,7 +894,7 @@ def main(argv: Sequence[str]) -> int:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / f"{stamp}-chaos.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
-    print(data["table"])
+    print(summary(data))
     print(f"results: {path}", file=sys.stderr)
     if data["ok"]:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -7,6 +7,8 @@ spreads and the recovery goals."""
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import pytest
 
@@ -340,3 +342,21 @@ def test_the_bill_must_be_the_owners() -> None:
     assert not v.billing_mismatch
     judge_owner(v, logged(completion_tokens=4), truth)
     assert v.billing_mismatch and "stale attempt" in v.reasons[-1]
+
+
+def test_a_run_record_renders_as_a_published_block(tmp_path: Path) -> None:
+    from llmstream_tools.bench import publish
+    from llmstream_tools.chaos.runner import Options, record
+
+    good = FaultResult("gateway", requests=1, in_flight=1, proof="", goal="gateway kill -9")
+    tally(good, [judge_request(stream(GOOD), EXPECTED, logged(), BILL)], BillingFindings())
+    good.goal_measure = spread([0.2, 0.4])
+    bad = FaultResult("kafka", requests=1, in_flight=1, proof="", notes=["x unfinished"])
+    data = record(Options(), [good, bad], "20261207T000000Z", 600.0)
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    doc = "<!-- bench-results: r.json -->\nstale\n<!-- /bench-results -->\n"
+    out = publish.rendered(doc, tmp_path)
+    assert "Source: `r.json`." in out and data["table"] in out and "stale" not in out
+    assert "**gateway kill -9** ≤ 1 s" in out and "**PASS**, p50 0.2 s, p99 0.4 s" in out
+    assert "**not every fault passed**" in out and "- `kafka`: x unfinished" in out
+    assert publish.rendered(out, tmp_path) == out
