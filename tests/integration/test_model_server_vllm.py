@@ -286,6 +286,32 @@ async def test_four_concurrent_streams_are_isolated_and_complete(vllm: Vllm) -> 
     await vllm.wait_idle()
 
 
+async def test_priority_decides_who_gets_the_next_free_slot(vllm: Vllm) -> None:
+    """All 4 sequences (max_num_seqs) busy, finishing one after another; a low-priority
+    request waits first, a high-priority one arrives after it and still starts first."""
+    busy = [
+        asyncio.ensure_future(
+            run(vllm, start(MODEL, text=STORY, max_tokens=n, request_id=f"busy{n}"))
+        )
+        for n in (40, 70, 100, 130)
+    ]
+    await vllm.wait_load(lambda load: load[LOAD_SERIES[0]] == 4)
+    low = asyncio.ensure_future(
+        run(vllm, start(MODEL, text=STORY, max_tokens=4, priority=-5, request_id="low"))
+    )
+    await vllm.wait_load(lambda load: load[LOAD_SERIES[1]] == 1)  # queued in vLLM
+    high = asyncio.ensure_future(
+        run(vllm, start(MODEL, text=STORY, max_tokens=4, priority=5, request_id="high"))
+    )
+    await vllm.wait_load(lambda load: load[LOAD_SERIES[1]] == 2)
+    first_low, first_high = (await low), (await high)
+    for res in [first_low, first_high, *await asyncio.gather(*busy)]:
+        assert res.finish.finish_reason == common_pb2.FINISH_REASON_LENGTH, res.finish
+    # Slots free 30 steps apart: the high-priority request took the first one.
+    assert first_high.arrivals[0] < first_low.arrivals[0]
+    await vllm.wait_idle()
+
+
 async def test_cancel_mid_stream_frees_the_engine_which_keeps_serving(vllm: Vllm) -> None:
     res = await run(vllm, start(MODEL, text=STORY, max_tokens=400), cancel_after_deltas=3)
     assert res.finish.finish_reason == common_pb2.FINISH_REASON_CANCELLED
