@@ -9,7 +9,7 @@ each engine measured two ways in one run:
 - **through our model server**: a `llmstream model-server` process, this process streaming
   over loopback gRPC (`bench.model_server.run_streams`): aggregate tokens/s and the client's
   time to first token;
-- **directly in-process**: llama-cpp-python's `Llama.generate` in threads (`DirectLlamaCpp`), and
+- **directly in-process**: llama-cpp-python's `Llama.generate` in threads (`DirectLlama`), and
   vLLM's `AsyncLLM.generate` with exactly the engine arguments of our adapter, in a child
   process under the vLLM virtualenv (`python -m llmstream_tools.bench.engines`).
 
@@ -51,21 +51,6 @@ from model_server import vllm_env
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 STREAMS = (1, 4)
 MARKER = "engines-bench-result: "
-
-
-class DirectLlamaCpp(DirectLlama):
-    """``DirectLlama`` with its ``Llama`` objects made like the engine's (``new_llama``):
-    built with the defaults, llama.cpp repacks the weights for AMX and segfaults on this
-    machine's CPU."""
-
-    def __init__(self, n: int) -> None:
-        from model_server.engines.llamacpp import default_model_path, new_llama
-
-        path = default_model_path()
-        self.llms = [
-            new_llama(path, n_ctx=2048, n_threads=1, n_threads_batch=1, n_batch=256, n_ubatch=256)
-            for _ in range(n)
-        ]
 
 
 def add_arguments(group: Any) -> None:
@@ -133,7 +118,7 @@ async def server_runs(
 async def bench_llamacpp(ids: list[int], max_tokens: int, repeat: int) -> dict[str, Any]:
     out: dict[str, Any] = {"server": [], "direct": []}
     for n in STREAMS:
-        direct = await asyncio.to_thread(DirectLlamaCpp, n)
+        direct = await asyncio.to_thread(DirectLlama, n)
         server, inproc = [], []
         args = ("--engine=llamacpp", f"--llamacpp-instances={n}", "--llamacpp-threads=1")
         async with model_server(*args) as (port, pid):

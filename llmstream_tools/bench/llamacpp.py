@@ -64,12 +64,13 @@ TTFT_SAMPLES = 8
 
 @contextlib.asynccontextmanager
 async def llama_cpp_server(model_path: str, threads: int, tmp: Path) -> AsyncIterator[int]:
-    """`python -m llama_cpp.server` on a free port (requests queue instead of interrupting
-    each other); yields the port once /v1/models answers."""
+    """`python -m llama_cpp.server` (through `llama_server`: no weight repacking) on a free
+    port (requests queue instead of interrupting each other); yields the port once /v1/models
+    answers."""
     port = free_port()
     proc, log = _spawn(
         [
-            sys.executable, "-m", "llama_cpp.server", "--model", model_path,
+            sys.executable, "-m", "llmstream_tools.bench.llama_server", "--model", model_path,
             "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
             "--n_threads_batch", str(threads), "--n_ctx", "2048", "--n_batch", "256",
             "--interrupt_requests", "False", "--verbose", "False",

@@ -232,13 +232,13 @@ class DirectLlama:
     calling llama-cpp-python in-process gives on this machine."""
 
     def __init__(self, n: int) -> None:
-        from llama_cpp import Llama
-
-        from model_server.engines.llamacpp import default_model_path
+        # Made like the engine's (`new_llama`): with llama.cpp's defaults the weights are
+        # repacked for AMX and the first decode segfaults on AMX CPUs.
+        from model_server.engines.llamacpp import default_model_path, new_llama
 
         path = default_model_path()
         self.llms: list[Any] = [
-            Llama(path, n_ctx=2048, n_threads=1, n_threads_batch=1, n_batch=256, verbose=False)
+            new_llama(path, n_ctx=2048, n_threads=1, n_threads_batch=1, n_batch=256, n_ubatch=256)
             for _ in range(n)
         ]
 

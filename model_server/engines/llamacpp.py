@@ -38,7 +38,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
@@ -110,15 +110,9 @@ def _quiet_construction() -> Iterator[None]:
     from llama_cpp import llama_cpp as lib
 
     defaults = lib.llama_model_default_params
-
-    def without_repacking() -> Any:
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
     with _CONSTRUCT_LOCK:
         sink = io.StringIO()
-        lib.llama_model_default_params = without_repacking
+        lib.llama_model_default_params = without_repacking(defaults)
         try:
             with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
                 yield
@@ -127,6 +121,17 @@ def _quiet_construction() -> Iterator[None]:
             logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("llama.cpp load output: %s", sink.getvalue()[-4000:])
+
+
+def without_repacking(defaults: Callable[[], Any]) -> Callable[[], Any]:
+    """llama.cpp's model defaults with extra buffer types (weight repacking) off."""
+
+    def params() -> Any:
+        out = defaults()
+        out.use_extra_bufts = False
+        return out
+
+    return params
 
 
 def file_fingerprint(path: str, full_limit: int = 256 << 20, chunk: int = 1 << 20) -> str:
