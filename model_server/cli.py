@@ -14,27 +14,18 @@ itself with that virtualenv's Python (`model_server/vllm_env.py`).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
-import logging
 import os
-import sys
 from collections.abc import Sequence
 
-from llmstream import config, ports, telemetry, tracing
+from llmstream import config, runner
 from model_server import vllm_env
 from model_server.engines import ENGINES
 from model_server.registry import ModelSpec
 from model_server.settings import ModelsConfigError, load_models_file
 from model_server.types import ModelLimits
 
-log = logging.getLogger("model_server")
-
 DEFAULT_NAMES = {"llamacpp": "smollm2", "synthetic": "synthetic"}
-
-
-def _env_bool(name: str) -> bool:
-    return config.get(name).strip().lower() in ("1", "true", "yes", "on")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,14 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--admin",
         action=argparse.BooleanOptionalAction,
-        default=_env_bool("MODEL_SERVER_ADMIN"),
+        default=config.get_bool("MODEL_SERVER_ADMIN"),
         help="serve ModelAdminService (LoadModel/UnloadModel)",
-    )
-    srv.add_argument(
-        "--uvloop",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run on uvloop when installed",
     )
     srv.add_argument("--log-level", default=config.get("LOG_LEVEL"))
     lc = p.add_argument_group("llamacpp engine")
@@ -198,34 +183,21 @@ def single_model_spec(args: argparse.Namespace, base: ModelLimits) -> ModelSpec:
 def main(argv: Sequence[str], *, reexec: bool = True) -> int:
     """``reexec``: run under the vLLM virtualenv when a vllm model needs it (``python -m
     model_server``, which that re-execution runs, passes False)."""
-    args = build_parser().parse_args(list(argv))
-    telemetry.setup_logging("model-server", args.log_level)
+    try:
+        args = build_parser().parse_args(list(argv))
+    except config.ConfigError as exc:
+        return runner.fail("model-server", str(exc))
     base = base_limits(args)
     try:
-        tracing.setup_tracing("model-server")
-        if args.models:
-            specs = load_models_file(args.models, base)
-        else:
-            specs = [single_model_spec(args, base)]
+        specs = (
+            load_models_file(args.models, base) if args.models else [single_model_spec(args, base)]
+        )
     except (ModelsConfigError, config.ConfigError) as exc:
-        print(f"llmstream model-server: {exc}", file=sys.stderr)
-        return 2
+        return runner.fail("model-server", str(exc))
     if reexec and any(s.engine == "vllm" for s in specs) and not vllm_env.vllm_importable():
         vllm_env.reexec_in_vllm_venv(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
-        print("llmstream model-server: --tls-cert and --tls-key go together", file=sys.stderr)
-        return 2
-    ports.ensure_free(args.host, args.port, "model server gRPC", "LLMSTREAM_MODEL_SERVER_PORT")
-    if args.metrics_port:
-        ports.ensure_free(
-            args.metrics_host or args.host,
-            args.metrics_port,
-            "model server metrics",
-            "LLMSTREAM_MODEL_SERVER_METRICS_PORT",
-        )
-        telemetry.setup_metrics(
-            "model-server", args.metrics_port, host=args.metrics_host or args.host
-        )
+        return runner.fail("model-server", "--tls-cert and --tls-key go together")
 
     from model_server.server import ServerConfig, serve
 
@@ -241,11 +213,17 @@ def main(argv: Sequence[str], *, reexec: bool = True) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
     )
-    if args.uvloop:
-        try:
-            import uvloop
-
-            return int(uvloop.run(serve(cfg)))
-        except ImportError:
-            pass
-    return asyncio.run(serve(cfg))
+    proc = runner.ServiceProcess(
+        name="model-server",
+        log_level=args.log_level,
+        listens=[
+            runner.Listen(args.host, args.port, "model server gRPC", "LLMSTREAM_MODEL_SERVER_PORT")
+        ],
+        metrics=runner.Listen(
+            args.metrics_host or args.host,
+            args.metrics_port,
+            "model server metrics",
+            "LLMSTREAM_MODEL_SERVER_METRICS_PORT",
+        ),
+    )
+    return runner.run(proc, lambda shutdown: serve(cfg, shutdown))

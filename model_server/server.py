@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from llmstream.runner import Shutdown
 from llmstream.v1 import (
     model_admin_pb2,
     model_admin_pb2_grpc,
@@ -88,8 +88,6 @@ class ModelServer:
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
-        self._drain_task: asyncio.Task[None] | None = None
-        self._signals = 0
         self.port = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -187,20 +185,19 @@ class ModelServer:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    def install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
-
-    def _on_signal(self, sig: signal.Signals) -> None:
-        self._signals += 1
-        if self._signals == 1:
-            log.info("%s: draining", sig.name)
-            self._drain_task = asyncio.ensure_future(self.shutdown())
-        else:
-            log.warning("%s again: cancelling in-flight streams now", sig.name)
+    async def follow(self, shutdown: Shutdown) -> None:
+        """The process's signals: the first drains then stops, a second cancels the streams
+        still in flight at once (the drain then ends early)."""
+        await shutdown.requested.wait()
+        forced = asyncio.create_task(shutdown.forced.wait())
+        draining = asyncio.create_task(self.shutdown())
+        await asyncio.wait({forced, draining}, return_when=asyncio.FIRST_COMPLETED)
+        if forced.done() and not draining.done():
+            log.warning("cancelling in-flight streams now")
             for h in self.registry.handles():
                 h.cancel_all("shutdown")
+        forced.cancel()
+        await draining
 
     # -- health ----------------------------------------------------------------------------
     def serving_status(self) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
@@ -242,10 +239,22 @@ class ModelServer:
         return [(h.name, h.version, h.spec.engine, h.state.value) for h in self.registry.handles()]
 
 
-async def serve(config: ServerConfig, metrics: ServerMetrics | None = None) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
+async def serve(
+    config: ServerConfig, shutdown: Shutdown, metrics: ServerMetrics | None = None
+) -> int:
+    """Run until SIGTERM/SIGINT (`shutdown`); returns the process exit code."""
     server = ModelServer(config, metrics=metrics)
-    server.install_signal_handlers()
+    signals = asyncio.create_task(server.follow(shutdown))
+    try:
+        return await _serve(server)
+    finally:
+        if not signals.done():
+            signals.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await signals
+
+
+async def _serve(server: ModelServer) -> int:
     await server.start()
     loading = asyncio.create_task(server.load_models())
     stopped = asyncio.create_task(server.wait_stopped())

@@ -133,7 +133,6 @@ async def test_sigterm_drains_a_real_process() -> None:
         "--metrics-port=0",
         "--synthetic-itl-ms=20",
         "--drain-timeout-s=0.8",
-        "--no-uvloop",
         cwd=ROOT,
         env=env,
         stderr=asyncio.subprocess.PIPE,
