@@ -199,9 +199,9 @@ def main(argv: Sequence[str], *, reexec: bool = True) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         return runner.fail("model-server", "--tls-cert and --tls-key go together")
 
-    from model_server.server import ServerConfig, serve
+    from model_server.server import Settings, serve
 
-    cfg = ServerConfig(
+    cfg = Settings(
         host=args.host,
         port=args.port,
         models=specs,

@@ -42,7 +42,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass
-class ServerConfig:
+class Settings:
     host: str = "127.0.0.1"
     port: int = 50051
     models: Sequence[ModelSpec] = ()
@@ -73,7 +73,7 @@ def tls_credentials(cert_path: str, key_path: str) -> grpc.ServerCredentials:
 class ModelServer:
     def __init__(
         self,
-        config: ServerConfig,
+        config: Settings,
         *,
         metrics: ServerMetrics | None = None,
         engine_factory: EngineFactory = default_factory,
@@ -240,7 +240,7 @@ class ModelServer:
 
 
 async def serve(
-    config: ServerConfig, shutdown: Shutdown, metrics: ServerMetrics | None = None
+    config: Settings, shutdown: Shutdown, metrics: ServerMetrics | None = None
 ) -> int:
     """Run until SIGTERM/SIGINT (`shutdown`); returns the process exit code."""
     server = ModelServer(config, metrics=metrics)

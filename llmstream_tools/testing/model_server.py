@@ -15,7 +15,7 @@ import grpc
 from llmstream.v1 import common_pb2, model_service_pb2, model_service_pb2_grpc
 from model_server.metrics import ServerMetrics
 from model_server.registry import EngineFactory, ModelSpec, default_factory
-from model_server.server import ModelServer, ServerConfig
+from model_server.server import ModelServer, Settings
 from model_server.types import ModelLimits
 
 
@@ -172,7 +172,7 @@ async def running_server(
     **config: Any,
 ) -> AsyncIterator[tuple[ModelServer, grpc.aio.Channel]]:
     """A server on a free loopback port and a channel to it."""
-    cfg = ServerConfig(host="127.0.0.1", port=0, models=list(models), **config)
+    cfg = Settings(host="127.0.0.1", port=0, models=list(models), **config)
     server = ModelServer(cfg, metrics=metrics, engine_factory=engine_factory)
     await server.start()
     try:
