@@ -239,9 +239,7 @@ class ModelServer:
         return [(h.name, h.version, h.spec.engine, h.state.value) for h in self.registry.handles()]
 
 
-async def serve(
-    config: Settings, shutdown: Shutdown, metrics: ServerMetrics | None = None
-) -> int:
+async def serve(config: Settings, shutdown: Shutdown, metrics: ServerMetrics | None = None) -> int:
     """Run until SIGTERM/SIGINT (`shutdown`); returns the process exit code."""
     server = ModelServer(config, metrics=metrics)
     signals = asyncio.create_task(server.follow(shutdown))
