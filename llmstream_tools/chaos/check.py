@@ -7,8 +7,7 @@ ledger, `usage_daily`, the Redis quota counters and the aggregator's duplicate-b
 per fault, the evidence that it took effect.
 
 A request is **kept** only if its client got exactly one `done`, with finish `stop` or
-`length`, and the full expected text, every seq once and without a gap, no `error` frame, the
-log agrees (one terminal event, no missing seq, the same text) and it is billed once with the
+`length`, and the full expected text, every seq once and without a gap, the log agrees (one terminal event, no missing seq, the same text) and it is billed once with the
 log's usage. Anything else is counted in its own column, so a fault that turns streams into
 `error` endings, empty texts or retried errors can never pass:
 
@@ -16,8 +15,10 @@ log's usage. Anything else is counted in its own column, so a fault that turns s
 - `truncated`: `stop`/`length` with a proper prefix of the expected text (an empty one too);
 - `wrong text`: a text that is not a prefix of the expected one (or the log's text differs);
 - `missing done`: no `done` frame;
-- `error frames`, `repeated seq` (a seq or `done` received twice, or two terminal events in the
-  log), `gapped seq` (a seq missing on the client or in the log): flags on top of the outcome;
+- `error frames` (every one is counted; one without `retry_after_ms`, which a client cannot act
+  on, fails the fault), `repeated seq` (a seq or `done` received twice, or two terminal events
+  in the log), `gapped seq` (a seq missing on the client or in the log): flags on top of the
+  outcome;
 - billing: `double bills` (anything billed twice: ledger rows, `usage_daily` above the ledger,
   Redis counters above it once all is settled, the aggregator's duplicate-bill counter) and
   `billing mismatches` (every other disagreement, e.g. a `done` without a terminal event in
@@ -88,6 +89,7 @@ class Verdict:
     request_id: str
     outcome: str = KEPT
     error_frames: int = 0
+    unhinted_errors: int = 0  # error frames without retry_after_ms
     repeated_seq: bool = False
     gapped_seq: bool = False
     double_bill: bool = False
@@ -127,6 +129,7 @@ def judge_request(
         flag("gapped_seq", "client seqs have a gap")
     if stream.errors:
         v.error_frames = len(stream.errors)
+        v.unhinted_errors = sum(e.get("retry_after_ms") is None for e in stream.errors)
         codes = sorted({str(e.get("code")) for e in stream.errors})
         v.reasons.append(f"client got {len(stream.errors)} error frame(s): {', '.join(codes)}")
     # The text in seq order with repeats dropped: a repeat is reported as such, not as a
@@ -460,6 +463,7 @@ class FaultResult:
     in_flight: int = 0
     outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     error_frames: int = 0
+    unhinted_errors: int = 0  # error frames without retry_after_ms
     repeated_seq: int = 0
     gapped_seq: int = 0
     double_bills: int = 0
@@ -493,14 +497,14 @@ class FaultResult:
 
     @property
     def ok(self) -> bool:
-        """Correctness: every request kept, nothing billed twice or wrongly, every new submit
-        served or refused properly, the fault proven, no process died. Recovery goals are
-        reported beside it (`goal_result`)."""
+        """Correctness: every request kept, no error frame a client cannot act on, nothing
+        billed twice or wrongly, every new submit served or refused properly, the fault proven,
+        no process died. Recovery goals are reported beside it (`goal_result`)."""
         return (
             self.requests > 0
             and self.in_flight > 0
             and self.kept == self.requests
-            and self.error_frames == 0
+            and self.unhinted_errors == 0
             and self.repeated_seq == 0
             and self.gapped_seq == 0
             and self.double_bills == 0
@@ -523,6 +527,7 @@ def tally(
     for v in verdicts:
         result.outcomes[v.outcome] += 1
         result.error_frames += v.error_frames
+        result.unhinted_errors += v.unhinted_errors
         result.repeated_seq += v.repeated_seq
         result.gapped_seq += v.gapped_seq
     billed = [*verdicts, *(v for _, v in probes if v is not None)]
@@ -574,7 +579,8 @@ def row(r: FaultResult) -> list[str]:
         str(r.in_flight),
         str(r.kept),
         *(str(r.outcomes[o]) for o in OUTCOMES[1:]),
-        str(r.error_frames),
+        str(r.error_frames)
+        + (f" ({r.unhinted_errors} without retry hint)" * bool(r.unhinted_errors)),
         str(r.repeated_seq),
         str(r.gapped_seq),
         str(r.double_bills),

@@ -26,6 +26,8 @@ log = logging.getLogger("llmstream_tools.chaos")
 RECONNECT_WITHIN_S = 60.0
 # Error codes after which the gateway has dropped the request's watch: resume again.
 _RETRY_CODES = ("internal", "overloaded")
+# The client_ref of a resume frame: an error answering it names the request through it.
+_RESUME_REF = "resume/"
 
 
 class Session:
@@ -193,6 +195,7 @@ class Session:
             "type": "resume",
             "request_id": stream.request_id,
             "after_seq": stream.contiguous_seq(),
+            "client_ref": _RESUME_REF + stream.request_id,
         }
         with contextlib.suppress(ConnectionClosed):  # the reader reconnects and resumes again
             await self._ws.send(json.dumps(frame))
@@ -216,6 +219,8 @@ class Session:
             self._stream(rid, at).dones.append((at, f))
         elif kind == "error":
             ref = str(f.get("client_ref", ""))
+            if ref.startswith(_RESUME_REF):
+                rid = ref.removeprefix(_RESUME_REF)
             if ref in self._refs:
                 del self._refs[ref]
                 self.refused[ref] = f

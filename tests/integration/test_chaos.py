@@ -9,8 +9,8 @@ on. (`make chaos` adds the broker's clean stop, the zombie worker — here in
 test_zombie_worker.py — and the 3-broker faults.)
 
 The strict verdict (llmstream_tools/chaos/check.py) for each: every request kept (one `done`,
-`stop`/`length`, the synthetic engine's uninterrupted text, no seq gap or repeat, no error
-frame, the log agreeing), billed once (ledger, usage_daily, Redis counters and the
+`stop`/`length`, the synthetic engine's uninterrupted text, no seq gap or repeat, the log
+agreeing), no error frame without a retry hint, billed once (ledger, usage_daily, Redis counters and the
 aggregator's duplicate-bill counter agree), every new submit served whole or refused with a
 retry hint, the fault proven to have happened, no other process needing a restart.
 """
@@ -39,7 +39,7 @@ async def test_every_fault_keeps_every_request_whole_and_billed_once(tmp_path: P
         # may finish before the last ones start, so not all need still be in flight.
         assert r.in_flight >= opts.requests // 2, where
         assert r.kept == r.requests, (r.outcomes, where)
-        assert (r.error_frames, r.repeated_seq, r.gapped_seq) == (0, 0, 0), where
+        assert (r.unhinted_errors, r.repeated_seq, r.gapped_seq) == (0, 0, 0), where
         assert (r.double_bills, r.billing_mismatches) == (0, 0), where
         assert r.probes["bad"] == 0 and sum(r.probes.values()) > 0, (r.probes, where)
         assert r.proven, (r.proof, where)

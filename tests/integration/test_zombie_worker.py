@@ -30,7 +30,7 @@ async def test_a_resumed_zombie_reaches_no_client_and_no_bill(tmp_path: Path) ->
     assert r.proven, (r.proof, where)  # it was stopped (state T), then resumed
     assert r.extra["taken_over"] > 0, where  # the other worker started its requests
     assert r.kept == r.requests, (r.outcomes, where)
-    assert (r.error_frames, r.repeated_seq, r.gapped_seq) == (0, 0, 0), where
+    assert (r.unhinted_errors, r.repeated_seq, r.gapped_seq) == (0, 0, 0), where
     assert (r.double_bills, r.billing_mismatches) == (0, 0), where
     # The zombie noticed its standstill before producing anything: no event it created while
     # out of the group reached the log (what it had sent before the freeze landed late and the

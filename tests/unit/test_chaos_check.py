@@ -130,14 +130,21 @@ def test_another_text_is_wrong_even_when_complete() -> None:
     assert v.outcome == WRONG_TEXT
 
 
-def test_error_frames_are_counted_even_when_the_stream_recovered() -> None:
+def test_error_frames_are_counted_and_fail_without_a_retry_hint() -> None:
     s = stream(GOOD)
     s.errors.append({"type": "error", "code": "internal", "request_id": "r1"})
     v = judge_request(s, EXPECTED, logged(), BILL)
-    assert v.error_frames == 1 and "internal" in v.reasons[0]
+    assert (v.error_frames, v.unhinted_errors) == (1, 1) and "internal" in v.reasons[0]
     result = FaultResult("x", requests=1, in_flight=1, proof="")
     tally(result, [v], BillingFindings())
     assert result.error_frames == 1 and not result.ok
+    assert "1 (1 without retry hint)" in table([result])
+    # A refusal the protocol says to retry (a resume while Redis restarts): counted, not failed.
+    s.errors[0]["retry_after_ms"] = 1000
+    v = judge_request(s, EXPECTED, logged(), BILL)
+    result = FaultResult("x", requests=1, in_flight=1, proof="")
+    tally(result, [v], BillingFindings())
+    assert (result.error_frames, result.unhinted_errors) == (1, 0) and result.ok
 
 
 def test_a_request_billed_twice_or_not_at_all() -> None:
