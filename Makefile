@@ -93,8 +93,8 @@ bench: deps proto
 	$(BIN)/llmstream infra up
 	$(BIN)/llmstream bench
 
-# Fault injection (~5 min): on a private Kafka/PostgreSQL/Redis instance of its own (the shared
-# one is never touched); prints the table of README's Reliability section.
+# Fault injection (~11 min, 3 brokers): on a private Kafka/PostgreSQL/Redis instance of its
+# own (the shared one is never touched); prints the table of README's Reliability section.
 chaos: deps proto
 	$(BIN)/llmstream chaos
 
