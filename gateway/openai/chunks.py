@@ -9,6 +9,7 @@ usage chunk (`stream_options.include_usage`); `data: [DONE]` ends every stream a
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 from gateway.openai import sse
@@ -17,7 +18,7 @@ from gateway.openai.protocol import StreamContext, dumps, usage
 from llmstream.fold import RequestState
 
 
-class ChunkStream:
+class ChunkStream(ABC):
     """Subclasses say how a choice looks (`_content_choice`, `_finish_choice`)."""
 
     object_name = ""
@@ -74,8 +75,10 @@ class ChunkStream:
                 out += self.cursor.event(end + 1, last)
         return out + sse.DONE
 
+    @abstractmethod
     def _content_choice(self, text: str) -> str:
-        raise NotImplementedError
+        """The `choices` JSON of a chunk carrying `text` (the endpoint's shape)."""
 
+    @abstractmethod
     def _finish_choice(self, finish_reason: str) -> str:
-        raise NotImplementedError
+        """The `choices` JSON of the chunk that ends the stream."""

@@ -438,6 +438,8 @@ class Socket:
         self.frames: list[dict[str, Any]] = []
         self.bad: list[str] = []  # frames that were not strict JSON objects
         self.changed = asyncio.Event()
+        # How the connection ended, when it ended with an error close (wait() reports it).
+        self.closed: ConnectionClosed | None = None
         self.reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -450,8 +452,8 @@ class Socket:
                 except (ValueError, AssertionError):
                     self.bad.append(repr(raw)[:300])
                 self.changed.set()
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as exc:
+            self.closed = exc
         finally:
             self.changed.set()
 
@@ -545,8 +547,8 @@ def client_ref(f: Frame) -> str | None:
         if isinstance(ref, str) and len(ref) <= 128:
             ref.encode("utf-8")
             return ref
-    except (ValueError, RecursionError):
-        pass
+    except (ValueError, RecursionError):  # not JSON (or a lone surrogate): no client_ref
+        return None
     return None
 
 

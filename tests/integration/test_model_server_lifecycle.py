@@ -140,13 +140,15 @@ async def test_sigterm_drains_a_real_process() -> None:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
         deadline = time.monotonic() + 20
+        seen = "no answer"
         while True:
             try:
                 if await health_status(channel) == SERVING:
                     break
-            except grpc.aio.AioRpcError:
-                pass
-            assert time.monotonic() < deadline, "server did not become SERVING"
+                seen = "NOT_SERVING"
+            except grpc.aio.AioRpcError as exc:
+                seen = exc.code().name  # not listening yet
+            assert time.monotonic() < deadline, f"server did not become SERVING ({seen})"
             await asyncio.sleep(0.05)
         stub = model_service_pb2_grpc.ModelServiceStub(channel)
         long = asyncio.create_task(generate(stub, start("synthetic", max_tokens=1000)))

@@ -79,14 +79,18 @@ async def restart(api: Api, replica: int) -> None:
     api.stack.start(f"gateway-{replica}")
     url = f"http://127.0.0.1:{api.stack.gateway_ports[replica]}/readyz"
     async with aiohttp.ClientSession() as http:
+        status = "not started"
         for _ in range(600):
             try:
                 async with http.get(url) as r:
                     if r.status == 200:
                         break
+                    status = f"readyz {r.status}"
             except aiohttp.ClientConnectionError:
-                pass
+                status = "not listening yet"
             await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"gateway-{replica} never became ready ({status})")
     await wait_for_model(api.client(replica))
 
 
