@@ -32,6 +32,7 @@ from aiokafka.structs import OffsetAndMetadata
 from psycopg_pool import AsyncConnectionPool
 
 from aggregator import pgtext
+from aggregator.log_bounds import check_log_bounds
 from aggregator.metrics import AggregatorMetrics
 from aggregator.projection import BadEvent, Coords
 from aggregator.quota_settlement import QuotaSettler
@@ -272,7 +273,7 @@ class Aggregator:
             return
         async with self.pool.connection(timeout=_NETWORK_TIMEOUT_S) as conn:
             stored = await self.store.load_offsets(conn, ((tp.topic, tp.partition) for tp in tps))
-        await self._check_log_bounds(tps, stored)
+        await check_log_bounds(self.consumer, tps, stored, _NETWORK_TIMEOUT_S)
         fresh = []
         for tp in tps:
             offset = stored.get((tp.topic, tp.partition))
@@ -293,46 +294,6 @@ class Aggregator:
                 }
             ),
         )
-
-    async def _check_log_bounds(
-        self, tps: set[TopicPartition], stored: dict[TopicPartitionKey, int]
-    ) -> None:
-        """Say loudly when stored offsets no longer fit the log: records deleted by retention
-        before they were projected (lost bills), or a topic recreated (stored offsets past the
-        end: every batch would be fenced until the group's rows are reset)."""
-        assert self.consumer is not None
-        known = [tp for tp in tps if (tp.topic, tp.partition) in stored]
-        if not known:
-            return
-        try:
-            first = await asyncio.wait_for(
-                self.consumer.beginning_offsets(known), _NETWORK_TIMEOUT_S
-            )
-            last = await asyncio.wait_for(self.consumer.end_offsets(known), _NETWORK_TIMEOUT_S)
-        except Exception as exc:
-            log.debug("log bounds unavailable", extra=fields(error=str(exc)))
-            return
-        for tp in known:
-            offset = stored[(tp.topic, tp.partition)]
-            if offset < first[tp]:
-                log.error(
-                    "records were deleted by retention before they were projected",
-                    extra=fields(
-                        topic=tp.topic,
-                        partition=tp.partition,
-                        stored=offset,
-                        log_start=first[tp],
-                        lost_offsets=first[tp] - offset,
-                    ),
-                )
-            elif offset > last[tp]:
-                log.error(
-                    "stored offset is past the end of the log (topic recreated?): delete this "
-                    "group's consumer_offsets rows for the partition to start over",
-                    extra=fields(
-                        topic=tp.topic, partition=tp.partition, stored=offset, log_end=last[tp]
-                    ),
-                )
 
     async def project(self, records: list[Any]) -> BatchOutcome | None:
         """Project records in one transaction; None if fenced (nothing written)."""
