@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from llmstream_tools import infra
-from llmstream_tools.chaos.runner import Options, default_faults, run
+from llmstream_tools.chaos.options import Options, default_faults
+from llmstream_tools.chaos.runner import run
 
 pytestmark = pytest.mark.integration
 

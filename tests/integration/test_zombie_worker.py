@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from llmstream_tools.chaos.runner import Options, run
+from llmstream_tools.chaos.options import Options
+from llmstream_tools.chaos.runner import run
 
 pytestmark = pytest.mark.integration
 

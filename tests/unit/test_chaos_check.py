@@ -41,14 +41,8 @@ from llmstream_tools.chaos.check import (
     table,
     tally,
 )
-from llmstream_tools.chaos.runner import (
-    CLUSTER_FAULTS,
-    FAULTS,
-    add_arguments,
-    default_faults,
-    main,
-    options_from,
-)
+from llmstream_tools.chaos.options import CLUSTER_FAULTS, FAULTS, default_faults
+from llmstream_tools.chaos.runner import add_arguments, main, options_from
 
 EXPECTED = "alpha beta gamma"
 GOOD = [(1.0, 1, "alpha"), (2.0, 2, " beta"), (3.0, 3, " gamma")]
@@ -353,7 +347,8 @@ def test_the_bill_must_be_the_owners() -> None:
 
 def test_a_run_record_renders_as_a_published_block(tmp_path: Path) -> None:
     from llmstream_tools.bench import publish
-    from llmstream_tools.chaos.runner import Options, record
+    from llmstream_tools.chaos.options import Options
+    from llmstream_tools.chaos.runner import record
 
     good = FaultResult("gateway", requests=1, in_flight=1, proof="", goal="gateway kill -9")
     tally(good, [judge_request(stream(GOOD), EXPECTED, logged(), BILL)], BillingFindings())
