@@ -20,13 +20,16 @@
   function load() {
     try { return JSON.parse(sessionStorage.getItem(STORE) || "{}"); } catch (e) { return {}; }
   }
-  function save() {
-    if (saveTimer) return;
-    saveTimer = setTimeout(() => {
-      saveTimer = null;
-      sessionStorage.setItem(STORE, JSON.stringify(reqs));
-    }, 100);
+  function saveNow() {
+    if (saveTimer) { clearTimeout(saveTimer); saveTimer = null; }
+    sessionStorage.setItem(STORE, JSON.stringify(reqs));
   }
+  function save() {  // at most every 100 ms while tokens stream
+    if (saveTimer) return;
+    saveTimer = setTimeout(saveNow, 100);
+  }
+  // A reload or a closed tab within 100 ms of the last save must not lose what it held.
+  window.addEventListener("pagehide", saveNow);
   function setConn(text) { $("conn").textContent = text; }
 
   function showSignedIn(yes) {
