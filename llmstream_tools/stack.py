@@ -42,8 +42,27 @@ async def create_topics(bootstrap: str, partitions: dict[str, int], replication:
     try:
         topics = [NewTopic(n, p, replication, topic_configs=configs) for n, p in partitions.items()]
         await asyncio.wait_for(admin.create_topics(topics), 15)
+        await asyncio.wait_for(_until_led(admin, partitions), 30)
     finally:
         await admin.close()
+
+
+async def _until_led(admin: AIOKafkaAdminClient, partitions: dict[str, int]) -> None:
+    """Wait until the broker's metadata names a leader for every new partition. CreateTopics
+    answers before the brokers apply the new partitions (KRaft), and a client that starts at
+    once meets NOT_LEADER_OR_FOLLOWER on produce and stalled fetches (CI run of stop 22)."""
+    while True:
+        described = await admin.describe_topics(list(partitions))
+        led = {
+            t["topic"]: sum(
+                1 for p in t["partitions"] if p["error_code"] == 0 and p["leader"] >= 0
+            )
+            for t in described
+            if t["error_code"] == 0
+        }
+        if all(led.get(name, 0) == count for name, count in partitions.items()):
+            return
+        await asyncio.sleep(0.05)
 
 
 async def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
