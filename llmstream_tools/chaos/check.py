@@ -7,7 +7,8 @@ ledger, `usage_daily`, the Redis quota counters and the aggregator's duplicate-b
 per fault, the evidence that it took effect.
 
 A request is **kept** only if its client got exactly one `done`, with finish `stop` or
-`length`, and the full expected text, every seq once and without a gap, the log agrees (one terminal event, no missing seq, the same text) and it is billed once with the
+`length`, and the full expected text, every seq once and without a gap, the log agrees (one
+terminal event, no missing seq, the same text) and it is billed once with the
 log's usage. Anything else is counted in its own column, so a fault that turns streams into
 `error` endings, empty texts or retried errors can never pass:
 
@@ -27,13 +28,12 @@ log's usage. Anything else is counted in its own column, so a fault that turns s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmstream.fold import RequestState, finish_reason_name
-from llmstream.v1 import events_pb2
+from llmstream.fold import RequestState
+from llmstream_tools.chaos.recovery import GOALS, Spread, goal_verdict
 
 # Finish reasons of a request that ran to its end: its text must be the whole expected text.
 COMPLETE = ("length", "stop")
@@ -266,77 +266,6 @@ def judge_probe(probe: Probe, verdict: Verdict | None) -> str:
     return f"bad: accepted, then {verdict.outcome} ({'; '.join(verdict.reasons)})"
 
 
-# ---------------------------------------------------------------------------- zombie workers
-
-
-@dataclass
-class OwnerTruth:
-    """What a reader that respects ownership must make of one request's log."""
-
-    text: str = ""
-    last_seq: int = 0
-    usage: tuple[int, int] | None = None  # (prompt, completion) of the owner's terminal event
-    finish_reason: str = ""
-    late_events: int = 0  # events the zombie wrote while it did not own the request
-    parts: dict[int, str] = field(default_factory=dict)  # seq -> text
-    owner: str = ""  # producer of the last `started` that counts
-    taken_over: bool = False  # another worker started it while the zombie was out
-
-
-def owner_truth(
-    events: Iterable[events_pb2.Event], zombie: str, out_ms: tuple[int, int | None]
-) -> dict[str, OwnerTruth]:
-    """Per request, from its events in log order, without `llmstream.fold` (this is what the
-    fold is checked against). `out_ms`: when the zombie was out of the group, by the workers'
-    logs (wall-clock ms): from another worker's first assignment after the freeze to the
-    zombie's own next assignment (None: it never got one). Events the zombie created in that
-    window are stale; a `started` drops the seqs above its `resumed_after_seq` (its attempt
-    continues from there, whatever landed meanwhile) and makes its writer the owner; then the
-    owner's first delta per seq and its first terminal event count."""
-    start, end = out_ms
-    out: dict[str, OwnerTruth] = {}
-    for ev in events:
-        kind = ev.WhichOneof("body")
-        if kind not in ("started", "token_delta", "completed", "failed"):
-            continue
-        t = out.setdefault(ev.request_id, OwnerTruth())
-        at = int(ev.event_time.ToMilliseconds())
-        if ev.producer_id == zombie and at >= start and (end is None or at < end):
-            t.late_events += 1
-            continue
-        if kind == "started":
-            t.taken_over = t.taken_over or (ev.producer_id != zombie and at >= start)
-            t.owner = ev.producer_id
-            after = ev.started.resumed_after_seq
-            t.parts = {seq: text for seq, text in t.parts.items() if seq <= after}
-        elif t.usage is not None or ev.producer_id != t.owner:
-            continue
-        elif kind == "token_delta":
-            t.parts.setdefault(ev.token_delta.seq, ev.token_delta.text)
-        else:
-            body = ev.completed if kind == "completed" else ev.failed
-            t.usage = (body.usage.prompt_tokens, body.usage.completion_tokens)
-            t.finish_reason = (
-                finish_reason_name(ev.completed.finish_reason) if kind == "completed" else "error"
-            )
-    for t in out.values():
-        t.last_seq = max(t.parts, default=0)
-        t.text = "".join(t.parts[s] for s in sorted(t.parts))
-    return out
-
-
-def judge_owner(v: Verdict, logged: RequestState | None, truth: OwnerTruth) -> None:
-    """The bill must be the owner's: the fold's terminal usage equals the owner's."""
-    if logged is None or not logged.terminal or truth.usage is None:
-        return
-    if (logged.prompt_tokens, logged.completion_tokens) != truth.usage:
-        v.billing_mismatch = True
-        v.reasons.append(
-            f"billed {logged.prompt_tokens}+{logged.completion_tokens}, the owner's terminal "
-            f"says {truth.usage[0]}+{truth.usage[1]} (a stale attempt's bill)"
-        )
-
-
 # ---------------------------------------------------------------------------- fault proofs
 
 
@@ -362,95 +291,6 @@ def server_restarted(before: Mapping[str, Any], after: Mapping[str, Any]) -> str
     if changed == ["uptime_s"] and uptime_after is not None and uptime_after >= uptime_before:
         return f"uptime grew {uptime_before} -> {uptime_after}: no restart"
     return ""
-
-
-# ---------------------------------------------------------------------------- recovery
-
-
-@dataclass
-class Spread:
-    n: int = 0
-    p50: float = 0.0
-    p99: float = 0.0
-    max: float = 0.0
-    never: int = 0  # streams that never received anything again
-
-    def text(self) -> str:
-        if self.never:
-            return f"never ({self.never})"
-        if not self.n:
-            return "-"
-        return f"{self.p50:.1f} / {self.p99:.1f} / {self.max:.1f}"
-
-
-def spread(values: Sequence[float | None]) -> Spread:
-    """Nearest-rank percentiles of the values; None (never) counted apart."""
-    known = sorted(v for v in values if v is not None)
-    never = len(values) - len(known)
-    if not known:
-        return Spread(never=never)
-
-    def rank(q: float) -> float:
-        return known[max(0, math.ceil(q * len(known)) - 1)]
-
-    return Spread(len(known), round(rank(0.5), 3), round(rank(0.99), 3), known[-1], never)
-
-
-def longest_silences(
-    streams: Iterable[ClientStream], fault_at: float, until: float | None = None
-) -> list[float | None]:
-    """Per stream in flight at `fault_at`: the longest time it received nothing, from its last
-    frame before the fault to its `done`, or only up to `until` (a silence still going on then
-    counts up to it). None: it never received anything again (without `until`)."""
-    out: list[float | None] = []
-    for s in streams:
-        if s.finished_by(fault_at):
-            continue
-        times = s.arrivals()
-        prev = max([s.submitted_at, *[t for t in times if t <= fault_at]])
-        after = [t for t in times if t > fault_at and (until is None or t <= until)]
-        if until is not None and not s.finished_by(until):
-            after.append(until)
-        if not after:
-            out.append(None)
-            continue
-        gaps = [b - a for a, b in zip([prev, *after], after, strict=False)]
-        out.append(round(max(gaps), 3))
-    return out
-
-
-def first_frames_after(streams: Iterable[ClientStream], at: float) -> list[float | None]:
-    """Per stream not finished at `at`: how long until its next frame (None: never)."""
-    out: list[float | None] = []
-    for s in streams:
-        if s.finished_by(at):
-            continue
-        after = [t for t in s.arrivals() if t > at]
-        out.append(round(after[0] - at, 3) if after else None)
-    return out
-
-
-@dataclass(frozen=True)
-class Goal:
-    """An issue-18 recovery goal: what is measured and the bound on its largest value."""
-
-    what: str
-    limit_s: float
-
-
-GOALS: dict[str, Goal] = {
-    "worker kill -9": Goal("longest silence of an in-flight stream", 2.0),
-    "gateway kill -9": Goal("reconnect -> first frame of each resumed stream", 1.0),
-    "broker back": Goal("broker answers again -> each stream's next frame", 2.0),
-    "leader kill -9": Goal("longest silence of an in-flight stream (3 brokers)", 5.0),
-}
-
-
-def goal_verdict(goal: str, measured: Spread) -> str:
-    limit = GOALS[goal].limit_s
-    if measured.never or not measured.n:
-        return "MISS"
-    return "PASS" if measured.max <= limit else "MISS"
 
 
 # ---------------------------------------------------------------------------- one fault

@@ -33,7 +33,7 @@ KILLS = {
     "gateway": "gateway",
     "aggregator": "aggregator",
 }
-# The recovery goal each fault is measured against (check.GOALS).
+# The recovery goal each fault is measured against (recovery.GOALS).
 GOALS = {
     "worker": "worker kill -9",
     "gateway": "gateway kill -9",

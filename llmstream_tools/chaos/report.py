@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmstream_tools.chaos.check import GOALS
+from llmstream_tools.chaos.recovery import GOALS
 
 
 def _spread(s: dict[str, Any] | None) -> str:

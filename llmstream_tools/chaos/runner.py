@@ -42,7 +42,7 @@ import redis.asyncio as aioredis
 from llmstream import config, quota_keys
 from llmstream.fold import fold_all
 from llmstream_tools import infra
-from llmstream_tools.chaos import check
+from llmstream_tools.chaos import check, owner, recovery
 from llmstream_tools.chaos.client import Session
 from llmstream_tools.chaos.faults import (
     DuplicateBills,
@@ -208,25 +208,25 @@ def _measure(
 ) -> None:
     """Silences of the in-flight streams, and what the fault's goal bounds."""
     fault_at = phase.marks["fault"]
-    result.stall = check.spread(check.longest_silences(streams.values(), fault_at))
+    result.stall = recovery.spread(recovery.longest_silences(streams.values(), fault_at))
     if phase.fault == "gateway":
         # Reconnect -> first frame of each stream that was open on the dead socket.
         waits: list[float | None] = []
         for s in phase.sessions:
             later = [t for t in s.reconnected_at if t > fault_at]
             if later:
-                waits += check.first_frames_after(s.streams.values(), later[0])
-        result.goal_measure = check.spread(waits)
+                waits += recovery.first_frames_after(s.streams.values(), later[0])
+        result.goal_measure = recovery.spread(waits)
     if "back" in phase.marks:  # brokers answer again -> each stream's next frame
-        back = check.spread(check.first_frames_after(streams.values(), phase.marks["back"]))
+        back = recovery.spread(recovery.first_frames_after(streams.values(), phase.marks["back"]))
         result.extra["broker_back_to_flowing_s"] = asdict(back)
         if phase.fault in ("kafka", "kafka-kill"):
             result.goal_measure = back
     if phase.fault == "kafka-leader":
-        leader = check.longest_silences(
+        leader = recovery.longest_silences(
             streams.values(), fault_at, until=phase.marks["follower_killed"]
         )
-        result.goal_measure = check.spread(leader)
+        result.goal_measure = recovery.spread(leader)
     result.extra["reconnects"] = sum(s.reconnects for s in phase.sessions)
     result.extra["close_codes"] = sorted({str(c) for s in phase.sessions for c in s.close_codes})
 
@@ -272,7 +272,7 @@ async def _judge(
         zombie = stack.commands[ZOMBIE][stack.commands[ZOMBIE].index("--id") + 1]
         out_ms = zombie_out_ms(stack, phase.extra["frozen_at_ms"])
         result.extra["zombie_out_ms"] = out_ms
-        truths = check.owner_truth((e for e in events if e.request_id in wanted), zombie, out_ms)
+        truths = owner.owner_truth((e for e in events if e.request_id in wanted), zombie, out_ms)
         result.extra["zombie_late_events"] = sum(t.late_events for t in truths.values())
         result.extra["taken_over"] = sum(t.taken_over for t in truths.values())
     verdicts = []
@@ -281,7 +281,7 @@ async def _judge(
         text = truth.text if truth is not None else expected.get((cs.prompt, tokens), "")
         verdict = check.judge_request(cs, text, states.get(rid), ledger.get(rid))
         if truth is not None:
-            check.judge_owner(verdict, states.get(rid), truth)
+            owner.judge_owner(verdict, states.get(rid), truth)
         verdicts.append(verdict)
     probes = []
     for p in phase.probes:

@@ -27,21 +27,22 @@ from llmstream_tools.chaos.check import (
     LedgerRow,
     Probe,
     TenantBilling,
-    first_frames_after,
-    goal_verdict,
-    judge_owner,
     judge_probe,
     judge_request,
     judge_tenant,
-    longest_silences,
-    owner_truth,
     process_killed,
     server_restarted,
-    spread,
     table,
     tally,
 )
 from llmstream_tools.chaos.options import CLUSTER_FAULTS, FAULTS, default_faults
+from llmstream_tools.chaos.owner import judge_owner, owner_truth
+from llmstream_tools.chaos.recovery import (
+    first_frames_after,
+    goal_verdict,
+    longest_silences,
+    spread,
+)
 from llmstream_tools.chaos.runner import add_arguments, main, options_from
 
 EXPECTED = "alpha beta gamma"
