@@ -35,6 +35,7 @@ from llmstream import config
 from llmstream.ports import free_port
 from llmstream_tools import admin
 from llmstream_tools.bench import loadgen
+from llmstream_tools.bench.targets import GatewayTarget
 from llmstream_tools.testing import gateway as testing
 from llmstream_tools.testing.aggregator import fresh_database
 
@@ -123,7 +124,7 @@ async def idle_sockets(
 ) -> dict[str, Any]:
     """A fresh gateway, `n` idle sockets: RSS per socket and whether all are held."""
     async with gateway_process(t, database_url) as (port, proc):
-        target = loadgen.GatewayTarget(port, key, connect_concurrency=32)
+        target = GatewayTarget(port, key, connect_concurrency=32)
         rss_before = _rss_kib(proc.pid)
         t0 = time.perf_counter()
         error = ""

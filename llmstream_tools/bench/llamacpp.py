@@ -38,8 +38,10 @@ from typing import IO, Any
 from llmstream import config
 from llmstream.ports import free_port
 from llmstream_tools.bench import loadgen
-from llmstream_tools.bench.loadgen import DirectTarget, GatewayTarget, OpenAITarget, check
+from llmstream_tools.bench.loadgen import check
+from llmstream_tools.bench.openai_target import OpenAITarget
 from llmstream_tools.bench.pipeline import bench_stack, compare
+from llmstream_tools.bench.targets import DirectTarget, GatewayTarget
 
 PROMPT_TEXT = "Once upon a time, in a small village by the sea, there lived"
 

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from llmstream_tools.bench import loadgen
-from llmstream_tools.bench.loadgen import DirectTarget, GatewayTarget
 from llmstream_tools.bench.pipeline import added, bench_stack, compare
+from llmstream_tools.bench.targets import DirectTarget, GatewayTarget
 
 
 def add_arguments(group: Any) -> None:

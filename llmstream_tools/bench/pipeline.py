@@ -36,7 +36,7 @@ from typing import Any
 import psycopg
 
 from llmstream_tools.bench import loadgen
-from llmstream_tools.bench.loadgen import DirectTarget, GatewayTarget, Target
+from llmstream_tools.bench.targets import DirectTarget, GatewayTarget, Target
 from llmstream_tools.stack import Stack, local_stack
 
 PROMPT = loadgen.numbered_prompt("bench")

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from llmstream_tools.bench import loadgen
-from llmstream_tools.bench.loadgen import GatewayTarget, OpenAITarget
+from llmstream_tools.bench.openai_target import OpenAITarget
 from llmstream_tools.bench.pipeline import bench_stack, compare
+from llmstream_tools.bench.targets import GatewayTarget
 
 MODEL = "synthetic"
 

@@ -1,6 +1,6 @@
-"""The load generator's pure parts (llmstream_tools/bench/loadgen.py): quantiles, summaries, the table, and
-the server-sent-event client read against a scripted HTTP peer (chunk boundaries anywhere,
-CRLF lines, a keep-alive connection the server closes)."""
+"""The load generator's pure parts (llmstream_tools/bench/loadgen.py): quantiles, summaries, the
+table, and the server-sent-event client (openai_target.py) read against a scripted HTTP peer
+(chunk boundaries anywhere, CRLF lines, a keep-alive connection the server closes)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import json
 import math
 
 from llmstream_tools.bench import loadgen
-from llmstream_tools.bench.loadgen import OpenAITarget, Sample
+from llmstream_tools.bench.loadgen import Sample
+from llmstream_tools.bench.openai_target import OpenAITarget
 
 
 def test_quantiles_are_nearest_rank() -> None:
