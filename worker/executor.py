@@ -28,7 +28,7 @@ from worker.lease import ProduceGate
 from worker.metrics import WorkerMetrics
 from worker.models import ModelServers
 from worker.partitions import Partitions
-from worker.routing import Router, backoff_s
+from worker.routing import Router, backoff_s, prefix_key
 from worker.run import Run
 from worker.settings import Settings
 
@@ -133,8 +133,9 @@ class Executor:
         attempts = run.prior.attempts if run.prior else 0
         retries = 0
         exclude: set[str] = set()
+        affinity = prefix_key(run.submit.submitted.model, run.submit.submitted.prompt)
         while True:
-            replica = self.router.pick(time.monotonic(), exclude)
+            replica = self.router.pick(time.monotonic(), exclude, affinity)
             self.router.acquire(replica)
             try:
                 outcome = await self._attempt(run, em, replica, attempts, limits, deadline)
