@@ -84,6 +84,15 @@ class AggregatorMetrics:
             "llmstream_aggregator_quota_settlement_errors",
             description="Failed Redis settlement rounds (retried from the outbox).",
         )
+        self.reaped_reservations = meter.create_counter(
+            "llmstream_aggregator_reaped_reservations",
+            description="Quota reservations taken back because their request never reached the "
+            "log (LLMSTREAM_AGGREGATOR_RESERVATION_REAP_S).",
+        )
+        self.reaped_tokens = meter.create_counter(
+            "llmstream_aggregator_reaped_reservation_tokens",
+            description="Tokens of the reaped reservations.",
+        )
         self.dlq = meter.create_counter(
             "llmstream_aggregator_dead_letters",
             description="Records copied to the dead-letter topic, by result (sent, failed).",
@@ -96,6 +105,8 @@ class AggregatorMetrics:
             self.offset_gaps,
             self.settlements,
             self.settlement_errors,
+            self.reaped_reservations,
+            self.reaped_tokens,
         ):
             counter.add(0)
         meter.create_observable_gauge(

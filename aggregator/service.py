@@ -36,8 +36,9 @@ from aggregator.log_bounds import check_log_bounds
 from aggregator.metrics import AggregatorMetrics
 from aggregator.projection import BadEvent, Coords
 from aggregator.quota_settlement import QuotaSettler
+from aggregator.reservation_reaper import ReservationReaper
 from aggregator.store import Batch, BatchOutcome, Fenced, ProjectionStore, TopicPartitionKey
-from llmstream import codec, kafka, tracing
+from llmstream import codec, config, kafka, tracing
 from llmstream.fold import is_terminal
 from llmstream.runner import Shutdown
 from llmstream.telemetry import fields
@@ -76,6 +77,11 @@ class Settings:
     orphan_grace_s: float = 300.0
     orphan_check_s: float = 30.0
     pg_statement_timeout_ms: int = 30_000
+    # Reservations whose request never reached the log are reaped after this long
+    # (aggregator/reservation_reaper.py).
+    reservation_reap_s: float = field(
+        default_factory=lambda: config.get_float("AGGREGATOR_RESERVATION_REAP_S")
+    )
 
 
 @dataclass
@@ -129,6 +135,7 @@ class Aggregator:
         self.dead_letters: kafka.DeadLetterWriter | None = None
         self.redis: aioredis.Redis | None = None
         self.settler: QuotaSettler | None = None
+        self.reaper: ReservationReaper | None = None
         # Next offsets committed to PostgreSQL by this process (for lag and Kafka commits).
         self.committed: dict[TopicPartition, int] = {}
         self._last_sweep = 0.0
@@ -158,6 +165,9 @@ class Aggregator:
             s.redis_url, socket_timeout=_NETWORK_TIMEOUT_S, socket_connect_timeout=5
         )
         self.settler = QuotaSettler(self.redis)
+        self.reaper = ReservationReaper(
+            self.redis, self.store.t("requests"), s.reservation_reap_s, self.metrics
+        )
         conn = kafka.Connection(s.bootstrap)
         if s.dlq_topic:
             self.producer = kafka.event_producer(
@@ -262,6 +272,8 @@ class Aggregator:
         self._refresh_lag()
         await self.sweep_outbox()
         await self.check_orphans()
+        assert self.reaper is not None and self.pool is not None
+        await self.reaper.maybe_reap(self.pool)
         self._log_stats()
 
     async def seek_from_postgres(self, tps: set[TopicPartition]) -> None:

@@ -10,8 +10,10 @@ front end (the WebSocket now, the OpenAI-compatible HTTP/SSE routes next); it ra
   reservation; `submitted_event` builds the event that starts the request.
 - The shell (`Admission`) executes a plan step by step — claim the idempotency key (or answer
   with the request that holds it), reserve the quota, record the request, let the front end
-  follow it, write the prompt — and when a step refuses or fails, `_rollback` undoes exactly
-  the steps done, in one place.
+  follow it, write the prompt — and when a step refuses or fails, `undo_after` (pure) says
+  what to take back: every step done, unless the prompt may have been written after all (then
+  the reservation, the record and the idempotency key stay and the client is told the outcome
+  is unknown: `errors.outcome_unknown`).
 
 Protocol parsing (field types and bounds) stays with each front end (gateway/protocol.py for
 the WebSocket); what is decided here is the same for all of them.
@@ -33,7 +35,7 @@ from gateway.auth import Principal
 from gateway.errors import GatewayError
 from gateway.inflight import Inflight
 from gateway.metrics import GatewayMetrics
-from gateway.prompts import PromptWriter
+from gateway.prompts import PromptWriter, SendAttempt, surely_not_written
 from gateway.quota import Limits, Quota
 from gateway.settings import Settings
 from gateway.store import ReplyRoute, RequestMeta, RequestStore
@@ -310,13 +312,39 @@ def new_request_id() -> str:
 
 
 @dataclass
-class _Done:
-    """The steps of a plan executed so far (what `_rollback` must undo)."""
+class Steps:
+    """The steps of a plan executed so far (what a failure must undo)."""
 
     claimed: bool = False
     reserved: bool = False
     recorded: bool = False
     followed: bool = False
+    # The prompt write, once started: did the producer take the record?
+    write: SendAttempt | None = None
+
+
+@dataclass(frozen=True)
+class Undo:
+    """What a failed submit takes back (`undo_after`)."""
+
+    unfollow: bool = False  # the front end stops following (its stream ends with the error)
+    forget_record: bool = False
+    release_reservation: bool = False
+    release_idempotency: bool = False
+    # The prompt may have been written: the request may run, its reservation, record and
+    # idempotency key stay, and the client is told so.
+    outcome_unknown: bool = False
+
+
+def undo_after(done: Steps, exc: BaseException) -> Undo:
+    """What to undo after the step that raised `exc` (pure). Everything done, unless the prompt
+    may have been written after all (handed to the producer, no deterministic rejection): then
+    the request may run and be billed, so its reservation (settled by the aggregator, or reaped
+    if it never reaches the log), its record (a resume finds it) and its idempotency key (a
+    retry follows the same request) stay; only the front end's stream ends."""
+    if done.write is not None and not surely_not_written(exc, done.write):
+        return Undo(unfollow=done.followed, outcome_unknown=True)
+    return Undo(done.followed, done.recorded, done.reserved, done.claimed)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -365,12 +393,36 @@ class Admission:
                 self.metrics.submits[err.reason] += 1
                 raise
             trace.get_current_span().set_attribute("llmstream.request_id", plan.request_id)
-            done = _Done()
+            done = Steps()
+            # The one path after the first step: whatever raises (a refusal, Redis, Kafka, a
+            # cancelled task), exactly what `undo_after` says is taken back.
             try:
                 return await self._execute(plan, req, follower, context, done)
-            except Exception:
-                await self._rollback(plan, done, follower)
+            except BaseException as exc:
+                undo = undo_after(done, exc)
+                await self._undo(plan, undo, follower)
+                if undo.outcome_unknown and isinstance(exc, Exception):
+                    self.metrics.submits["unknown"] += 1
+                    raise errors.outcome_unknown(
+                        plan.request_id, bool(plan.idempotency_key)
+                    ) from exc
                 raise
+
+    async def _claim(self, plan: Plan, done: Steps) -> Admitted | None:
+        """Claim the idempotency key; the request that holds it, if another does. A holder
+        without a record (its submit failed and could not release the key: Redis failed) is
+        stale: the key passes to this submit."""
+        assert plan.idempotency_key
+        tenant, key = plan.tenant_id, plan.idempotency_key
+        holder = await self.store.claim_idempotency(tenant, key, plan.request_id)
+        if holder is not None:
+            if await self.store.wait_for(tenant, holder) is not None:
+                self.metrics.submits["idempotent"] += 1
+                return Admitted(holder, 0, existing=True)
+            if not await self.store.take_over_idempotency(tenant, key, holder, plan.request_id):
+                raise errors.internal("idempotency key in use, retry", request_id=holder)
+        done.claimed = True
+        return None
 
     async def _execute(
         self,
@@ -378,17 +430,12 @@ class Admission:
         req: SubmitRequest,
         follower: Follower,
         context: Callable[[Admitted], str] | None,
-        done: _Done,
+        done: Steps,
     ) -> Admitted:
         if plan.idempotency_key:
-            holder = await self.store.claim_idempotency(
-                plan.tenant_id, plan.idempotency_key, plan.request_id
-            )
-            if holder is not None:
-                self.metrics.submits["idempotent"] += 1
-                await self.store.wait_for(plan.tenant_id, holder)
-                return Admitted(holder, 0, existing=True)
-            done.claimed = True
+            existing = await self._claim(plan, done)
+            if existing is not None:
+                return existing
         decision = await self.quota.reserve(
             plan.tenant_id,
             plan.request_id,
@@ -418,11 +465,20 @@ class Admission:
         follower.follow(admitted)
         self.inflight.add(plan.request_id)
         done.followed = True
+        done.write = SendAttempt()
         try:
-            await self.prompts.submit(submitted_event(plan, req, route, self.gateway_id))
+            await self.prompts.submit(
+                submitted_event(plan, req, route, self.gateway_id), done.write
+            )
         except Exception as exc:
-            log.exception("producing a prompt failed")
             self.metrics.submits["failed"] += 1
+            if not surely_not_written(exc, done.write):
+                log.warning(
+                    "prompt write outcome unknown: reservation kept",
+                    extra=telemetry.fields(request_id=plan.request_id, error=repr(exc)),
+                )
+                raise
+            log.exception("producing a prompt failed")
             raise errors.internal(
                 "could not queue the request", request_id=plan.request_id
             ) from exc
@@ -430,32 +486,32 @@ class Admission:
         _log_prompt(plan, req)
         return admitted
 
-    async def _rollback(self, plan: Plan, done: _Done, follower: Follower) -> None:
-        """Undo the executed steps of a refused or failed submit, newest first. Every undo is
-        tried even when one fails (Redis may be what failed): what cannot be undone expires
-        (the stream lease, the idempotency key's TTL)."""
+    async def _undo(self, plan: Plan, undo: Undo, follower: Follower) -> None:
+        """Take back what `undo` says, newest first. Every undo is tried even when one fails
+        (Redis may be what failed): what cannot be undone is reaped (the reservation: its
+        record was written with it) or expires (the stream lease, the idempotency key's TTL; a
+        key whose request has no record passes to the next submit with it)."""
         rid = plan.request_id
-        if done.followed:
+        if undo.unfollow:
             follower.unfollow(rid)
-            self.inflight.discard(rid)
-        undo: list[tuple[str, Callable[[], Awaitable[object]]]] = []
-        if done.recorded:
-            undo.append(("request record", lambda: self.store.forget(rid)))
-        if done.reserved:
-            undo.append(
+            if not undo.outcome_unknown:
+                self.inflight.discard(rid)
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        if undo.forget_record:
+            steps.append(("request record", lambda: self.store.forget(rid)))
+        if undo.release_reservation:
+            steps.append(
                 (
                     "quota reservation",
-                    lambda: self.quota.release(
-                        plan.tenant_id, rid, plan.at_ms, plan.reserved_tokens
-                    ),
+                    lambda: self.quota.release(plan.tenant_id, rid, plan.at_ms),
                 )
             )
-        if done.claimed and plan.idempotency_key:
+        if undo.release_idempotency and plan.idempotency_key:
             key = plan.idempotency_key
-            undo.append(
+            steps.append(
                 ("idempotency key", lambda: self.store.release_idempotency(plan.tenant_id, key))
             )
-        for what, step in undo:
+        for what, step in steps:
             try:
                 await step()
             except Exception:

@@ -110,3 +110,18 @@ def internal(
 def resume_failed(request_id: str) -> GatewayError:
     """A resume could not set up its reads; without them the stream would have a gap."""
     return internal("resume failed, try again", request_id=request_id)
+
+
+def outcome_unknown(request_id: str, idempotent: bool) -> GatewayError:
+    """The prompt was handed to Kafka, which did not confirm it in time: the request may run
+    (and be billed). Following `request_id` shows it; a retry with the same idempotency key
+    answers with this same request, never a second one."""
+    retry = "resume it, or retry with the same idempotency key" if idempotent else "resume it"
+    return GatewayError(
+        INTERNAL,
+        f"outcome unknown: Kafka did not confirm the request in time and it may still run; "
+        f"{retry} (either follows this request, never a second one)",
+        request_id=request_id,
+        retry_after_ms=1000,
+        reason="outcome_unknown",
+    )

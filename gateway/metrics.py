@@ -31,6 +31,7 @@ SUBMIT_RESULTS = (
     "draining",
     "model",
     "failed",
+    "unknown",
 )
 RESUME_KINDS = ("owned", "borrowed")
 QUOTA_LIMITS = (
@@ -132,8 +133,8 @@ class _Instruments:
         by_label_counters: list[tuple[str, str, str, Labelled]] = [
             (
                 "gateway_submits",
-                "Submit frames by result (accepted, idempotent, quota, overloaded, draining, "
-                "failed).",
+                "Submit frames by result (accepted, idempotent, quota, overloaded, draining, model, "
+                "failed, unknown: the prompt write timed out, the request may run).",
                 "result",
                 lambda g: g.submits,
             ),

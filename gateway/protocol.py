@@ -373,6 +373,8 @@ def error_frame(err: GatewayError, client_ref: str | None = None) -> str:
         out["field"] = err.field
     if err.retry_after_ms is not None:
         out["retry_after_ms"] = err.retry_after_ms
+    if err.reason:  # machine-readable cause within the code (the quota limit, rate_limited, ...)
+        out["reason"] = err.reason
     return _dump(out)
 
 

@@ -18,10 +18,10 @@ import redis.asyncio as aioredis
 
 from llmstream import quota_keys
 
-# KEYS: streams zset, minute counter, day counter, month counter
+# KEYS: streams zset, minute counter, day counter, month counter, reservations zset, reserved hash
 # ARGV: now_ms, request_id, lease_expiry_ms, reserved, max_streams, rpm, tokens_day,
 #       tokens_month, minute expiry, day expiry, month expiry, minute end ms, day end ms,
-#       month end ms
+#       month end ms, submit ms (the windows' time), reservations TTL ms
 RESERVE_LUA = """
 local now = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -52,18 +52,28 @@ redis.call('INCRBY', KEYS[3], reserved)
 redis.call('PEXPIREAT', KEYS[3], ARGV[10])
 redis.call('INCRBY', KEYS[4], reserved)
 redis.call('PEXPIREAT', KEYS[4], ARGV[11])
+redis.call('ZADD', KEYS[5], ARGV[15], ARGV[2])
+redis.call('PEXPIRE', KEYS[5], ARGV[16])
+redis.call('HSET', KEYS[6], ARGV[2], reserved)
+redis.call('PEXPIRE', KEYS[6], ARGV[16])
 return {1, 'ok'}
 """
 
-# Undo a reservation whose submit never reached Kafka (so the aggregator will never settle it).
-# KEYS: streams, minute, day, month; ARGV: request_id, reserved
+# Undo a reservation whose submit surely never reached Kafka (so the aggregator will never
+# settle it): takes back exactly what the reservation recorded, once (a second release, or a
+# release after the aggregator settled or reaped it, changes nothing).
+# KEYS: streams, minute, day, month, reservations, reserved; ARGV: request_id
 RELEASE_LUA = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
+local reserved = redis.call('HGET', KEYS[6], ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+if not reserved then
   return 0
 end
+redis.call('HDEL', KEYS[6], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('DECR', KEYS[2])
-redis.call('DECRBY', KEYS[3], ARGV[2])
-redis.call('DECRBY', KEYS[4], ARGV[2])
+redis.call('DECRBY', KEYS[3], reserved)
+redis.call('DECRBY', KEYS[4], reserved)
 return 1
 """
 
@@ -112,6 +122,8 @@ def keys(tenant_id: str, at_ms: int) -> list[str]:
         quota_keys.requests_minute(tenant_id, at_ms),
         quota_keys.tokens_day(tenant_id, at_ms),
         quota_keys.tokens_month(tenant_id, at_ms),
+        quota_keys.reservations(tenant_id),
+        quota_keys.reserved(tenant_id),
     ]
 
 
@@ -133,6 +145,8 @@ def reserve_args(
         quota_keys.minute_start_ms(at_ms) + 60_000,
         quota_keys.day_end_ms(at_ms),
         quota_keys.month_end_ms(at_ms),
+        at_ms,
+        quota_keys.RESERVATIONS_TTL_MS,
     ]
 
 
@@ -193,6 +207,8 @@ class Quota:
         limit = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
         return Decision(False, limit, max(1, int(result[2])))
 
-    async def release(self, tenant_id: str, request_id: str, at_ms: int, reserved: int) -> bool:
-        result: Any = await self._release(keys=keys(tenant_id, at_ms), args=[request_id, reserved])
+    async def release(self, tenant_id: str, request_id: str, at_ms: int) -> bool:
+        """Take back the reservation of a submit that surely never reached Kafka (what it
+        recorded, once); False if there is none (released, settled or reaped already)."""
+        result: Any = await self._release(keys=keys(tenant_id, at_ms), args=[request_id])
         return int(result) == 1

@@ -95,9 +95,21 @@ class RequestMeta:
         )
 
 
+# Compare-and-set of an idempotency key: KEYS: the key; ARGV: expected holder, new holder, TTL s
+TAKE_OVER_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+
 class RequestStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
+        self._take_over = client.register_script(TAKE_OVER_LUA)
 
     # -- request metadata ---------------------------------------------------------------------
 
@@ -177,6 +189,16 @@ class RequestStore:
         existing: Any = await self.client.get(k)
         # Expired between the two calls: proceed as a new request (as if it had been claimed).
         return _text(existing) if existing else None
+
+    async def take_over_idempotency(
+        self, tenant_id: str, key: str, stale: str, request_id: str
+    ) -> bool:
+        """Pass the key from `stale` (a request that has no record) to `request_id`, unless it
+        changed meanwhile; True if it is `request_id`'s now."""
+        result: Any = await self._take_over(
+            keys=[idempotency_key(tenant_id, key)], args=[stale, request_id, IDEMPOTENCY_TTL_S]
+        )
+        return int(result) == 1
 
     async def release_idempotency(self, tenant_id: str, key: str) -> None:
         await self.client.delete(idempotency_key(tenant_id, key))

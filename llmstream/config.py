@@ -166,6 +166,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("GATEWAY_AUTH_CACHE_S", "5", "How long a verified API key is cached (revocation lag)."),
     Setting("GATEWAY_SESSION_TTL_S", "3600", "Browser session lifetime, sliding on every use."),
     Setting(
+        "GATEWAY_SESSION_MAX_S",
+        "43200",
+        "Absolute browser session lifetime: a session ends this long after sign-in however "
+        "often it is used.",
+    ),
+    Setting(
+        "SESSION_SECRET_FILE",
+        "",
+        "File of the secret (32+ random bytes) that signs browser sessions in Redis; every gateway "
+        "replica must read the same one (k8s: a mounted Secret). Empty: `session-secret` in "
+        "`LLMSTREAM_STATE_DIR`, created (mode 0600) on first use.",
+    ),
+    Setting(
+        "GATEWAY_METRICS_PORT",
+        "0",
+        "Gateway Prometheus `/metrics` port, apart from the public port, which never serves it "
+        "(0: off).",
+    ),
+    Setting(
         "GATEWAY_COOKIE_SECURE",
         "0",
         "1: the session cookie gets the `Secure` attribute (set it behind HTTPS). Always set "
@@ -296,6 +315,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("AGGREGATOR_METRICS_PORT", "9102", "Aggregator Prometheus `/metrics` port (0: off)."),
     Setting(
+        "AGGREGATOR_RESERVATION_REAP_S",
+        "900",
+        "A quota reservation whose request never reached the log is taken back after this long.",
+    ),
+    Setting(
         "WORKER_ID", "", "Id of a worker replica in events and logs. Empty: worker-<host>-<pid>."
     ),
     Setting("WORKER_GROUP", "llmstream-workers", "Consumer group of the workers (prompts topic)."),
@@ -317,6 +341,23 @@ SETTINGS: tuple[Setting, ...] = (
         "the request's previous event.",
     ),
     Setting("WORKER_COALESCE_BYTES", "4096", "Largest text of one merged token event (bytes)."),
+    Setting(
+        "WORKER_READ_AHEAD",
+        "1024",
+        "Submits a worker reads ahead of its free slots and starts by fair share between "
+        "tenants and priority (docs/scheduling.md). 0: in log order.",
+    ),
+    Setting(
+        "WORKER_READ_AHEAD_BYTES",
+        "16777216",
+        "Most bytes of submit records waiting in a worker's read-ahead window.",
+    ),
+    Setting(
+        "WORKER_AGING_S",
+        "10",
+        "A waiting request rises one priority class per this many seconds, so batch traffic "
+        "is never starved.",
+    ),
     Setting(
         "WORKER_MAX_TOKENS", "0", "Worker-side cap on max_tokens per request (0: the request's)."
     ),

@@ -13,9 +13,14 @@ that timestamp; the aggregator settles into the same windows from the same times
 | `quota:{T}:requests:minute:YYYYMMDDHHMM` | string (int) | gateway `INCR` | admitted requests in that minute (rate limit) |
 | `quota:{T}:streams` | sorted set | gateway `ZADD id lease_expiry_ms`; aggregator `ZREM id` | requests in flight; members past their lease are stale (`ZREMRANGEBYSCORE -inf now`) |
 | `quota:{T}:settled:YYYYMMDD` | set | aggregator `SADD id` | request ids already settled (submit day): makes settlement idempotent |
+| `quota:{T}:reservations` | sorted set | gateway `ZADD id submit_ms` (reserve), `ZREM id` (release); aggregator `ZREM id` (settle, reap) | reservations still counted in the token windows; score = the submit's `event_time` (ms), which picks their windows |
+| `quota:{T}:reserved` | hash | same as `reservations` (`HSET id tokens` / `HDEL id`) | tokens each of those reservations added to the day and month counters: what a settlement, release or reap takes back (never an event's `reserved_tokens`) |
 
 Each windowed key expires one day after its window ends (late settlements still land in an
-existing key; nothing reads an old window after that).
+existing key; nothing reads an old window after that). `reservations` and `reserved` are not
+windowed: an entry lives from the reservation to its settlement, release or reap
+(aggregator/reservation_reaper.py); both keys expire `RESERVATIONS_TTL_MS` after their last
+write, so a tenant that stops using the service leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ PREFIX = "quota"
 GRACE_MS = 24 * 3600 * 1000
 # Lease of an in-flight stream when the submit carries no timeout (rebuilds use it too).
 DEFAULT_STREAM_LEASE_MS = 15 * 60 * 1000
+# The reservation entries of a tenant outlive their last write this long (longer than a month
+# window with its grace, so a settlement of a month-old request still finds its entry).
+RESERVATIONS_TTL_MS = 40 * 24 * 3600 * 1000
 
 
 def _utc(ms: int) -> dt.datetime:
@@ -100,6 +108,14 @@ def streams(tenant_id: str) -> str:
 
 def settled(tenant_id: str, ms: int) -> str:
     return f"{_tenant(tenant_id)}:settled:{day_id(ms)}"
+
+
+def reservations(tenant_id: str) -> str:
+    return f"{_tenant(tenant_id)}:reservations"
+
+
+def reserved(tenant_id: str) -> str:
+    return f"{_tenant(tenant_id)}:reserved"
 
 
 def expire_day_at_ms(ms: int) -> int:

@@ -7,6 +7,7 @@ import datetime as dt
 import pytest
 
 from aggregator.quota_settlement import settle_args
+from aggregator.reservation_reaper import Reservation, reap_keys, to_reap
 from aggregator.store import Settlement
 from llmstream import quota_keys
 
@@ -23,6 +24,20 @@ def test_keys_share_the_tenant_hash_tag_and_utc_windows() -> None:
     assert quota_keys.requests_minute("t1", at) == "quota:{t1}:requests:minute:202612312359"
     assert quota_keys.streams("t1") == "quota:{t1}:streams"
     assert quota_keys.settled("t1", at) == "quota:{t1}:settled:20261231"
+    assert quota_keys.reservations("t1") == "quota:{t1}:reservations"
+    assert quota_keys.reserved("t1") == "quota:{t1}:reserved"
+
+
+def test_reaper_takes_only_reservations_whose_request_never_reached_the_log() -> None:
+    old = [Reservation("t1", "r1", 1), Reservation("t1", "r2", 2), Reservation("t2", "r3", 3)]
+    assert to_reap(old, in_log={"r2"}) == [old[0], old[2]]
+    assert reap_keys(old[2]) == [
+        "quota:{t2}:streams",
+        "quota:{t2}:tokens:day:19700101",
+        "quota:{t2}:tokens:month:197001",
+        "quota:{t2}:reservations",
+        "quota:{t2}:reserved",
+    ]
 
 
 def test_window_bounds_roll_over_months_and_years() -> None:
@@ -50,6 +65,10 @@ def test_settlement_targets_the_windows_of_the_submit_time() -> None:
         "quota:{t1}:tokens:day:20260331",
         "quota:{t1}:tokens:month:202603",
         "quota:{t1}:streams",
+        "quota:{t1}:reservations",
+        "quota:{t1}:reserved",
     ]
-    assert args[:2] == ["r1", -63]
+    # The usage: the reservation taken back is the one the gateway recorded (in Redis), never
+    # the event's reserved_tokens.
+    assert args[:2] == ["r1", 37]
     assert args[2] == ms(2026, 4, 2) and args[3] == ms(2026, 4, 2)

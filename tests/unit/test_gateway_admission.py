@@ -3,9 +3,11 @@ idempotent replay, quota refusal and rollback of exactly the steps done."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 
 from gateway import errors
 from gateway.admission import (
@@ -16,18 +18,21 @@ from gateway.admission import (
     Load,
     ModelView,
     Policy,
+    Steps,
     SubmitRequest,
+    Undo,
     cap_max_tokens,
     estimate_prompt_tokens,
     plan_submit,
     submitted_event,
+    undo_after,
 )
 from gateway.auth import Principal
 from gateway.errors import GatewayError
 from gateway.inflight import Inflight
 from gateway.metrics import GatewayMetrics
 from gateway.models import Models
-from gateway.prompts import PromptWriter
+from gateway.prompts import PromptWriter, SendAttempt
 from gateway.quota import Decision, Limits, Quota
 from gateway.server import prompt_lag
 from gateway.store import ReplyRoute, RequestMeta, RequestStore
@@ -224,10 +229,10 @@ class FakeQuota(Quota):
         self.reserved[request_id] = reserved
         return Decision(True)
 
-    async def release(self, tenant_id: str, request_id: str, at_ms: int, reserved: int) -> bool:
+    async def release(self, tenant_id: str, request_id: str, at_ms: int) -> bool:
         if self.fail_release:
             raise ConnectionError("redis down")
-        self.released.append((tenant_id, request_id, at_ms, reserved))
+        self.released.append((tenant_id, request_id, at_ms, self.reserved[request_id]))
         return True
 
 
@@ -247,6 +252,14 @@ class FakeStore(RequestStore):
     async def release_idempotency(self, tenant_id: str, key: str) -> None:
         self.idempotency.pop((tenant_id, key), None)
 
+    async def take_over_idempotency(
+        self, tenant_id: str, key: str, stale: str, request_id: str
+    ) -> bool:
+        if self.idempotency.get((tenant_id, key), stale) != stale:
+            return False
+        self.idempotency[(tenant_id, key)] = request_id
+        return True
+
     async def record(self, meta: RequestMeta, watcher: str) -> None:
         if self.fail_record:
             raise ConnectionError("redis down")
@@ -263,14 +276,22 @@ class FakeStore(RequestStore):
 
 
 class FakePrompts(PromptWriter):
-    def __init__(self, fail: bool = False) -> None:  # no Kafka
+    """`fail`: the producer refuses the record before taking it (surely not written);
+    `time_out`: it takes the record, then the acknowledgement does not come in time."""
+
+    def __init__(self, fail: bool = False, time_out: bool = False) -> None:  # no Kafka
         self.fail = fail
+        self.time_out = time_out
         self.written: list[events_pb2.Event] = []
 
-    async def submit(self, event: events_pb2.Event) -> None:
+    async def submit(self, event: events_pb2.Event, attempt: SendAttempt | None = None) -> None:
         if self.fail:
-            raise TimeoutError("no broker")
+            raise KafkaConnectionError("no broker")
+        assert attempt is not None
+        attempt.handed_over = True
         self.written.append(event)
+        if self.time_out:
+            raise TimeoutError()
 
 
 class FakeFollower:
@@ -419,5 +440,52 @@ async def test_rollback_goes_on_when_one_undo_fails() -> None:
     w.quota.fail_release = True
     with pytest.raises(GatewayError):
         await w.admission.submit(PRINCIPAL, req(idempotency_key="k"), f)
-    # The reservation could not be released (it expires); everything else was undone.
+    # The reservation could not be released (the reaper takes it back); the rest was undone.
     assert not w.store.meta and not w.store.idempotency and f.unfollowed == ["req_1"]
+
+
+def test_undo_after_takes_back_everything_unless_the_prompt_may_be_written() -> None:
+    every = Steps(claimed=True, reserved=True, recorded=True, followed=True)
+    assert undo_after(every, ConnectionError()) == Undo(True, True, True, True)
+    # Refused before the producer took it, or rejected deterministically: surely not written.
+    every.write = SendAttempt(handed_over=False)
+    assert undo_after(every, TimeoutError()) == Undo(True, True, True, True)
+    every.write = SendAttempt(handed_over=True)
+    assert undo_after(every, MessageSizeTooLargeError()) == Undo(True, True, True, True)
+    # Taken, then no acknowledgement (a timeout, a broker gone, the task cancelled): it may run.
+    for exc in (TimeoutError(), KafkaConnectionError(), asyncio.CancelledError()):
+        assert undo_after(every, exc) == Undo(unfollow=True, outcome_unknown=True)
+    # A failure before the reservation takes back only the key.
+    assert undo_after(Steps(claimed=True), ConnectionError()) == Undo(release_idempotency=True)
+
+
+async def test_unknown_write_outcome_keeps_the_reservation_record_and_key() -> None:
+    w, f = World(prompts=FakePrompts(time_out=True)), FakeFollower()
+    with pytest.raises(GatewayError) as unknown:
+        await w.admission.submit(PRINCIPAL, req(idempotency_key="k"), f)
+    err = unknown.value
+    assert (err.code, err.reason, err.request_id, err.retry_after_ms) == (
+        "internal",
+        "outcome_unknown",
+        "req_1",
+        1000,
+    )
+    assert err.message.startswith("outcome unknown: Kafka did not confirm the request in time")
+    assert "retry with the same idempotency key" in err.message
+    assert not w.quota.released and w.quota.reserved == {"req_1": 61}
+    assert "req_1" in w.store.meta and w.store.idempotency == {("t1", "k"): "req_1"}
+    assert f.unfollowed == ["req_1"] and "req_1" in w.inflight.running
+    assert w.metrics.submits["unknown"] == 1 and w.metrics.submits["accepted"] == 0
+    # The retry with the same key is answered with the same request, nothing reserved again.
+    w.prompts.time_out = False
+    again = await w.admission.submit(PRINCIPAL, req(idempotency_key="k"), FakeFollower())
+    assert again == Admitted("req_1", 0, existing=True)
+    assert list(w.quota.reserved) == ["req_1"] and len(w.prompts.written) == 1
+
+
+async def test_a_key_whose_holder_has_no_record_passes_to_the_next_submit() -> None:
+    w, f = World(), FakeFollower()
+    w.store.idempotency[("t1", "k")] = "req_lost"  # its submit failed with Redis down
+    admitted = await w.admission.submit(PRINCIPAL, req(idempotency_key="k"), f)
+    assert admitted.request_id == "req_1" and not admitted.existing
+    assert w.store.idempotency == {("t1", "k"): "req_1"}
