@@ -48,7 +48,7 @@ CATCH_UP_FETCH_BYTES = 256 * 1024
 CATCH_UP_MAX_RECORDS = 500
 # A borrowed partition nobody follows any more is released after at most this long.
 BORROW_CHECK_S = 1.0
-UNDECODABLE_LOG_EVERY_S = 10.0
+SKIPPED_LOG_EVERY_S = 10.0
 
 
 class Source(Enum):
@@ -108,12 +108,13 @@ class TokenFeed:
     quota: Quota
     metrics: GatewayMetrics
     tasks: TaskSet
-    router: Router = field(default_factory=Router, init=False)
+    router: Router = field(init=False)
     owned: list[int] = field(default_factory=list, init=False)
     # Owned partition -> lower bound of its next offset.
     low: dict[int, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
+        self.router = Router(on_foreign=self._foreign)
         self.spans = DeliverySpans(self.topic)
         self._rr = 0
         self._resume_slots = asyncio.Semaphore(self.max_resumes)
@@ -121,6 +122,8 @@ class TokenFeed:
         self._borrow_checked = 0.0  # monotonic time the borrowed partitions were last pruned
         self._undecodable_skipped = 0
         self._undecodable_logged_at = -1e9
+        self._foreign_skipped = 0
+        self._foreign_logged_at = -1e9
 
     async def start(self, owned: list[int]) -> None:
         """Read `owned` partitions from their end on (`run_owned` delivers)."""
@@ -180,7 +183,7 @@ class TokenFeed:
         dead-letter topic); one log line per 10 s at most, with the count skipped since."""
         self._undecodable_skipped += 1
         now = time.monotonic()
-        if now - self._undecodable_logged_at < UNDECODABLE_LOG_EVERY_S:
+        if now - self._undecodable_logged_at < SKIPPED_LOG_EVERY_S:
             return
         log.warning(
             "undecodable record skipped",
@@ -193,6 +196,25 @@ class TokenFeed:
             ),
         )
         self._undecodable_logged_at, self._undecodable_skipped = now, 0
+
+    def _foreign(self, watch: Watch, event: events_pb2.Event) -> None:
+        """An event of a watched request naming another tenant than the watch's: dropped
+        (router.py), counted, and logged once per 10 s at most with the count since."""
+        self.metrics.foreign_events += 1
+        self._foreign_skipped += 1
+        now = time.monotonic()
+        if now - self._foreign_logged_at < SKIPPED_LOG_EVERY_S:
+            return
+        log.warning(
+            "event of another tenant dropped",
+            extra=telemetry.fields(
+                request_id=event.request_id,
+                event_tenant=event.tenant_id,
+                watch_tenant=watch.tenant_id,
+                dropped=self._foreign_skipped,
+            ),
+        )
+        self._foreign_logged_at, self._foreign_skipped = now, 0
 
     # ---- live readers (supervised loops) -------------------------------------------------
 
@@ -300,6 +322,7 @@ class TokenFeed:
             borrowed=plan.borrowed,
             frames=frames,
             keep_text=keep_text,
+            tenant_id=meta.tenant_id,
         )
         self.router.add(watch)
         return Resumption(watch, plan)
@@ -333,6 +356,9 @@ class TokenFeed:
         key = watch.request_id.encode()
 
         def into_watch(event: events_pb2.Event) -> int:
+            if not watch.accepts(event):
+                self._foreign(watch, event)
+                return 0
             watch.apply(event)
             return 1
 

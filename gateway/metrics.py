@@ -62,6 +62,7 @@ class GatewayMetrics:
         self.invalid_frames = 0
         self.send_buffer_overflows = 0
         self.grace_cancels = 0
+        self.foreign_events = 0
         self.submits: Counter[str] = Counter(dict.fromkeys(SUBMIT_RESULTS, 0))
         self.requests: Counter[str] = Counter()
         self.resumes: Counter[str] = Counter(dict.fromkeys(RESUME_KINDS, 0))
@@ -173,6 +174,12 @@ class _Instruments:
                 "gateway_token_events",
                 "Events read from this replica's tokens partitions.",
                 lambda g: g.token_events,
+            ),
+            (
+                "gateway_foreign_events",
+                "Events of a followed request naming another tenant than its follower's: "
+                "dropped, never delivered.",
+                lambda g: g.foreign_events,
             ),
             (
                 "gateway_grace_cancels",

@@ -10,6 +10,11 @@
   While a catch-up read from Kafka runs, live events are parked in `parked` and replayed
   after it (dedup by seq makes the overlap harmless: no gap, no duplicate).
 - `Router`: request id -> watches (several sockets may watch one request).
+
+A watch belongs to a tenant (the one that submitted or resumed it): an event of its request
+that names another tenant is never applied (`Watch.accepts`). Request ids are not secrets, and
+anything that can write the tokens topic could otherwise push text into another tenant's
+stream; the router reports such an event (`on_foreign`: counted and logged by the feed).
 """
 
 from __future__ import annotations
@@ -84,8 +89,11 @@ class Watch:
         borrowed: tuple[str, int] | None = None,
         frames: Frames = WEBSOCKET_FRAMES,
         keep_text: bool = False,
+        *,
+        tenant_id: str,
     ) -> None:
         self.request_id = request_id
+        self.tenant_id = tenant_id  # only events naming this tenant are applied
         self.frames = frames
         # Keep the folded text in `state` (an answer rendered whole at the end, not streamed).
         self.keep_text = keep_text
@@ -100,6 +108,10 @@ class Watch:
         # socket (the gateway's client-side latency histograms).
         self.on_first_token: Callable[[], None] | None = None
         self.on_done: Callable[[], None] | None = None
+
+    def accepts(self, event: events_pb2.Event) -> bool:
+        """Is the event this watch's tenant's? (another's is dropped, never applied)"""
+        return event.tenant_id == self.tenant_id
 
     def on_live(self, event: events_pb2.Event) -> None:
         if self.parked is not None:
@@ -148,8 +160,12 @@ class Watch:
 
 
 class Router:
-    def __init__(self) -> None:
+    def __init__(
+        self, on_foreign: Callable[[Watch, events_pb2.Event], None] = lambda _w, _e: None
+    ) -> None:
         self.watches: dict[str, set[Watch]] = {}
+        # An event of a watched request naming another tenant than the watch's (dropped).
+        self.on_foreign = on_foreign
 
     def add(self, watch: Watch) -> None:
         self.watches.setdefault(watch.request_id, set()).add(watch)
@@ -165,11 +181,16 @@ class Router:
         ws = self.watches.get(event.request_id)
         if not ws:
             return 0
+        delivered = 0
         for w in list(ws):
+            if not w.accepts(event):
+                self.on_foreign(w, event)
+                continue
+            delivered += 1
             w.on_live(event)
             if w.finished:
                 self.remove(w)
-        return len(ws)
+        return delivered
 
     def watched(self, request_id: str) -> bool:
         return bool(self.watches.get(request_id))

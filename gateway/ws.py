@@ -100,7 +100,13 @@ class _SubmitFollower:
 
     def follow(self, admitted: Admitted) -> None:
         conn, rid = self.conn, admitted.request_id
-        watch = Watch(rid, conn.outbox, admitted.seq_start, admitted.submitted_ms)
+        watch = Watch(
+            rid,
+            conn.outbox,
+            admitted.seq_start,
+            admitted.submitted_ms,
+            tenant_id=conn.principal.tenant_id,
+        )
         if len(conn.watches) >= MAX_WATCHES:
             for old in [r for r, w in conn.watches.items() if w.finished]:
                 del conn.watches[old]

@@ -137,6 +137,7 @@ class Following:
             admitted.submitted_ms,
             frames=frames or SILENT,
             keep_text=frames is None,
+            tenant_id=self.principal.tenant_id,
         )
         self._start(watch, frames)
         self.attached = True  # the admission recorded it as the first watcher

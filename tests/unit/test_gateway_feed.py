@@ -152,7 +152,7 @@ async def test_owned_delivery_counts_events_and_ends_requests_accepted_here() ->
     f = new_feed()
     f.inflight.add("r1")
     box = Outbox(100)
-    f.follow(Watch("r1", box))
+    f.follow(Watch("r1", box, tenant_id="t1"))
     f.deliver(
         records([delta("r1", 1), delta("r1", 2), completed("r1", 2)]),
         Source.OWNED,
@@ -171,7 +171,7 @@ async def test_owned_delivery_counts_events_and_ends_requests_accepted_here() ->
 async def test_borrowed_and_catch_up_delivery_count_no_owned_events() -> None:
     f = new_feed()
     box = Outbox(100)
-    w = Watch("r1", box)
+    w = Watch("r1", box, tenant_id="t1")
     f.follow(w)
     f.deliver(records([delta("r1", 1)]), Source.BORROWED, f.router.deliver)
 
@@ -186,7 +186,7 @@ async def test_borrowed_and_catch_up_delivery_count_no_owned_events() -> None:
 async def test_undecodable_records_are_skipped(caplog: pytest.LogCaptureFixture) -> None:
     f = new_feed()
     box = Outbox(100)
-    f.follow(Watch("r1", box))
+    f.follow(Watch("r1", box, tenant_id="t1"))
     bad = [Rec(b"\xff not protobuf", b"r1", 0), Rec(None, b"r1", 1)]
     f.deliver([*bad, *records([delta("r1", 1)], 2)], Source.OWNED, f.router.deliver)
     assert [x["seq"] for x in frames(box)] == [1]
@@ -316,3 +316,37 @@ def test_inflight_counts_running_requests_and_remembers_finished_ones() -> None:
     inflight.add("d")
     inflight.expire(50.0)  # c's terminal event never came
     assert set(inflight.running) == {"d"}
+
+
+# ---- events naming another tenant are never delivered ---------------------------------------
+
+
+def foreign(ev: events_pb2.Event, tenant: str = "t2") -> events_pb2.Event:
+    ev.tenant_id = tenant
+    return ev
+
+
+async def test_live_event_of_another_tenant_is_dropped_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    f = new_feed()
+    box = Outbox(100)
+    f.follow(Watch("r1", box, tenant_id="t1"))
+    evs = [delta("r1", 1), foreign(delta("r1", 2)), foreign(delta("r1", 2), ""), delta("r1", 2)]
+    f.deliver(records(evs), Source.OWNED, f.router.deliver)
+    assert [(x["seq"], x["text"]) for x in frames(box)] == [(1, "<1>"), (2, "<2>")]
+    assert f.metrics.foreign_events == 2
+    assert "event of another tenant dropped" in caplog.text
+    # A forged terminal event neither ends the watch nor the request.
+    f.deliver(records([foreign(completed("r1", 2))], 4), Source.OWNED, f.router.deliver)
+    assert f.router.watched("r1") and f.metrics.foreign_events == 3
+
+
+async def test_catch_up_drops_events_of_another_tenant(kafka_log: FakeRange) -> None:
+    kafka_log.log[:] = records([delta("r1", 1), foreign(delta("r1", 2)), delta("r1", 2)])
+    f = new_feed()
+    box = Outbox(100)
+    r = f.resume(meta("r1", partition=1, offset=0), 0, box)
+    await f.catch_up(r)
+    assert [(x["seq"], x["text"]) for x in frames(box)] == [(1, "<1>"), (2, "<2>")]
+    assert f.metrics.foreign_events == 1

@@ -39,7 +39,7 @@ def test_outbox_is_bounded_and_overflow_frees_memory() -> None:
 
 def test_watch_dedups_and_emits_done_once() -> None:
     box = Outbox(100)
-    w = Watch("r", box, after_seq=0, submitted_at_ms=0)
+    w = Watch("r", box, after_seq=0, submitted_at_ms=0, tenant_id="t")
     for ev in [delta("r", 1), delta("r", 2), delta("r", 2), delta("r", 1), delta("r", 3)]:
         w.apply(ev)
     w.apply(done("r", 3))
@@ -53,7 +53,7 @@ def test_watch_dedups_and_emits_done_once() -> None:
 
 def test_watch_after_seq_skips_what_client_has() -> None:
     box = Outbox(100)
-    w = Watch("r", box, after_seq=2)
+    w = Watch("r", box, after_seq=2, tenant_id="t")
     for s in range(1, 5):
         w.apply(delta("r", s))
     assert [f["seq"] for f in frames(box)] == [3, 4]
@@ -62,7 +62,7 @@ def test_watch_after_seq_skips_what_client_has() -> None:
 def test_catch_up_then_parked_live_events_without_gap_or_duplicate() -> None:
     box = Outbox(100)
     router = Router()
-    w = Watch("r", box, after_seq=1, catching_up=True)
+    w = Watch("r", box, after_seq=1, catching_up=True, tenant_id="t")
     router.add(w)
     # Live events 4..5 arrive while the replay (1..4) runs.
     router.deliver(delta("r", 4))
@@ -82,8 +82,8 @@ def test_catch_up_then_parked_live_events_without_gap_or_duplicate() -> None:
 def test_router_fans_out_to_several_sockets() -> None:
     a, b = Outbox(10), Outbox(10)
     router = Router()
-    router.add(Watch("r", a))
-    router.add(Watch("r", b))
+    router.add(Watch("r", a, tenant_id="t"))
+    router.add(Watch("r", b, tenant_id="t"))
     assert router.deliver(delta("r", 1)) == 2
     assert router.deliver(delta("other", 1)) == 0
     assert len(a) == len(b) == 1
@@ -91,7 +91,7 @@ def test_router_fans_out_to_several_sockets() -> None:
 
 def test_parked_events_beyond_bound_overflow_the_socket() -> None:
     box = Outbox(2)
-    w = Watch("r", box, catching_up=True)
+    w = Watch("r", box, catching_up=True, tenant_id="t")
     for s in range(1, 5):
         w.on_live(delta("r", s))
     assert box.overflowed
