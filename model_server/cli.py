@@ -20,9 +20,17 @@ from collections.abc import Sequence
 
 from llmstream import config, runner
 from model_server import vllm_env
+from model_server.admin import AdminTokenError, AdminTokens
+from model_server.admin_options import AdminPolicy, known_models, model_dirs
 from model_server.engines import ENGINES
 from model_server.registry import ModelSpec
-from model_server.settings import ModelsConfigError, load_models_file
+from model_server.settings import (
+    ModelsConfigError,
+    load_models_file,
+    setting,
+    setting_bool,
+    setting_int,
+)
 from model_server.types import ModelLimits
 
 DEFAULT_NAMES = {"llamacpp": "smollm2", "synthetic": "synthetic"}
@@ -95,10 +103,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest wait for the start message of a Generate stream",
     )
     srv.add_argument(
+        "--reflection",
+        action=argparse.BooleanOptionalAction,
+        default=setting_bool("MODEL_SERVER_REFLECTION"),
+        help="gRPC server reflection (grpcurl without .proto files); --no-reflection in production",
+    )
+    adm = p.add_argument_group(
+        "admin RPC (ModelAdminService: LoadModel/UnloadModel; docs/model_server.md). The bearer "
+        "token comes from LLMSTREAM_MODEL_SERVER_ADMIN_TOKEN_FILE or "
+        "LLMSTREAM_MODEL_SERVER_ADMIN_TOKEN, never from the command line"
+    )
+    adm.add_argument(
         "--admin",
         action=argparse.BooleanOptionalAction,
-        default=config.get_bool("MODEL_SERVER_ADMIN"),
-        help="serve ModelAdminService (LoadModel/UnloadModel)",
+        default=setting_bool("MODEL_SERVER_ADMIN"),
+        help="serve the admin RPC on its own port (needs a token)",
+    )
+    adm.add_argument("--admin-host", default=setting("MODEL_SERVER_ADMIN_HOST"))
+    adm.add_argument("--admin-port", type=int, default=setting_int("MODEL_SERVER_ADMIN_PORT"))
+    adm.add_argument(
+        "--admin-model-dirs",
+        default=setting("MODEL_SERVER_ADMIN_MODEL_DIRS"),
+        help="comma-separated directories LoadModel may load weights from (empty: "
+        "$LLMSTREAM_CACHE_DIR/models)",
+    )
+    adm.add_argument(
+        "--admin-max-instances",
+        type=int,
+        default=setting_int("MODEL_SERVER_ADMIN_MAX_INSTANCES"),
+        help="most llama.cpp instances one LoadModel may ask for",
     )
     srv.add_argument("--log-level", default=config.get("LOG_LEVEL"))
     lc = p.add_argument_group("llamacpp engine")
@@ -198,6 +231,19 @@ def main(argv: Sequence[str], *, reexec: bool = True) -> int:
         vllm_env.reexec_in_vllm_venv(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         return runner.fail("model-server", "--tls-cert and --tls-key go together")
+    tokens = AdminTokens(
+        file=setting("MODEL_SERVER_ADMIN_TOKEN_FILE"), value=setting("MODEL_SERVER_ADMIN_TOKEN")
+    )
+    if args.admin:
+        try:
+            tokens.load()  # refuse to start an admin port nobody can (or everybody could) use
+        except AdminTokenError as exc:
+            return runner.fail("model-server", f"--admin needs a token: {exc}")
+    policy = AdminPolicy(
+        model_dirs=model_dirs(args.admin_model_dirs, config.cache_dir() / "models"),
+        known_models=known_models(specs),
+        max_instances=args.admin_max_instances,
+    )
 
     from model_server.server import Settings, serve
 
@@ -209,6 +255,11 @@ def main(argv: Sequence[str], *, reexec: bool = True) -> int:
         drain_timeout_s=args.drain_timeout_s,
         start_timeout_s=args.start_timeout_s,
         admin=args.admin,
+        admin_host=args.admin_host,
+        admin_port=args.admin_port,
+        admin_tokens=tokens,
+        admin_policy=policy,
+        reflection=args.reflection,
         default_limits=base,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
@@ -217,7 +268,19 @@ def main(argv: Sequence[str], *, reexec: bool = True) -> int:
         name="model-server",
         log_level=args.log_level,
         listens=[
-            runner.Listen(args.host, args.port, "model server gRPC", "LLMSTREAM_MODEL_SERVER_PORT")
+            runner.Listen(args.host, args.port, "model server gRPC", "LLMSTREAM_MODEL_SERVER_PORT"),
+            *(
+                [
+                    runner.Listen(
+                        args.admin_host,
+                        args.admin_port,
+                        "model server admin gRPC",
+                        "LLMSTREAM_MODEL_SERVER_ADMIN_PORT",
+                    )
+                ]
+                if args.admin
+                else []
+            ),
         ],
         metrics=runner.Listen(
             args.metrics_host or args.host,

@@ -26,10 +26,12 @@ from llmstream.v1 import (
     model_service_pb2,
     model_service_pb2_grpc,
 )
+from model_server.admin import AdminTokens, BearerAuth, ModelAdminService
+from model_server.admin_options import AdminPolicy
 from model_server.decode_guard import DecodeGuard
 from model_server.metrics import ServerMetrics
 from model_server.registry import EngineFactory, ModelRegistry, ModelSpec, default_factory
-from model_server.service import ModelAdminService, ModelService, ServerState
+from model_server.service import ModelService, ServerState
 from model_server.types import ModelLimits
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,14 @@ class Settings:
     drain_timeout_s: float = 30.0
     start_timeout_s: float = 10.0
     health_interval_s: float = 5.0
-    admin: bool = True
+    # ModelAdminService: off unless asked for; then on its own port, every call with a bearer
+    # token (model_server/admin.py) and LoadModel options allow-listed (`admin_policy`).
+    admin: bool = False
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 50061
+    admin_tokens: AdminTokens = field(default_factory=AdminTokens)
+    admin_policy: AdminPolicy = field(default_factory=AdminPolicy)
+    # Server reflection on both ports (grpcurl without .proto files); off in production.
     reflection: bool = True
     default_limits: ModelLimits = field(default_factory=ModelLimits)
     # Keepalive: notice dead clients (a crashed worker) so that their sequences are aborted.
@@ -86,15 +95,52 @@ class ModelServer:
         self.metrics.bind(self._load_stats, self._model_infos)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._admin_server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self.port = 0
+        self.admin_port = 0  # 0: the admin RPC is not served
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> int:
-        """Bind and start serving (NOT_SERVING until the models are loaded); returns the port."""
+        """Bind and start serving (NOT_SERVING until the models are loaded); returns the port.
+        With admin on, the admin port is bound too (`admin_port`)."""
         cfg = self.config
-        options = [
+        server = grpc.aio.server(
+            options=self._channel_options(),
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+            interceptors=[DecodeGuard()],  # undecodable requests: INVALID_ARGUMENT
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelService(self.registry, self.metrics, self.state), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if cfg.reflection:
+            names = [MODEL_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
+            reflection.enable_server_reflection(names, server)
+        self.port = self._bind(server, cfg.host, cfg.port)
+        admin = await self._admin_server_of(cfg) if cfg.admin else None
+        if admin is not None:
+            self.admin_port = self._bind(admin, cfg.admin_host, cfg.admin_port)
+        await self._set_health(NOT_SERVING)
+        await server.start()
+        self._server = server
+        if admin is not None:
+            await admin.start()
+            self._admin_server = admin
+        log.info(
+            "model server listening on %s:%d (%s); admin %s",
+            cfg.host,
+            self.port,
+            "TLS" if cfg.tls_cert else "plaintext",
+            f"on {cfg.admin_host}:{self.admin_port}" if admin is not None else "off",
+        )
+        self._tasks.append(asyncio.create_task(self._health_updater()))
+        return self.port
+
+    def _channel_options(self) -> list[tuple[str, int]]:
+        cfg = self.config
+        return [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.keepalive_time_ms", cfg.keepalive_time_ms),
@@ -103,42 +149,34 @@ class ModelServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(
-            options=options,
-            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
-            interceptors=[DecodeGuard()],  # undecodable requests: INVALID_ARGUMENT
+
+    async def _admin_server_of(self, cfg: Settings) -> grpc.aio.Server:
+        """The admin port's server: every call needs the bearer token, reflection included
+        (when on); the tokens are read now, so that an unusable one stops the start."""
+        await asyncio.to_thread(cfg.admin_tokens.load)
+        admin = grpc.aio.server(
+            options=self._channel_options(),
+            maximum_concurrent_rpcs=64,
+            interceptors=[BearerAuth(cfg.admin_tokens), DecodeGuard()],
         )
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelService(self.registry, self.metrics, self.state), server
+        model_admin_pb2_grpc.add_ModelAdminServiceServicer_to_server(
+            ModelAdminService(self.registry, self.state, cfg.default_limits, cfg.admin_policy),
+            admin,
         )
-        names = [MODEL_SERVICE, HEALTH_SERVICE]
-        if cfg.admin:
-            model_admin_pb2_grpc.add_ModelAdminServiceServicer_to_server(
-                ModelAdminService(self.registry, self.state, cfg.default_limits), server
-            )
-            names.append(ADMIN_SERVICE)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if cfg.reflection:
-            names.append(reflection.SERVICE_NAME)
-            reflection.enable_server_reflection(names, server)
-        address = f"{cfg.host}:{cfg.port}"
+            reflection.enable_server_reflection([ADMIN_SERVICE, reflection.SERVICE_NAME], admin)
+        return admin
+
+    def _bind(self, server: grpc.aio.Server, host: str, port: int) -> int:
+        cfg = self.config
+        address = f"{host}:{port}"
         if cfg.tls_cert:
-            self.port = server.add_secure_port(address, tls_credentials(cfg.tls_cert, cfg.tls_key))
+            bound = server.add_secure_port(address, tls_credentials(cfg.tls_cert, cfg.tls_key))
         else:
-            self.port = server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot bind {cfg.host}:{cfg.port}")
-        await self._set_health(NOT_SERVING)
-        await server.start()
-        self._server = server
-        log.info(
-            "model server listening on %s:%d (%s)",
-            cfg.host,
-            self.port,
-            "TLS" if cfg.tls_cert else "plaintext",
-        )
-        self._tasks.append(asyncio.create_task(self._health_updater()))
-        return self.port
+            bound = server.add_insecure_port(address)
+        if bound == 0:
+            raise OSError(f"cannot bind {address}")
+        return int(bound)
 
     async def load_models(self) -> None:
         for spec in self.config.models:
@@ -169,6 +207,8 @@ class ModelServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._admin_server is not None:
+            await self._admin_server.stop(grace_s)
         if self._server is not None:
             await self._server.stop(grace_s)
         await self.registry.close()

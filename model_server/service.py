@@ -1,4 +1,5 @@
-"""gRPC servicers: the thin async shell around the registry and ``Generation``.
+"""The public gRPC servicer (ModelService): the thin async shell around the registry and
+``Generation``. The admin RPC is in ``admin.py``, on its own port.
 
 Status codes: INVALID_ARGUMENT (field named), NOT_FOUND (unknown model), RESOURCE_EXHAUSTED
 (queue full or no slot within the queue timeout), UNAVAILABLE (draining, model loading or
@@ -11,24 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf import json_format
 from opentelemetry.context import Context
 
 from llmstream import telemetry, tracing
 from llmstream.tracing import Span, SpanKind, Status, StatusCode
 from llmstream.v1 import (
     common_pb2,
-    model_admin_pb2,
-    model_admin_pb2_grpc,
     model_service_pb2,
     model_service_pb2_grpc,
 )
-from model_server.engines import ENGINES
 from model_server.errors import (
     InvalidArgument,
     ModelServerError,
@@ -37,8 +33,8 @@ from model_server.errors import (
 )
 from model_server.generation import Delta, Finished, Generation
 from model_server.metrics import ServerMetrics
-from model_server.registry import ModelHandle, ModelRegistry, ModelSpec, ModelState
-from model_server.types import Finish, ModelLimits, TokenLogprobs
+from model_server.registry import ModelHandle, ModelRegistry, ModelState
+from model_server.types import Finish, TokenLogprobs
 from model_server.validation import parse_prompt, parse_start, prepare, tokenize_prompt
 
 log = logging.getLogger(__name__)
@@ -330,79 +326,3 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         except ModelServerError as err:
             await context.abort(status_code(err), str(err))
         return model_service_pb2.TokenizeResponse(token_ids=ids)
-
-
-class ModelAdminService(model_admin_pb2_grpc.ModelAdminServiceServicer):
-    def __init__(
-        self, registry: ModelRegistry, state: ServerState, default_limits: ModelLimits
-    ) -> None:
-        self.registry = registry
-        self.state = state
-        self.default_limits = default_limits
-
-    async def LoadModel(
-        self,
-        request: model_admin_pb2.LoadModelRequest,
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> model_admin_pb2.LoadModelResponse:
-        try:
-            if self.state.draining:
-                raise Unavailable("the server is draining")
-            spec = spec_from_request(request, self.default_limits)
-            started = time.monotonic()
-            handle, replaced = await self.registry.load(spec)
-        except ModelServerError as err:
-            await context.abort(status_code(err), str(err))
-        log.info(
-            "admin: loaded %s version %s in %.2fs",
-            handle.name,
-            handle.version,
-            time.monotonic() - started,
-        )
-        return model_admin_pb2.LoadModelResponse(
-            model=model_info(handle), replaced_version=replaced or ""
-        )
-
-    async def UnloadModel(
-        self,
-        request: model_admin_pb2.UnloadModelRequest,
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> model_admin_pb2.UnloadModelResponse:
-        try:
-            if not request.name:
-                raise InvalidArgument("name", "must not be empty")
-            timeout = (request.drain_timeout_ms or 30_000) / 1000.0
-            cancelled = await self.registry.unload(request.name, timeout)
-        except ModelServerError as err:
-            await context.abort(status_code(err), str(err))
-        return model_admin_pb2.UnloadModelResponse(cancelled_streams=cancelled)
-
-
-def spec_from_request(
-    request: model_admin_pb2.LoadModelRequest, defaults: ModelLimits
-) -> ModelSpec:
-    if not request.name:
-        raise InvalidArgument("name", "must not be empty")
-    if request.engine not in ENGINES:
-        raise InvalidArgument("engine", f"must be one of {', '.join(sorted(ENGINES))}")
-    lim = request.limits
-    changes: dict[str, Any] = {}
-    for f in ("max_concurrency", "max_queue", "max_context", "max_tokens", "default_max_tokens"):
-        value = getattr(lim, f)
-        if value:
-            changes[f] = int(value)
-    if lim.queue_timeout_ms:
-        changes["queue_timeout_s"] = lim.queue_timeout_ms / 1000.0
-    if lim.request_timeout_ms:
-        changes["request_timeout_s"] = lim.request_timeout_ms / 1000.0
-    limits = replace(defaults, **changes)
-    if limits.default_max_tokens > limits.max_tokens:
-        limits = replace(limits, default_max_tokens=limits.max_tokens)
-    options = json_format.MessageToDict(request.options) if request.HasField("options") else {}
-    return ModelSpec(
-        name=request.name,
-        engine=request.engine,
-        version=request.version or None,
-        limits=limits,
-        options=options,
-    )

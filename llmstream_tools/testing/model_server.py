@@ -13,10 +13,35 @@ from typing import Any
 import grpc
 
 from llmstream.v1 import common_pb2, model_service_pb2, model_service_pb2_grpc
+from model_server.admin import AdminTokens
 from model_server.metrics import ServerMetrics
 from model_server.registry import EngineFactory, ModelSpec, default_factory
 from model_server.server import ModelServer, Settings
 from model_server.types import ModelLimits
+
+# The admin token of `running_server(..., admin=True)` (tests only).
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+def admin_settings(token: str = ADMIN_TOKEN, **extra: Any) -> dict[str, Any]:
+    """`running_server` keywords that serve the admin RPC on a free loopback port."""
+    return {"admin": True, "admin_port": 0, "admin_tokens": AdminTokens(value=token), **extra}
+
+
+def bearer(token: str = ADMIN_TOKEN) -> tuple[tuple[str, str]]:
+    """gRPC call metadata carrying an admin token."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+@contextlib.asynccontextmanager
+async def admin_channel(server: ModelServer) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the server's admin port (admin must be on)."""
+    assert server.admin_port, "the admin RPC is off"
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.admin_port}")
+    try:
+        yield channel
+    finally:
+        await channel.close()
 
 
 def synthetic_spec(

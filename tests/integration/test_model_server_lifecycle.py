@@ -27,12 +27,16 @@ from llmstream.v1 import (
     model_service_pb2_grpc,
 )
 from llmstream_tools.testing.model_server import (
+    admin_channel,
+    admin_settings,
+    bearer,
     eventually,
     generate,
     running_server,
     start,
     synthetic_spec,
 )
+from model_server.admin_options import AdminPolicy
 from model_server.engine import Engine
 from model_server.engines.synthetic import SyntheticEngine
 from model_server.metrics import ServerMetrics
@@ -176,7 +180,7 @@ async def test_sigterm_drains_a_real_process() -> None:
             await proc.wait()
 
 
-async def test_hot_swap_and_unload_via_admin_rpc() -> None:
+async def test_hot_swap_and_unload_via_admin_rpc(tmp_path: Path) -> None:
     v1 = ModelSpec(
         name="m",
         engine="synthetic",
@@ -184,9 +188,14 @@ async def test_hot_swap_and_unload_via_admin_rpc() -> None:
         limits=ModelLimits(max_concurrency=8),
         options={"ttft_ms": 1, "itl_ms": 10},
     )
-    async with running_server([v1]) as (srv, channel):
+    policy = AdminPolicy(model_dirs=(tmp_path,))
+    async with (
+        running_server([v1], **admin_settings(admin_policy=policy)) as (srv, channel),
+        admin_channel(srv) as admin_ch,
+    ):
         stub = model_service_pb2_grpc.ModelServiceStub(channel)
-        admin = model_admin_pb2_grpc.ModelAdminServiceStub(channel)
+        admin = model_admin_pb2_grpc.ModelAdminServiceStub(admin_ch)
+        auth = bearer()
         old = srv.registry.get("m")
         first = asyncio.create_task(generate(stub, start("m", request_id="old", max_tokens=40)))
         await eventually(lambda: old.in_flight >= 1)
@@ -199,7 +208,8 @@ async def test_hot_swap_and_unload_via_admin_rpc() -> None:
                 version="v2",
                 options=options,
                 limits=model_admin_pb2.ModelLimits(max_concurrency=3),
-            )
+            ),
+            metadata=auth,
         )
         assert resp.model.version == "v2"
         assert resp.model.max_concurrency == 3
@@ -222,7 +232,7 @@ async def test_hot_swap_and_unload_via_admin_rpc() -> None:
         third = asyncio.create_task(generate(stub, start("m", request_id="u", max_tokens=1000)))
         await eventually(lambda: new.in_flight >= 1)
         un = await admin.UnloadModel(
-            model_admin_pb2.UnloadModelRequest(name="m", drain_timeout_ms=100)
+            model_admin_pb2.UnloadModelRequest(name="m", drain_timeout_ms=100), metadata=auth
         )
         assert un.cancelled_streams == 1
         r3 = await third
@@ -232,13 +242,17 @@ async def test_hot_swap_and_unload_via_admin_rpc() -> None:
         assert await health_status(channel) == NOT_SERVING  # nothing left to serve
 
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await admin.LoadModel(model_admin_pb2.LoadModelRequest(name="x", engine="gpt5"))
+            await admin.LoadModel(
+                model_admin_pb2.LoadModelRequest(name="x", engine="gpt5"), metadata=auth
+            )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         bad = struct_pb2.Struct()
-        bad.update({"model_path": "/nonexistent/model.gguf"})
+        # Inside the allowed directory, so past the allow-list, but not there: the load fails.
+        bad.update({"model_path": str(tmp_path / "missing.gguf"), "instances": 1})
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await admin.LoadModel(
-                model_admin_pb2.LoadModelRequest(name="x", engine="llamacpp", options=bad)
+                model_admin_pb2.LoadModelRequest(name="x", engine="llamacpp", options=bad),
+                metadata=auth,
             )
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "x" not in {
