@@ -42,11 +42,16 @@ PREFILL_DISCOUNT = 8
 # Idle tenants whose counter is remembered (they were served more than the floor): the oldest
 # are forgotten beyond this, a bound on memory whatever the number of tenants.
 IDLE_TENANTS_LIMIT = 4096
+# The cost of a request whose max_tokens is unset (0: the model's default applies), a typical
+# default completion length.
+UNSET_MAX_TOKENS_COST = 256
 
 
-def request_cost(max_tokens: int, prompt_tokens: int, default_max_tokens: int) -> float:
+def request_cost(
+    max_tokens: int, prompt_tokens: int, unset_cost: int = UNSET_MAX_TOKENS_COST
+) -> float:
     """What starting a request charges its tenant, in generated-token equivalents."""
-    generated = max_tokens if max_tokens > 0 else default_max_tokens
+    generated = max_tokens if max_tokens > 0 else unset_cost
     return max(1.0, generated + prompt_tokens / PREFILL_DISCOUNT)
 
 

@@ -23,14 +23,11 @@ from worker.run import Run
 
 
 class ReadAhead:
-    def __init__(
-        self, capacity: int, max_bytes: int, aging_s: float, default_max_tokens: int
-    ) -> None:
+    def __init__(self, capacity: int, max_bytes: int, aging_s: float) -> None:
         if capacity < 0 or max_bytes < 0:
             raise ValueError("the read-ahead bounds must be >= 0")
         self.capacity = capacity
         self.max_bytes = max_bytes
-        self.default_max_tokens = default_max_tokens
         self._queue: FairQueue[Run] = FairQueue(aging_s)
         self._continuing: deque[Run] = deque()
         self._sizes: dict[int, int] = {}  # id(run) -> encoded size, while it waits
@@ -58,7 +55,7 @@ class ReadAhead:
             self._continuing.append(run)
             return
         sub = run.submit.submitted
-        cost = request_cost(sub.max_tokens, sub.estimated_prompt_tokens, self.default_max_tokens)
+        cost = request_cost(sub.max_tokens, sub.estimated_prompt_tokens)
         self._queue.add(
             run,
             tenant=run.submit.tenant_id,

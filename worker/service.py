@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Iterable
@@ -39,6 +40,7 @@ from worker.lease import TICK_S, ProduceGate
 from worker.metrics import WorkerMetrics
 from worker.models import ModelServers
 from worker.partitions import Partitions, PartitionState
+from worker.read_ahead import ReadAhead
 from worker.run import Run
 from worker.settings import Settings
 from worker.takeover import TakeoverReader
@@ -114,7 +116,9 @@ class Worker:
         self.shutdown = shutdown or Shutdown()
         self.clients = clients or KafkaClients.connect(settings)
         self.partitions = Partitions()
-        self.metrics = WorkerMetrics(lambda: self.partitions.inflight, meter)
+        # Fetched submits waiting for a slot, started by fair share (docs/scheduling.md).
+        self.read_ahead = ReadAhead(s.read_ahead, s.read_ahead_bytes, s.aging_s)
+        self.metrics = WorkerMetrics(lambda: self.partitions.inflight - len(self.read_ahead), meter)
         self.supervisor = Supervisor("worker")
         self.early_cancels = EarlyCancels()
         self.lookahead = CancelLookahead(
@@ -261,6 +265,7 @@ class Worker:
             if runs:
                 log.info("partitions revoked: stopping runs", extra=telemetry.fields(n=len(runs)))
             await self._abandon(runs)
+            self.read_ahead.forget(lambda run: run.tp in revoked)
             with contextlib.suppress(KafkaError):
                 await self.clients.producer.flush()
             await self._commit()
@@ -291,14 +296,14 @@ class Worker:
     async def _fetch_loop(self) -> None:
         consumer = self.clients.consumer
         while not self._stop_wanted():
-            to_pause, to_resume = self.partitions.pause_changes(
-                self.settings.max_inflight, consumer.assignment()
-            )
+            # Runs held in all: the slots plus the read-ahead window.
+            bound = self.read_ahead.fetch_bound(self.settings.max_inflight)
+            to_pause, to_resume = self.partitions.pause_changes(bound, consumer.assignment())
             if to_pause:
                 consumer.pause(*to_pause)
             if to_resume:
                 consumer.resume(*to_resume)
-            room = self.partitions.room(self.settings.max_inflight)
+            room = self.partitions.room(bound)
             batch = await consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS, max_records=room)
             if not batch or self._stop_wanted():
                 continue
@@ -309,7 +314,7 @@ class Worker:
     async def _handle_batch(
         self, batch: dict[TopicPartition, list[Any]], truncated_at: float | None
     ) -> None:
-        new_runs: list[Run] = []
+        new_runs: list[tuple[Run, int]] = []
         for tp, records in batch.items():
             state = self.partitions.get(tp)
             if state is None:  # revoked while fetched
@@ -319,13 +324,30 @@ class Worker:
                 run = await self._handle_record(state, rec)
                 if run is not None:
                     run.fetched_at = truncated_at
-                    new_runs.append(run)
-        lookups = [r for r in new_runs if r.needs_lookup]
+                    new_runs.append((run, len(rec.value or b"")))
+        lookups = [r for r, _size in new_runs if r.needs_lookup]
         if lookups:
             await self.takeover.lookup(lookups)
-        for run in new_runs:
-            if self.partitions.current(run):
-                run.task = asyncio.create_task(self.executor.execute(run), name=run.request_id)
+        now = time.monotonic()
+        for run, size in new_runs:
+            self.read_ahead.add(run, size, now)
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        """Start runs from the read-ahead window while slots are free; each run's end starts
+        the next. Nothing starts once the worker is stopping (the rest stay uncommitted)."""
+        if self._stop_wanted():
+            return
+        running = self.partitions.inflight - len(self.read_ahead)
+        free = self.settings.max_inflight - running
+        for run in self.read_ahead.take(free, time.monotonic(), self.partitions.current):
+            run.task = asyncio.create_task(self.executor.execute(run), name=run.request_id)
+            run.task.add_done_callback(functools.partial(self._run_ended, run))
+
+    def _run_ended(self, run: Run, _task: asyncio.Task[None]) -> None:
+        em = run.emitter
+        self.read_ahead.ended(run, len(em.token_ids) - em.first_token_count if em else 0)
+        self._start_waiting()
 
     async def _handle_record(self, state: PartitionState, rec: Any) -> Run | None:
         try:

@@ -43,6 +43,10 @@ class Settings:
     model_server_tls_ca: str = field(
         default_factory=lambda: config.get("WORKER_MODEL_SERVER_TLS_CA")
     )
+    # The read-ahead window and its fair-share order (docs/scheduling.md).
+    read_ahead: int = _int("WORKER_READ_AHEAD")
+    read_ahead_bytes: int = _int("WORKER_READ_AHEAD_BYTES")
+    aging_s: float = _float("WORKER_AGING_S")
     backoff_cap_ms: float = 2000.0
     # Takeover reads the reply partition from this long before the submit's timestamp (clock
     # skew between gateway and broker).

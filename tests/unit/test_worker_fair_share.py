@@ -7,7 +7,7 @@ from aiokafka import TopicPartition
 
 from llmstream import codec
 from llmstream.fold import RequestState
-from worker.fair_share import PREFILL_DISCOUNT, FairQueue, request_cost
+from worker.fair_share import PREFILL_DISCOUNT, UNSET_MAX_TOKENS_COST, FairQueue, request_cost
 from worker.read_ahead import ReadAhead
 from worker.run import Run
 
@@ -153,10 +153,10 @@ def test_bad_arguments_are_refused() -> None:
 
 
 def test_request_cost() -> None:
-    assert request_cost(100, 0, 512) == 100
-    assert request_cost(0, 0, 512) == 512  # max_tokens unset: the default
-    assert request_cost(100, 8 * PREFILL_DISCOUNT, 512) == 108
-    assert request_cost(0, 0, 0) == 1  # never free
+    assert request_cost(100, 0) == 100
+    assert request_cost(0, 0) == UNSET_MAX_TOKENS_COST  # max_tokens unset: a typical length
+    assert request_cost(100, 8 * PREFILL_DISCOUNT) == 108
+    assert request_cost(0, 0, unset_cost=0) == 1  # never free
 
 
 # ------------------------------------------------------------------ the read-ahead window
@@ -170,14 +170,14 @@ def run_of(rid: str, tenant: str, offset: int, max_tokens: int = 10, priority: i
 
 
 def test_window_bounds_by_count_and_bytes() -> None:
-    window = ReadAhead(capacity=3, max_bytes=1000, aging_s=30, default_max_tokens=256)
+    window = ReadAhead(capacity=3, max_bytes=1000, aging_s=30)
     assert window.fetch_bound(max_inflight=4) == 7
     window.add(run_of("r0", "A", 0), 100, 0.0)
     window.add(run_of("r1", "A", 1), 100, 0.0)
     assert not window.full
     window.add(run_of("r2", "A", 2), 100, 0.0)
     assert window.full and window.bytes == 300
-    small = ReadAhead(capacity=100, max_bytes=250, aging_s=30, default_max_tokens=256)
+    small = ReadAhead(capacity=100, max_bytes=250, aging_s=30)
     small.add(run_of("r0", "A", 0), 200, 0.0)
     assert not small.full and small.fetch_bound(4) == 104
     small.add(run_of("r1", "A", 1), 200, 0.0)
@@ -188,7 +188,7 @@ def test_window_bounds_by_count_and_bytes() -> None:
 
 
 def test_window_starts_fairly_and_skips_dead_runs() -> None:
-    window = ReadAhead(capacity=100, max_bytes=1 << 20, aging_s=30, default_max_tokens=256)
+    window = ReadAhead(capacity=100, max_bytes=1 << 20, aging_s=30)
     for i in range(5):
         window.add(run_of(f"a{i}", "A", i), 10, 0.0)
     window.add(run_of("b0", "B", 5), 10, 0.0)
@@ -199,7 +199,7 @@ def test_window_starts_fairly_and_skips_dead_runs() -> None:
 
 
 def test_continuing_runs_skip_the_line() -> None:
-    window = ReadAhead(capacity=100, max_bytes=1 << 20, aging_s=30, default_max_tokens=256)
+    window = ReadAhead(capacity=100, max_bytes=1 << 20, aging_s=30)
     for i in range(3):
         window.add(run_of(f"a{i}", "A", i), 10, 0.0)
     resumed = run_of("taken-over", "A", 3)
@@ -209,7 +209,7 @@ def test_continuing_runs_skip_the_line() -> None:
 
 
 def test_window_forgets_revoked_runs() -> None:
-    window = ReadAhead(capacity=100, max_bytes=1 << 20, aging_s=30, default_max_tokens=256)
+    window = ReadAhead(capacity=100, max_bytes=1 << 20, aging_s=30)
     for i in range(4):
         window.add(run_of(f"a{i}", "A", i), 10, 0.0)
     window.forget(lambda r: r.offset % 2 == 0)
@@ -218,7 +218,7 @@ def test_window_forgets_revoked_runs() -> None:
 
 
 def test_ended_run_is_charged_what_it_generated() -> None:
-    window = ReadAhead(capacity=10, max_bytes=1 << 20, aging_s=30, default_max_tokens=256)
+    window = ReadAhead(capacity=10, max_bytes=1 << 20, aging_s=30)
     a0, a1 = run_of("a0", "A", 0, max_tokens=100), run_of("a1", "A", 1, max_tokens=100)
     b = [run_of(f"b{i}", "B", 2 + i, max_tokens=100) for i in range(3)]
     for r in (a0, a1, *b):
