@@ -150,14 +150,18 @@ class Generation:
         try:
             async with contextlib.aclosing(steps):
                 async for step in steps:
-                    if self.cancel_reason is not None and step.finish is not Finish.CANCELLED:
-                        # Cancelled before the engine knew the sequence: drop what it produced
-                        # since; leaving the block closes `steps`, which aborts in the engine.
+                    if self.cancel_reason is not None:
+                        # Cancelled: nothing more is streamed, not even tokens the engine made
+                        # before it learnt of the cancel (merged into this step while the
+                        # writer was busy); leaving the block closes `steps`, which aborts in
+                        # the engine.
                         reason, end = Finish.CANCELLED, time.monotonic()
                         break
                     ids = step.token_ids
+                    logprobs = step.logprobs
+                    text = ""
+                    stop_string = False
                     if ids:
-                        logprobs = step.logprobs
                         parts: list[str] = []
                         for i, token_id in enumerate(ids):
                             piece = detok.push(token_id)
@@ -167,31 +171,31 @@ class Generation:
                             if stop is not None and stop.stopped:
                                 ids = ids[: i + 1]
                                 logprobs = logprobs[: i + 1] if logprobs else logprobs
-                                reason = Finish.STOP
+                                reason, stop_string = Finish.STOP, True
                                 break
                         text = "".join(parts)
                         times = step.times[: len(ids)]
                         self._clock_tokens(clock, times)
-                        seq_no += 1
                         new_tokens += len(ids)
                         completion += len(ids)
-                        yield Delta(seq_no, text, list(ids), logprobs)
-                        if reason is not None:  # stop string
+                        if stop_string:
                             end = times[-1] if times else time.monotonic()
-                            await self.engine.abort(req.request_id)
-                            break
-                    if step.finish is not None:
+                    if reason is None and step.finish is not None:
                         reason, message = step.finish, step.message
                         end = step.finished_at or (clock.last_token or time.monotonic())
-                        if (
-                            reason in (Finish.STOP, Finish.LENGTH)
-                            and stop is not None
-                            and stop.held
-                        ):
+                        if reason in (Finish.STOP, Finish.LENGTH) and stop is not None:
                             # The generation ended without completing a stop string: the text
-                            # held back as its possible start was generated text after all.
-                            seq_no += 1
-                            yield Delta(seq_no, stop.flush(), [], None)
+                            # held back as its possible start was generated text after all; it
+                            # goes out with the step's last tokens.
+                            text += stop.flush()
+                    if ids or text:
+                        # Everything the engine produced since the previous read is one delta,
+                        # so a writer that fell behind catches up with one message.
+                        seq_no += 1
+                        yield Delta(seq_no, text, list(ids), logprobs if ids else None)
+                    if stop_string:
+                        await self.engine.abort(req.request_id)
+                    if reason is not None:
                         break
                 else:
                     reason = Finish.CANCELLED if self.cancel_reason else Finish.ERROR

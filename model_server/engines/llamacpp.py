@@ -337,6 +337,11 @@ class LlamaCppEngine(SlotEngine):
             while True:
                 step = await channel.get()
                 if step.finish is Finish.ERROR:
+                    if step.token_ids:
+                        # Decoded before the failure and merged with it while the reader
+                        # was behind: they were generated, so they are streamed (and billed).
+                        step.finish = None
+                        yield step
                     raise EngineError(step.message)
                 yield step
                 if step.finish is not None:

@@ -11,7 +11,11 @@ instead of the plumbing. Properties:
   first new token is due ``ttft_ms`` (+ ``prefill_us_per_token`` per prompt token) after
   scheduling, then one every ``itl_ms``. Deadlines are absolute, so a slow reader gets the
   tokens that became due in one merged step instead of slowing the engine down. With
-  ``itl_ms == 0`` one token is produced per read (maximum rate, used to measure overhead).
+  ``itl_ms == 0`` tokens come as fast as the event loop runs the sequence (one per loop
+  iteration, produced by a task of its own, like a real engine's decode thread): a reader
+  that takes longer than that (a gRPC write in flight) gets every token produced meanwhile
+  in one merged step (``StepChannel``), one that keeps up gets one token per step. Used to
+  measure overhead.
 - Vocabulary: ids 0-255 are single bytes, 256-258 special tokens (256 is end-of-sequence,
   never generated), then whole words. Text prompts tokenize to one token per UTF-8 byte.
   The generator regularly emits multi-byte characters byte by byte (é, ü, €, 😀) so that
@@ -23,12 +27,13 @@ instead of the plumbing. Properties:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any, ClassVar
 
-from model_server.engine import EngineInfo, Sequence, SlotEngine
+from model_server.engine import EngineInfo, Sequence, SlotEngine, StepChannel
 from model_server.errors import EngineError
 from model_server.rng import mix
 from model_server.types import (
@@ -256,10 +261,45 @@ class SyntheticEngine(SlotEngine):
 
     async def _run(self, seq: Sequence, slot: int) -> AsyncGenerator[EngineStep, None]:
         try:
-            async for step in self._produce(seq):
-                yield step
+            steps = self._produce(seq) if self.itl_s > 0 else self._produce_ahead(seq)
+            async with contextlib.aclosing(steps):
+                async for step in steps:
+                    yield step
         finally:
             self._scheduler.release(slot)
+
+    async def _produce_ahead(self, seq: Sequence) -> AsyncGenerator[EngineStep, None]:
+        """Zero delay: a task produces the tokens whether or not they are read; each read
+        takes everything produced since the previous one, merged."""
+        channel = StepChannel(asyncio.get_running_loop())
+        failure: list[Exception] = []
+        producer = asyncio.ensure_future(self._produce_into(seq, channel, failure))
+        try:
+            while True:
+                step = await channel.get()
+                if step.finish is Finish.ERROR:
+                    if step.token_ids:  # produced before the failure: they were generated
+                        step.finish = None
+                        yield step
+                    raise failure[0]
+                yield step
+                if step.finish is not None:
+                    return
+        finally:
+            producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
+
+    async def _produce_into(
+        self, seq: Sequence, channel: StepChannel, failure: list[Exception]
+    ) -> None:
+        try:
+            async with contextlib.aclosing(self._produce(seq)) as steps:
+                async for step in steps:
+                    channel.put(step)
+        except Exception as exc:  # the reader raises it, after the tokens produced before
+            failure.append(exc)
+            channel.put(EngineStep([], [], finish=Finish.ERROR, message=str(exc)))
 
     async def _produce(self, seq: Sequence) -> AsyncGenerator[EngineStep, None]:
         req = seq.req
@@ -314,7 +354,7 @@ class SyntheticEngine(SlotEngine):
                 step.finished_at = now
             yield step
             if self.itl_s <= 0:
-                # Let other streams run: at itl 0 the reader would otherwise never yield.
+                # One token per loop iteration: other sequences and the readers run between.
                 await asyncio.sleep(0)
 
     async def _sleep(self, seq: Sequence, delay: float) -> None:

@@ -17,6 +17,7 @@ from model_server.types import (
     ModelLimits,
     PromptInput,
     Sampling,
+    TokenLogprobs,
 )
 
 EOS = 0
@@ -250,3 +251,85 @@ def test_the_core_does_not_depend_on_grpc() -> None:
         for a in n.names
     }
     assert not {m for m in imported if m and (m.startswith("grpc") or "_pb2" in m)}
+
+
+# -- natural batching: a step merges what the engine produced while the writer was busy ------
+
+
+def lp(token_id: int) -> TokenLogprobs:
+    return TokenLogprobs(token_id=token_id, logprob=-token_id / 100)
+
+
+async def test_a_merged_step_is_one_delta_with_aligned_logprobs() -> None:
+    ids = list(b"abcdef")
+    steps = [
+        EngineStep(ids[:1], [100.0], [lp(ids[0])]),
+        EngineStep(ids[1:], [101.0] * 5, [lp(t) for t in ids[1:]], finish=Finish.LENGTH),
+    ]
+    deltas, fin = await run(Generation(ScriptedEngine(steps), request(), model_name="m"))
+    assert [(d.seq, d.text, d.token_ids) for d in deltas] == [
+        (1, "a", [97]),
+        (2, "bcdef", [98, 99, 100, 101, 102]),
+    ]
+    assert [[x.token_id for x in d.logprobs or []] for d in deltas] == [[97], ids[1:]]
+    assert fin.last_seq == 2 and fin.completion_tokens == 6
+
+
+async def test_a_stop_string_inside_a_merged_step_cuts_ids_and_logprobs_together() -> None:
+    ids = list(b"xy STOP zz")
+    steps = [EngineStep(ids, [100.0] * len(ids), [lp(t) for t in ids], finish=Finish.LENGTH)]
+    eng = ScriptedEngine(steps)
+    deltas, fin = await run(Generation(eng, request(stop=("STOP",)), model_name="m"))
+    assert len(deltas) == 1 and deltas[0].text == "xy "
+    assert deltas[0].token_ids == list(b"xy STOP")
+    assert [x.token_id for x in deltas[0].logprobs or []] == list(b"xy STOP")
+    assert fin.reason is Finish.STOP and fin.last_seq == 1 and eng.aborted == ["r#1"]
+
+
+async def test_text_held_for_a_stop_string_leaves_with_the_last_tokens() -> None:
+    # "ab" then "cS" with stop "ST": "S" is held back; the engine ends in the same step, so the
+    # held "S" is generated text and goes out in that step's delta, not in a message of its own.
+    steps = [
+        EngineStep(list(b"ab"), [100.0, 100.0]),
+        EngineStep(list(b"cS"), [101.0, 101.0], finish=Finish.LENGTH),
+    ]
+    deltas, fin = await run(
+        Generation(ScriptedEngine(steps), request(stop=("ST",)), model_name="m")
+    )
+    assert [(d.seq, d.text, d.token_ids) for d in deltas] == [
+        (1, "ab", list(b"ab")),
+        (2, "cS", list(b"cS")),
+    ]
+    assert fin.reason is Finish.LENGTH and fin.last_seq == 2
+
+
+async def test_utf8_split_across_and_inside_merged_steps() -> None:
+    data = list("é€😀".encode())  # 2 + 3 + 4 bytes
+    steps = [
+        EngineStep(data[:1], [100.0]),  # half of é: no text yet, the token still goes out
+        EngineStep(data[1:6], [101.0] * 5),  # rest of é, € whole, first byte of 😀
+        EngineStep(data[6:], [102.0] * 3, finish=Finish.LENGTH),
+    ]
+    deltas, _ = await run(Generation(ScriptedEngine(steps), request(), model_name="m"))
+    assert [(d.text, len(d.token_ids)) for d in deltas] == [("", 1), ("é€", 5), ("😀", 3)]
+
+
+async def test_after_a_cancel_a_merged_step_streams_nothing() -> None:
+    # The engine produced tokens before it saw the abort and they were merged with its
+    # CANCELLED finish: none of them reaches the writer after the cancel.
+    steps = [
+        EngineStep(list(b"ab"), [100.0, 100.0]),
+        EngineStep(list(b"cd"), [101.0, 101.0], finish=Finish.CANCELLED),
+    ]
+    gen = Generation(ScriptedEngine(steps), request(), model_name="m")
+    deltas: list[Delta] = []
+    fin: Finished | None = None
+    async for ev in gen.run():
+        if isinstance(ev, Delta):
+            deltas.append(ev)
+            gen.cancel("client")
+        else:
+            fin = ev
+    assert [d.text for d in deltas] == ["ab"]
+    assert fin is not None and fin.reason is Finish.CANCELLED and fin.message == "client"
+    assert fin.completion_tokens == 2 and fin.last_seq == 1

@@ -117,3 +117,77 @@ async def test_fault_injection() -> None:
         async for step in eng.generate(r):
             got.extend(step.token_ids)
     assert len(got) == 4
+
+
+# -- zero delay: tokens are produced ahead of the reader and merged ---------------------------
+
+
+def expected_ids(r: EngineRequest, n: int) -> list[int]:
+    from model_server.engines.synthetic import prompt_digest
+
+    digest, prev, out = prompt_digest(r.prompt_token_ids), -1, []
+    for i in range(n):
+        prev = next_token(digest, 0, i, prev)
+        out.append(prev)
+    return out
+
+
+async def test_zero_delay_a_slow_reader_gets_merged_steps_with_every_token_once() -> None:
+    eng = await engine(ttft_ms=0)
+    r = req(n=200, temperature=0.0, logprobs=2)
+    steps = []
+    async for step in eng.generate(r):
+        steps.append(step)
+        for _ in range(5):  # the reader is busy (a write in flight) for a few loop turns
+            await asyncio.sleep(0)
+    ids = [t for s in steps for t in s.token_ids]
+    assert ids == expected_ids(r, 200)
+    assert [lp.token_id for s in steps for lp in s.logprobs or []] == ids
+    assert len(steps) < 200 and max(len(s.token_ids) for s in steps) > 1
+    assert steps[-1].finish is Finish.LENGTH and all(s.finish is None for s in steps[:-1])
+    assert eng.running == 0 and eng.active_requests() == frozenset()
+
+
+async def test_zero_delay_abort_with_a_slow_reader_ends_cancelled_and_stops_producing() -> None:
+    eng = await engine(ttft_ms=0)
+    r = req(n=100_000, temperature=0.0)
+    got: list[int] = []
+    finish = None
+    async for step in eng.generate(r):
+        got.extend(step.token_ids)
+        finish = step.finish
+        if len(got) >= 10:  # a no-op once the sequence is gone
+            await eng.abort(r.request_id)
+        await asyncio.sleep(0)
+    assert finish is Finish.CANCELLED and 10 <= len(got) < 100_000
+    assert got == expected_ids(r, len(got))
+    produced = eng.tokens_produced
+    await asyncio.sleep(0.01)
+    assert eng.tokens_produced == produced and eng.running == 0
+
+
+async def test_zero_delay_closing_the_stream_stops_the_producer() -> None:
+    eng = await engine(ttft_ms=0, slots=1)
+    steps = eng.generate(req(n=100_000))
+    await anext(steps)
+    await steps.aclose()
+    produced = eng.tokens_produced
+    await asyncio.sleep(0.01)
+    assert eng.tokens_produced == produced and eng.running == 0
+    ids, fin = await collect(eng, req("next", n=3))  # the slot is free again
+    assert len(ids) == 3 and fin is Finish.LENGTH
+
+
+async def test_zero_delay_failure_after_merged_tokens_streams_them_first() -> None:
+    eng = await engine(ttft_ms=0, fail_marker="BOOM", fail_after=6)  # type: ignore[arg-type]
+    r = req(n=50)
+    r.prompt_token_ids = list(b"go BOOM")
+    got: list[int] = []
+    steps = 0
+    with pytest.raises(EngineError, match="after 6 tokens"):
+        async for step in eng.generate(r):
+            steps += 1
+            got.extend(step.token_ids)
+            for _ in range(20):  # slow enough that all 6 tokens and the failure are merged
+                await asyncio.sleep(0)
+    assert len(got) == 6 and steps < 6
