@@ -37,6 +37,7 @@ SUITES: dict[str, str] = {
     "engines": "llmstream_tools.bench.engines",
     "sse": "llmstream_tools.bench.sse",
     "kafka-clients": "llmstream_tools.bench.kafka_clients",
+    "litellm": "llmstream_tools.bench.litellm_proxy",
 }
 
 RESULTS_DIR = Path("bench") / "results"

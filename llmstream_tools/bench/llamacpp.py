@@ -108,7 +108,7 @@ def _spawn(argv: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], IO
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log
 
 
-def _missing() -> str | None:
+def missing() -> str | None:
     try:
         import llama_cpp.server.app  # noqa: F401
     except ImportError as exc:
@@ -119,10 +119,10 @@ def _missing() -> str | None:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    missing = _missing()
-    if missing is not None:
-        print(f"llamacpp: skipped: {missing}", file=sys.stderr)
-        return {"skipped": missing, "goals": []}
+    missing_server = missing()
+    if missing_server is not None:
+        print(f"llamacpp: skipped: {missing_server}", file=sys.stderr)
+        return {"skipped": missing_server, "goals": []}
     from model_server.engines.llamacpp import default_model_path
 
     model_path = config.get("LLAMACPP_MODEL_PATH") or default_model_path()
