@@ -242,7 +242,7 @@ async def _synthetic(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]
     def expect(text: str) -> str:
         return expected_text(text, tokens)
 
-    out = []
+    out: list[dict[str, Any]] = []
     async with (
         bench_stack(tmp, partitions=12, ttft_ms=0, itl_ms=0) as (stack, key),
         synthetic_shim(tmp) as shim_port,
@@ -255,16 +255,13 @@ async def _synthetic(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]
                 _openai(proxy, "synthetic", "litellm", master, expect=expect),
                 _openai(shim_port, "synthetic", "litellm backend", expect=expect),
             ]
-            out.append(
-                await _measure(
-                    targets,
-                    args,
-                    backend="synthetic",
-                    streams=streams,
-                    max_tokens=tokens,
-                    prompt=prompt,
-                )
-            )
+            scenario = await _measure(
+                targets, args, backend="synthetic", streams=streams, max_tokens=tokens,
+                prompt=prompt,
+            )  # fmt: skip
+            # A request of these paths whose text differs from the engine's is an error.
+            scenario["text_checked"] = ["llmstream", "litellm", "litellm backend"]
+            out.append(scenario)
     return out
 
 

@@ -139,3 +139,44 @@ async def test_kafka_clients_suite_measures_both_clients(tmp_path: Path) -> None
     assert per_token == sorted(per_token, reverse=True) and per_token[0] > per_token[-1]
     assert "| produce, linger 0: CPU µs/record" in out
     assert "| bytes/token, today |" in out
+
+
+async def test_litellm_suite_compares_both_proxies_on_both_backends(tmp_path: Path) -> None:
+    """A real LiteLLM proxy (`make litellm`) in front of the synthetic shim and of
+    llama_cpp.server, beside llmstream's SSE endpoint: every path delivers every token, and on
+    the synthetic backend the engine's exact text (a differing text is counted as an error)."""
+    out, _ = await bench(
+        tmp_path, "litellm", "--litellm-streams", "1", "2", "--litellm-requests", "1",
+        "--litellm-tokens", "8", "--litellm-llama-tokens", "4", "--litellm-repeat", "1",
+        "--no-plots", timeout_s=420,
+    )  # fmt: skip
+    result = suite(tmp_path, "litellm")
+    assert "skipped" not in result, result.get("skipped")
+    assert result["litellm_version"] == "1.108.7"
+    paths = ["llmstream", "llmstream backend", "litellm", "litellm backend"]
+    assert result["paths"] == paths
+    scenarios = result["scenarios"]
+    assert [(s["backend"], s["streams"]) for s in scenarios] == [
+        ("synthetic", 1), ("synthetic", 2), ("llamacpp", 1), ("llamacpp", 2),
+    ]  # fmt: skip
+    for s in scenarios:
+        tokens = 8 if s["backend"] == "synthetic" else 4
+        requests = s["streams"]
+        for path in paths:
+            assert_clean_run(s[path], requests=requests, tokens=requests * tokens)
+        for who in ("llmstream", "litellm"):
+            added = s["added_ttft_ms"][who]
+            assert set(added) == {"p50", "p90", "p99", "max"}
+            assert added["p50"] == round(
+                s[who]["ttft_ms"]["p50"] - s[f"{who} backend"]["ttft_ms"]["p50"], 2
+            )
+    assert [s.get("text_checked") for s in scenarios[:2]] == [
+        ["llmstream", "litellm", "litellm backend"]
+    ] * 2
+    assert [s["llama_cpp_server_threads"] for s in scenarios[2:]] == [1, 2]
+    goals = result["goals"]
+    assert len(goals) == 2 * len(scenarios)
+    assert {g["result"] for g in goals} <= {"PASS", "MISS"}
+    assert "| 6 LiteLLM synthetic | litellm | 2 | 2 | 0 |" in out
+    assert "| 6 LiteLLM llamacpp | llmstream | 1 | 1 | 0 |" in out
+    assert "llmstream vs LiteLLM proxy, llamacpp backend, 2 stream(s)" in out
