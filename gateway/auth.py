@@ -1,17 +1,23 @@
 """Authentication: API keys (PostgreSQL, SHA-256, cached briefly), browser sessions (Redis,
-sliding TTL) and the Origin allow-list. Keys are never logged or stored outside the database
-hash; sessions store only the key id and tenant. `Authenticator` is what front ends call: who
-presents these credentials, and is that still so.
+sliding and absolute lifetime, values signed with a server secret) and the Origin allow-list.
+Keys are never logged or stored outside the database hash; sessions store only the key id,
+the tenant and their creation time. `Authenticator` is what front ends call: who presents
+these credentials, and is that still so.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
+import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
+from pathlib import Path
 from typing import TypeGuard
 
 import redis.asyncio as aioredis
@@ -76,9 +82,52 @@ def pg_lookup(pool: object) -> Lookup:
     return lookup
 
 
+class NegativeCache:
+    """Presented keys known to be unusable (unknown id, wrong secret), by SHA-256 of the key
+    (the key itself is never kept), for `ttl_s`; at most `size` entries, the oldest dropped
+    first. Random well-formed keys then cost one PostgreSQL query each per `ttl_s` only while
+    they are new, and a flood of distinct ones cannot grow memory past the bound."""
+
+    def __init__(
+        self, ttl_s: float, size: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ):
+        self.ttl_s = ttl_s
+        self.size = size
+        self.clock = clock
+        self._refused: OrderedDict[bytes, float] = OrderedDict()
+
+    @staticmethod
+    def _digest(key: str) -> bytes:
+        return hashlib.sha256(key.encode()).digest()
+
+    def refused(self, key: str) -> bool:
+        digest = self._digest(key)
+        at = self._refused.get(digest)
+        if at is None:
+            return False
+        if self.clock() - at >= self.ttl_s:
+            del self._refused[digest]
+            return False
+        return True
+
+    def add(self, key: str) -> None:
+        digest = self._digest(key)
+        self._refused.pop(digest, None)
+        self._refused[digest] = self.clock()
+        while len(self._refused) > self.size:
+            self._refused.popitem(last=False)
+
+
+# Unusable keys are remembered this long at most (a key created just after a failed try works
+# within it), and this many at most.
+NEGATIVE_TTL_S = 30.0
+NEGATIVE_SIZE = 10_000
+
+
 class KeyCache:
     """Verified key rows by key id, kept `ttl_s` seconds: a revoked key is refused at most
-    `ttl_s` later (on the next action of an open socket)."""
+    `ttl_s` later (on the next action of an open socket). Keys that did not verify are
+    remembered (`NegativeCache`) without a database query."""
 
     def __init__(
         self,
@@ -86,11 +135,13 @@ class KeyCache:
         ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        negative: NegativeCache | None = None,
     ):
         self.lookup = lookup
         self.ttl_s = ttl_s
         self.clock = clock
         self.wall_clock = wall_clock
+        self.negative = negative or NegativeCache(max(ttl_s, NEGATIVE_TTL_S), NEGATIVE_SIZE, clock)
         self._rows: dict[str, tuple[float, KeyRow | None]] = {}
 
     async def row(self, key_id: str) -> KeyRow | None:
@@ -101,16 +152,20 @@ class KeyCache:
         row = await self.lookup(key_id)
         if len(self._rows) > 100_000:
             self._rows.clear()
-        self._rows[key_id] = (now, row)
+        if row is not None:  # unknown ids are the negative cache's (bounded, by key hash)
+            self._rows[key_id] = (now, row)
         return row
 
     async def verify_key(self, key: str) -> Principal | None:
         """Principal of a presented key, or None (malformed, unknown, wrong secret, revoked)."""
         key_id = apikeys.key_id_of(key)
-        if key_id is None:
+        if key_id is None or self.negative.refused(key):
             return None
         row = await self.row(key_id)
-        if not self._usable(row) or not apikeys.matches(key, row.key_sha256):
+        if row is None or not apikeys.matches(key, row.key_sha256):
+            self.negative.add(key)
+            return None
+        if not self._usable(row):
             return None
         return Principal(row.tenant_id, row.key_id, row.limits)
 
@@ -165,37 +220,141 @@ def origin_allowed(
     return False
 
 
-class Sessions:
-    """Browser sessions: `gw:session:<sha256(id)>` -> "key_id tenant_id", sliding TTL."""
+# ---- browser sessions ---------------------------------------------------------------------
 
-    def __init__(self, client: aioredis.Redis, ttl_s: int, prefix: str = "gw:session:"):
+SECRET_BYTES = 32
+
+
+class SessionSecretError(RuntimeError):
+    """The session secret file is unusable (the message says why and where)."""
+
+
+def read_secrets(path: Path) -> list[bytes]:
+    """The session secrets of `path`: one per line, the first signs, all verify (rotation:
+    docs/gateway.md). Created with one random secret, mode 0600, atomically (every replica
+    of a host ends up with the same file) if it does not exist. Blocking: call off the loop."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, (secrets.token_hex(SECRET_BYTES) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if another process created it first: theirs is kept
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    found = [line.strip().encode() for line in path.read_text().splitlines() if line.strip()]
+    if not found:
+        raise SessionSecretError(f"session secret file {path} is empty")
+    short = [i + 1 for i, k in enumerate(found) if len(k) < SECRET_BYTES]
+    if short:
+        raise SessionSecretError(
+            f"session secret file {path}: line(s) {short} shorter than {SECRET_BYTES} characters"
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class SessionValue:
+    key_id: str
+    tenant_id: str
+    created_ms: int
+
+
+def _mac(secret: bytes, record_key: str, key_id: str, tenant_id: str, created_ms: int) -> str:
+    # Bound to the Redis key it is stored under: a valid value copied under another session's
+    # key does not verify there.
+    msg = f"{record_key}\n{key_id}\n{tenant_id}\n{created_ms}".encode()
+    digest = hmac.new(secret, msg, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def seal_session(secret: bytes, record_key: str, value: SessionValue) -> str:
+    """The Redis value of a session: "key_id tenant_id created_ms mac" (pure)."""
+    mac = _mac(secret, record_key, value.key_id, value.tenant_id, value.created_ms)
+    return f"{value.key_id} {value.tenant_id} {value.created_ms} {mac}"
+
+
+def open_session(
+    secrets_: Sequence[bytes], record_key: str, raw: str, now_ms: int, max_ms: int
+) -> SessionValue | None:
+    """The session a Redis value says, if one of `secrets_` signed it for `record_key` and it
+    is younger than `max_ms`; else None (forged, moved, or past its absolute lifetime) (pure)."""
+    parts = raw.split(" ")
+    if len(parts) != 4 or not parts[2].isdigit():
+        return None
+    key_id, tenant_id, created, mac = parts
+    value = SessionValue(key_id, tenant_id, int(created))
+    if not any(
+        hmac.compare_digest(mac, _mac(k, record_key, key_id, tenant_id, value.created_ms))
+        for k in secrets_
+    ):
+        return None
+    if not value.created_ms <= now_ms < value.created_ms + max_ms:
+        return None
+    return value
+
+
+class Sessions:
+    """Browser sessions: `gw:session:<sha256(id)>` -> a signed "key_id tenant_id created_ms
+    mac" (`seal_session`); a sliding TTL (`ttl_s`, refreshed on use) within an absolute
+    lifetime (`max_s` from sign-in). A value that does not verify under the server's secrets is
+    refused like a missing one: writing Redis is not enough to mint a session."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        ttl_s: int,
+        secrets_: Sequence[bytes],
+        max_s: int,
+        prefix: str = "gw:session:",
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ):
         self.client = client
         self.ttl_s = ttl_s
+        self.secrets = list(secrets_)
+        self.max_ms = max_s * 1000
         self.prefix = prefix
+        self.clock_ms = clock_ms
 
     def _key(self, session_id: str) -> str:
         return self.prefix + hashlib.sha256(session_id.encode()).hexdigest()
 
+    def ttl_at(self, created_ms: int, now_ms: int) -> int:
+        """The sliding TTL, cut at the absolute end (seconds, at least 1)."""
+        left_ms = created_ms + self.max_ms - now_ms
+        return max(1, min(self.ttl_s, left_ms // 1000))
+
     async def create(self, principal: Principal) -> str:
         session_id = secrets.token_urlsafe(32)
+        key, now = self._key(session_id), self.clock_ms()
+        value = SessionValue(principal.key_id, principal.tenant_id, now)
         await self.client.set(
-            self._key(session_id), f"{principal.key_id} {principal.tenant_id}", ex=self.ttl_s
+            key, seal_session(self.secrets[0], key, value), ex=self.ttl_at(now, now)
         )
         return session_id
 
     async def lookup(self, session_id: str) -> tuple[str, str] | None:
-        """(key_id, tenant_id) of a live session; refreshes its TTL."""
+        """(key_id, tenant_id) of a live session; refreshes its TTL within its lifetime."""
         if len(session_id) > 100:
             return None
         key = self._key(session_id)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.get(key)
-        pipe.expire(key, self.ttl_s)
-        value, _ = await pipe.execute()
-        if not value:
+        raw = await self.client.get(key)
+        if not raw:
             return None
-        key_id, _, tenant_id = value.decode().partition(" ")
-        return key_id, tenant_id
+        now = self.clock_ms()
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        value = open_session(self.secrets, key, text, now, self.max_ms)
+        if value is None:
+            await self.client.delete(key)
+            return None
+        await self.client.expire(key, self.ttl_at(value.created_ms, now))
+        return value.key_id, value.tenant_id
 
     async def delete(self, session_id: str) -> None:
         await self.client.delete(self._key(session_id))

@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
         default=config.get_float("GATEWAY_GRACE_S"),
         help="disconnect grace period before a cancel",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=config.get_int("GATEWAY_METRICS_PORT"),
+        help="serve Prometheus /metrics on this port, never on the public one (0: off)",
+    )
     p.add_argument("--log-level", default=config.get("LOG_LEVEL"))
     return p
 
@@ -48,6 +54,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     settings.partitions = parse_partitions(args.partitions) if args.partitions else None
     settings.replica_index, settings.replicas = args.replica_index, args.replicas
     settings.grace_s = args.grace_s
+    settings.metrics_port = args.metrics_port
     return settings
 
 
@@ -84,6 +91,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=args.log_level,
         listens=[
             runner.Listen(settings.host, settings.port, SERVICE, "LLMSTREAM_GATEWAY_PORT"),
+            *(
+                [
+                    runner.Listen(
+                        settings.host,
+                        settings.metrics_port,
+                        f"{SERVICE} metrics",
+                        "LLMSTREAM_GATEWAY_METRICS_PORT",
+                    )
+                ]
+                if settings.metrics_port
+                else []
+            ),
         ],
         metrics_inline=True,
     )

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import mimetypes
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,35 @@ class _WithoutRequestBytes(logging.Filter):
 
 
 logging.getLogger("aiohttp.server").addFilter(_WithoutRequestBytes())
+
+# Security headers of every response (page, API, errors, streams): no framing, no MIME
+# sniffing, no referrer. The page's policy allows only its own script, style and connections
+# (its one script and stylesheet are files, no inline code); an API answer allows nothing.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src {connect}; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+_HOST = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+API_CSP = "default-src 'none'; frame-ancestors 'none'; sandbox"
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
+def security_headers(host: str | None, page: bool) -> dict[str, str]:
+    """The headers every response gets (pure); `page`: a file of the browser page."""
+    if not page:
+        return {**SECURITY_HEADERS, "Content-Security-Policy": API_CSP}
+    # 'self' does not cover ws:/wss: in every browser: the page's own host, explicitly (only
+    # a well-formed one: the Host header is the client's).
+    connect = ["'self'"]
+    if host and _HOST.fullmatch(host):
+        connect += [f"ws://{host}", f"wss://{host}"]
+    csp = PAGE_CSP.format(connect=" ".join(connect))
+    return {**SECURITY_HEADERS, "Content-Security-Policy": csp}
+
 
 STATUS_OF_CODE = {
     errors.INVALID_REQUEST: 400,
@@ -144,6 +174,11 @@ def load_static(directory: Path) -> dict[str, tuple[bytes, str]]:
     return files
 
 
+async def metrics(_request: web.Request) -> web.Response:
+    """`/metrics`, on its own port only (GATEWAY_METRICS_PORT): never the public one."""
+    return response(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+
+
 @dataclass(kw_only=True, eq=False)
 class HttpRoutes:
     settings: Settings
@@ -156,14 +191,20 @@ class HttpRoutes:
     def __post_init__(self) -> None:
         self.static = load_static(self.settings.static_dir)
 
+    async def _security_headers(self, request: web.BaseRequest, resp: web.StreamResponse) -> None:
+        page = request.path in self.static
+        for name, value in security_headers(request.host, page).items():
+            resp.headers.setdefault(name, value)
+
     def add_routes(self, app: web.Application) -> None:
+        # On every response as it is prepared: handlers', errors', streams' (SSE) alike.
+        app.on_response_prepare.append(self._security_headers)
         router = app.router
         for path in WEBSOCKET_PATHS:
             router.add_get(path, self._websocket, allow_head=False)
         # Any method, as they always answered.
         router.add_route("*", "/healthz", self._healthz)
         router.add_route("*", "/readyz", self._readyz)
-        router.add_route("*", "/metrics", self._metrics)
         router.add_route("*", "/v1/sessions", self._sessions)
         router.add_get("/v1/requests/{request_id:.*}", self._request_status, allow_head=False)
         for path in self.static:
@@ -180,9 +221,6 @@ class HttpRoutes:
     async def _readyz(self, _request: web.Request) -> web.Response:
         ok, checks = await self.readiness()
         return json_response(200 if ok else 503, {"ready": ok, "checks": checks})
-
-    async def _metrics(self, _request: web.Request) -> web.Response:
-        return response(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
 
     async def _static(self, request: web.Request) -> web.Response:
         body, ctype = self.static[request.path]

@@ -7,6 +7,7 @@ start, the ones already started are closed again before the error propagates.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass
 
@@ -105,7 +106,9 @@ class Resources:
                 admin = kafka.admin(conn, f"{s.gateway_id}-admin")
                 await admin.start()
                 stack.push_async_callback(admin.close)
-            sessions = auth.Sessions(redis, s.session_ttl_s)
+            # Read (or created) off the loop: a file, at start only.
+            session_secrets = await asyncio.to_thread(auth.read_secrets, s.session_secret_path())
+            sessions = auth.Sessions(redis, s.session_ttl_s, session_secrets, s.session_max_s)
             keys = auth.KeyCache(auth.pg_lookup(postgres), s.auth_cache_s)
             resources = cls(
                 connection=conn,

@@ -30,11 +30,11 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from psycopg_pool import AsyncConnectionPool
 
-from gateway import auth
+from gateway import auth, readiness
 from gateway.admission import Admission, Load, Policy
 from gateway.feed import TokenFeed
 from gateway.follow import Followers
-from gateway.http import AccessLog, HttpRoutes, render_errors
+from gateway.http import AccessLog, HttpRoutes, metrics, render_errors
 from gateway.inflight import Inflight
 from gateway.metrics import GatewayMetrics
 from gateway.models import Models
@@ -131,6 +131,8 @@ class Gateway:
         self.prompt_lag = 0
         self._parts: Parts | None = None
         self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self._probes = readiness.ProbeCache(self._probe)
 
     @property
     def parts(self) -> Parts:
@@ -145,8 +147,8 @@ class Gateway:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        # /metrics is served on the main port, so the provider is needed however the gateway
-        # is started (CLI or in-process); a no-op if one exists already.
+        # /metrics is served by the gateway's own server (GATEWAY_METRICS_PORT), so the
+        # provider is needed however the gateway is started; a no-op if one exists already.
         telemetry.setup_metrics("gateway")
         res = await Resources.open(self.s)
         try:
@@ -267,6 +269,13 @@ class Gateway:
         await web.TCPSite(self._runner, s.host, s.port, ssl_context=s.ssl_context()).start()
         if s.port == 0:
             s.port = self._runner.addresses[0][1]
+        if s.metrics_port:
+            # Its own port, never the public one (scraped from inside the deployment).
+            app = web.Application()
+            app.router.add_get("/metrics", metrics)
+            self._metrics_runner = web.AppRunner(app, access_log=None)
+            await self._metrics_runner.setup()
+            await web.TCPSite(self._metrics_runner, s.host, s.metrics_port).start()
         log.info(
             "gateway listening",
             extra=telemetry.fields(
@@ -290,11 +299,14 @@ class Gateway:
         loops and the clients."""
         self.draining = True
         runner, self._runner = self._runner, None
-        if runner is not None:
+        for server in (runner, self._metrics_runner):
+            if server is None:
+                continue
             try:
-                await runner.cleanup()
+                await server.cleanup()
             except Exception:
                 log.warning("stopping the server failed", exc_info=True)
+        self._metrics_runner = None
         await self.supervisor.stop()
         await self.tasks.cancel_all()
         if self._parts is not None:
@@ -336,17 +348,22 @@ class Gateway:
 
     # ---- readiness and introspection ---------------------------------------------------------
 
-    async def readiness(self) -> tuple[bool, dict[str, str]]:
-        """`/readyz`: ready when Redis, PostgreSQL and Kafka answer, this replica reads its
-        partitions, no loop died (the `loops` check appears only then) and it is not
-        draining."""
+    async def _probe(self) -> dict[str, str]:
+        """The dependency probes of `/readyz` (run through `ProbeCache`: at most once a
+        second whatever the request rate)."""
         res = self.parts.resources
         redis_ping: Any = res.redis.ping()
-        checks = {
+        return {
             "redis": await _probe(redis_ping),
             "postgres": await _probe(_select_one(res.postgres)),
             "kafka": await _probe(res.producer.partitions_for(self.s.tokens_topic)),
         }
+
+    async def readiness(self) -> tuple[bool, dict[str, str]]:
+        """`/readyz`: ready when Redis, PostgreSQL and Kafka answer (probed at most once per
+        `readiness.INTERVAL_S`), this replica reads its partitions, no loop died (the `loops`
+        check appears only then) and it is not draining."""
+        checks = await self._probes.checks()
         if checks["kafka"] == "ok" and not self.parts.feed.owned_assignment():
             checks["kafka"] = "error: no partitions"
         if not self.supervisor.healthy:

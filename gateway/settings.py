@@ -70,6 +70,9 @@ VARIABLES = {
     "heartbeat_s": "GATEWAY_HEARTBEAT_S",
     "auth_cache_s": "GATEWAY_AUTH_CACHE_S",
     "session_ttl_s": "GATEWAY_SESSION_TTL_S",
+    "session_max_s": "GATEWAY_SESSION_MAX_S",
+    "session_secret_file": "SESSION_SECRET_FILE",
+    "metrics_port": "GATEWAY_METRICS_PORT",
     "cookie_secure": "GATEWAY_COOKIE_SECURE",
     "tls_cert": "GATEWAY_TLS_CERT",
     "tls_key": "GATEWAY_TLS_KEY",
@@ -125,6 +128,10 @@ class Settings:
     heartbeat_s: float = _default("heartbeat_s", float)
     auth_cache_s: float = _default("auth_cache_s", float)
     session_ttl_s: int = _default("session_ttl_s", int)
+    session_max_s: int = _default("session_max_s", int)
+    session_secret_file: str = _default("session_secret_file", str)  # empty: in the state dir
+    # /metrics on its own port (0: none); the public port never serves it.
+    metrics_port: int = _default("metrics_port", int)
     cookie_secure: bool = _default("cookie_secure", bool)  # also implied by serving TLS
     tls_cert: str = _default("tls_cert", str)  # PEM files: serve https/wss
     tls_key: str = _default("tls_key", str)
@@ -137,6 +144,12 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.gateway_id:
             self.gateway_id = f"gateway-{socket.gethostname()}-{os.getpid()}"
+
+    def session_secret_path(self) -> Path:
+        """Where the session secrets are (created there on first use when missing)."""
+        if self.session_secret_file:
+            return Path(self.session_secret_file)
+        return config.state_dir() / "session-secret"
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS server context (https/wss), or None to serve plain http/ws."""

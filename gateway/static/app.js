@@ -16,6 +16,8 @@
   const pending = {};           // client_ref -> {prompt, sentAt}
   const reqs = load();          // request_id -> state
   let saveTimer = null;
+  // The page's Content-Security-Policy allows no inline handlers: listeners are added here.
+  $("model").addEventListener("input", (e) => { e.target.dataset.touched = "1"; });
 
   function load() {
     try { return JSON.parse(sessionStorage.getItem(STORE) || "{}"); } catch (e) { return {}; }

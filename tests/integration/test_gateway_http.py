@@ -17,6 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from gateway.server import Gateway, Parts
+from llmstream.ports import free_port
 from llmstream_tools import admin
 from llmstream_tools.testing import gateway as testing
 from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
@@ -50,7 +51,7 @@ async def ahttp(*args: Any, **kw: Any) -> tuple[int, dict[str, str], Any]:
 
 
 async def test_http_routes_and_request_status(topics: Topics, db_env: str, redis_url: str) -> None:
-    s = testing.settings(topics, redis_url, db_env, "gw-h", [0, 1])
+    s = testing.settings(topics, redis_url, db_env, "gw-h", [0, 1], metrics_port=free_port())
     tenant, _name, key = await testing.new_tenant()
     _t2, _n2, other = await testing.new_tenant()
     async with testing.running(s), FakeWorker(topics):
@@ -85,8 +86,11 @@ async def test_http_routes_and_request_status(topics: Topics, db_env: str, redis
             )
         status, _h, body = await ahttp(s.port, f"/v1/requests/{rid}", headers=auth)
         assert body["status"] == "completed" and body["source"] == "projection"
-        status, _h, metrics = await ahttp(s.port, "/metrics")
+        # /metrics only on its own port: the public one answers it like any unknown path.
+        status, _h, metrics = await ahttp(s.metrics_port, "/metrics")
         assert status == 200 and "gateway_submits_total" in metrics
+        status, _h, body = await ahttp(s.port, "/metrics")
+        assert (status, body) == (404, {"error": "not_found", "message": "no such route"})
         await c.close()
 
 

@@ -81,6 +81,7 @@ def test_shared_refusals_are_worded_once() -> None:
 class FakeSessions(auth.Sessions):
     def __init__(self, live: dict[str, tuple[str, str]]) -> None:  # no Redis
         self.live = live
+        self.secrets = [b"s" * 32]
 
     async def lookup(self, session_id: str) -> tuple[str, str] | None:
         return self.live.get(session_id)

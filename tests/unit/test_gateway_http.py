@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from gateway import errors
+from gateway import errors, http
 from gateway.http import AccessLog, render_errors
 
 SECRET = "lsk_0123456789ab_SECRETSECRETSECRET"
@@ -99,3 +99,19 @@ async def test_no_log_line_carries_credentials(port: int, caplog: pytest.LogCapt
     assert parse_errors == ["Error handling request from 127.0.0.1: BadHttpMessage"]
     assert any(r.name == "gateway" and r.exc_info for r in caplog.records)  # the bug, logged
     assert SECRET not in caplog.text and "Bearer" not in caplog.text
+
+
+def test_every_response_gets_security_headers_the_page_a_strict_policy() -> None:
+    api = http.security_headers("gw.example:8000", page=False)
+    assert api["Content-Security-Policy"] == "default-src 'none'; frame-ancestors 'none'; sandbox"
+    assert (api["X-Content-Type-Options"], api["Referrer-Policy"], api["X-Frame-Options"]) == (
+        "nosniff",
+        "no-referrer",
+        "DENY",
+    )
+    page = http.security_headers("gw.example:8000", page=True)["Content-Security-Policy"]
+    assert "script-src 'self';" in page and "frame-ancestors 'none'" in page
+    assert "connect-src 'self' ws://gw.example:8000 wss://gw.example:8000;" in page
+    # A Host header that is not a host adds nothing to the policy.
+    evil = http.security_headers("x; script-src *", page=True)["Content-Security-Policy"]
+    assert "connect-src 'self';" in evil and "script-src *" not in evil

@@ -114,10 +114,14 @@ def test_reserve_args_use_shared_key_layout() -> None:
         quota_keys.requests_minute("t1", at),
         quota_keys.tokens_day("t1", at),
         quota_keys.tokens_month("t1", at),
+        quota_keys.reservations("t1"),
+        quota_keys.reserved("t1"),
     ]
     args = quota.reserve_args("r", at, at, 30, limits, 1000)
     assert args[:8] == [at, "r", at + 1000, 30, 2, 10, 100, 1000]
     assert args[11] == quota_keys.minute_start_ms(at) + 60_000
+    # The reservation is recorded at the submit time: the reaper and a release find its windows.
+    assert args[14:] == [at, quota_keys.RESERVATIONS_TTL_MS]
 
 
 def test_in_process_defaults_are_the_documented_ones() -> None:
