@@ -3,12 +3,20 @@
 Every llmstream topic carries `llmstream.v1.Event` values keyed by request id. A record that
 cannot be decoded, or whose schema version is newer than this code knows, raises
 `DecodeError` with a reason suitable for a dead-letter header.
+
+Token events are the one event per few tokens, so their record carries only what the record
+itself does not (docs/events.md, "Token events"): no content-type header, and in their
+compact shape (`TokenDeltaEncoder(compact=True)`) no request id (the record key), event time
+(the record timestamp), producer id or trace context (`started` and the terminal event carry
+those). `decode_record` puts the request id and event time back from the record, so every
+reader folds the same state from either shape; `decode(value)` alone needs them in the value.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 from google.protobuf.message import DecodeError as _ProtobufDecodeError
 
@@ -49,12 +57,13 @@ def key(event: events_pb2.Event) -> bytes:
 
 
 def headers(event: events_pb2.Event) -> list[tuple[str, bytes]]:
-    """Record headers: content type, body kind (lets tools filter without decoding) and the
-    W3C trace context (so tracing works even for consumers that don't decode)."""
-    out = [
-        ("content-type", CONTENT_TYPE),
-        ("event-type", (event.WhichOneof("body") or "").encode()),
-    ]
+    """Record headers: content type (not on token events: one schema per topic, and 66 bytes
+    on each would outweigh the tokens), body kind (lets tools filter without decoding) and
+    the W3C trace context when the event carries one (so tracing works even for consumers
+    that don't decode)."""
+    body = event.WhichOneof("body") or ""
+    out = [] if body == "token_delta" else [("content-type", CONTENT_TYPE)]
+    out.append(("event-type", body.encode()))
     if event.trace.traceparent:
         out.append(("traceparent", event.trace.traceparent.encode()))
         if event.trace.tracestate:
@@ -62,7 +71,67 @@ def headers(event: events_pb2.Event) -> list[tuple[str, bytes]]:
     return out
 
 
-def decode(value: bytes | None) -> events_pb2.Event:
+class TokenDeltaEncoder:
+    """Record value and headers of one attempt's `token_delta` events (the hot path).
+
+    `template` is the attempt's envelope (request and tenant ids, producer, trace, fence).
+    The fields that never change within an attempt are serialized once; each delta appends
+    its body (protobuf parses concatenated encodings as one merged message, so the bytes
+    decode exactly like `encode` of the whole event).
+
+    `compact`: the token-event wire shape of docs/events.md: schema version, tenant id and
+    fence only, the rest is the record's key and timestamp (readers use `decode_record`).
+    Otherwise request id, producer id, event time and trace context are in the value too,
+    for readers that still decode the value alone.
+    """
+
+    __slots__ = ("_compact", "_prefix", "headers")
+
+    def __init__(self, template: events_pb2.Event, *, compact: bool) -> None:
+        envelope = events_pb2.Event()
+        envelope.CopyFrom(template)
+        envelope.ClearField("event_time")
+        if compact:
+            for name in ("request_id", "producer_id", "trace"):
+                envelope.ClearField(name)
+        self._compact = compact
+        self._prefix = envelope.SerializeToString()
+        envelope.token_delta.SetInParent()
+        self.headers = headers(envelope)
+
+    def value(self, seq: int, text: str, token_ids: list[int]) -> bytes:
+        ev = events_pb2.Event(
+            token_delta=events_pb2.TokenDelta(seq=seq, text=text, token_ids=token_ids)
+        )
+        if not self._compact:
+            ev.event_time.FromNanoseconds(time.time_ns())
+        return self._prefix + ev.SerializeToString()
+
+
+class Record(Protocol):
+    """What `decode_record` reads of a consumed record (aiokafka's `ConsumerRecord`)."""
+
+    @property
+    def key(self) -> bytes | None: ...
+
+    @property
+    def value(self) -> bytes | None: ...
+
+    @property
+    def timestamp(self) -> int: ...
+
+
+def decode_record(record: Record) -> events_pb2.Event:
+    """`decode` of a consumed record: a value without request id or event time (a compact
+    token event) takes them from the record key and timestamp (milliseconds)."""
+    return decode(record.value, record.key, record.timestamp)
+
+
+def decode(
+    value: bytes | None, key: bytes | None = None, timestamp_ms: int | None = None
+) -> events_pb2.Event:
+    """The event of a record value. `key` and `timestamp_ms` (the record's) fill in a request
+    id and an event time the value leaves out; a value that has them keeps its own."""
     if value is None:
         raise DecodeError("empty record value (tombstone)")
     event = events_pb2.Event()
@@ -77,7 +146,14 @@ def decode(value: bytes | None) -> events_pb2.Event:
             f"schema_version {event.schema_version} is newer than supported {SCHEMA_VERSION}"
         )
     if not event.request_id:
-        raise DecodeError("request_id missing")
+        if not key:
+            raise DecodeError("request_id missing (neither in the value nor the record key)")
+        try:
+            event.request_id = key.decode()
+        except UnicodeDecodeError:
+            raise DecodeError("request_id missing and the record key is not UTF-8") from None
+    if timestamp_ms is not None and timestamp_ms >= 0 and not event.HasField("event_time"):
+        event.event_time.FromMilliseconds(timestamp_ms)
     if event.WhichOneof("body") is None:
         raise DecodeError("event body missing or of an unknown kind")
     return event

@@ -6,6 +6,11 @@ acknowledged waits in the coalescer; a timer (the coalescing delay) and the prev
 acknowledgement both trigger the flush, so the hot path creates no task per token. Every send
 first asks the worker's `ProduceGate` (worker/lease.py): a worker that may have lost its
 partitions writes nothing until the group confirms it.
+
+Token events leave through `codec.TokenDeltaEncoder`: without a content-type header, and in the
+compact shape (docs/events.md, "Token events") without the request id, event time, producer id
+and trace context, which the record key, the record timestamp and the attempt's `started`
+carry.
 """
 
 from __future__ import annotations
@@ -21,6 +26,12 @@ from llmstream.v1 import common_pb2, events_pb2
 from worker.coalesce import Coalescer
 from worker.core import Envelope
 from worker.lease import ProduceGate
+
+# The compact token-event shape needs every reader of the tokens topic to decode with
+# `codec.decode_record` (the request id from the record key): the gateway's feed, the
+# aggregator (projection and `llmstream replay`), worker takeover and the test collectors.
+# Until they all do, token events keep the request id, event time, producer id and trace.
+COMPACT_TOKEN_EVENTS = False
 
 
 class Producer(Protocol):
@@ -50,6 +61,7 @@ class Emitter:
         coalesce_bytes: int,
         last_seq: int = 0,
         token_ids: Sequence[int] = (),
+        compact: bool = COMPACT_TOKEN_EVENTS,
     ) -> None:
         self._producer = producer
         self._gate = gate
@@ -61,7 +73,8 @@ class Emitter:
         self.first_seq = last_seq  # what the log held before this worker's attempt
         self.first_token_count = len(self.token_ids)
         self.coalescer = Coalescer(coalesce_s, coalesce_bytes)
-        self._deltas = env.delta_encoder()
+        self._compact = compact
+        self._deltas = codec.TokenDeltaEncoder(env.event(), compact=compact)
         self._key = env.request_id.encode()
         self._lock = asyncio.Lock()
         self._last: asyncio.Future[Any] | None = None
@@ -95,7 +108,7 @@ class Emitter:
         await self.flush()  # buffered deltas leave with the previous attempt's fence
         async with self._lock:
             self.env = dataclasses.replace(self.env, attempt=attempt)
-            self._deltas = self.env.delta_encoder()
+            self._deltas = codec.TokenDeltaEncoder(self.env.event(), compact=self._compact)
 
     async def send(self, event: events_pb2.Event, *, gates: bool = True) -> None:
         """`gates=False`: the next delta does not wait for this event's acknowledgement

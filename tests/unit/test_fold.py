@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from llmstream import codec
 from llmstream.fold import RequestState, Status, fold, fold_all
@@ -272,3 +276,70 @@ def test_fencing_survives_persist_and_resume() -> None:
     for event in events:
         state = RequestState.from_dict(fold(state, event).as_dict())
     assert state is not None and state.text == "ab" and state.fenced == 1
+
+
+# -- compact token events (docs/events.md, "Token events") fold like full ones ----------------
+
+
+@dataclass(frozen=True)
+class Rec:
+    key: bytes
+    value: bytes
+    timestamp: int
+
+
+def attempt_records(compact: bool, deltas: list[tuple[str, list[int]]]) -> list[Rec]:
+    """One request's tokens-topic records as a worker writes them, timestamps as Kafka stamps
+    them (the producer's clock, milliseconds)."""
+    env = codec.new_event("req_7", "t_1", "worker-1")
+    env.trace.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    env.fence.generation, env.fence.attempt = 3, 1
+    env.event_time.FromMilliseconds(1_000)
+    started = events_pb2.Event()
+    started.CopyFrom(env)
+    started.started.attempt = 1
+    out = [Rec(b"req_7", codec.encode(started), 1_000)]
+    enc = codec.TokenDeltaEncoder(env, compact=compact)
+    for seq, (text, ids) in enumerate(deltas, start=1):
+        value = enc.value(seq, text, ids)
+        if not compact:  # the full shape stamps its own clock: make it the record's
+            ev = codec.decode(value)
+            ev.event_time.FromMilliseconds(1_000 + seq)
+            value = codec.encode(ev)
+        out.append(Rec(b"req_7", value, 1_000 + seq))
+    done = events_pb2.Event()
+    done.CopyFrom(env)
+    done.event_time.FromMilliseconds(2_000)
+    done.completed.finish_reason = common_pb2.FINISH_REASON_STOP
+    done.completed.usage.completion_tokens = sum(len(ids) for _, ids in deltas)
+    done.completed.last_seq = len(deltas)
+    out.append(Rec(b"req_7", codec.encode(done), 2_000))
+    return out
+
+
+def fold_records(records: list[Rec]) -> RequestState:
+    state = None
+    for rec in records:
+        state = fold(state, codec.decode_record(rec))
+    assert state is not None
+    return state
+
+
+@given(
+    st.lists(
+        st.tuples(st.text(max_size=12), st.lists(st.integers(0, 50_000), max_size=8)),
+        min_size=1,
+        max_size=20,
+    ),
+    st.integers(0, 22),
+)
+def test_compact_token_events_fold_to_the_same_state(
+    deltas: list[tuple[str, list[int]]], switch: int
+) -> None:
+    full = attempt_records(False, deltas)
+    compact = attempt_records(True, deltas)
+    want = fold_records(full).as_dict()
+    assert fold_records(compact).as_dict() == want
+    assert want["first_token_at_ms"] == 1_001 and want["tenant_id"] == "t_1"
+    # A worker upgraded mid-request (or a replay across the change): old and new records mixed.
+    assert fold_records(full[:switch] + compact[switch:]).as_dict() == want
