@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PREFIX = "LLMSTREAM_"
 
@@ -43,6 +44,35 @@ SETTINGS: tuple[Setting, ...] = (
         "127.0.0.1:`LLMSTREAM_KAFKA_PORT`.",
     ),
     Setting(
+        "KAFKA_SECURITY_PROTOCOL",
+        "",
+        "PLAINTEXT, SASL_PLAINTEXT or SASL_SSL. Empty: SASL_PLAINTEXT when this process has "
+        "Kafka credentials (below, or the infra record of `llmstream infra up`), else PLAINTEXT.",
+    ),
+    Setting(
+        "KAFKA_SASL_MECHANISM",
+        "SCRAM-SHA-512",
+        "SASL mechanism with `LLMSTREAM_KAFKA_USERNAME` (SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN).",
+    ),
+    Setting(
+        "KAFKA_USERNAME",
+        "",
+        "Kafka SASL user of this process. Empty: the user of `LLMSTREAM_PRINCIPAL` in the infra "
+        "record of `llmstream infra up` (none there: no authentication).",
+    ),
+    Setting(
+        "KAFKA_PASSWORD",
+        "",
+        "Password of `LLMSTREAM_KAFKA_USERNAME` (compose: from the env file; k8s: from a Secret).",
+    ),
+    Setting(
+        "PRINCIPAL",
+        "",
+        "Who this process is when its Kafka and Redis credentials come from the infra record "
+        "of `llmstream infra up`: gateway, worker, aggregator or admin. Empty: the service "
+        "that runs (each service names itself), admin for tooling and tests.",
+    ),
+    Setting(
         "DATABASE_URL",
         "",
         "PostgreSQL URL. Empty: `llmstream infra up` starts a private server and records its URL "
@@ -51,8 +81,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "REDIS_URL",
         "",
-        "Redis URL. Empty: `llmstream infra up` starts a private server and records its URL "
-        "in the state dir.",
+        "Redis URL, with the user and password of this process (`redis://user:pw@host:port/0`). "
+        "Empty: `llmstream infra up` starts a private server and records a URL per principal "
+        "(`LLMSTREAM_PRINCIPAL`) in the state dir.",
     ),
     Setting(
         "MODEL_SERVERS",
@@ -447,18 +478,42 @@ def cache_dir() -> Path:
     return Path(get("CACHE_DIR"))
 
 
-def _infra_record() -> dict[str, str]:
-    """Addresses recorded by `llmstream infra up` for servers it started itself."""
+def _infra_record() -> dict[str, Any]:
+    """Addresses and credentials recorded by `llmstream infra up` for servers it started
+    itself (infra.json, mode 0600)."""
     path = state_dir() / "infra.json"
     try:
         data = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
-    return {k: v for k, v in data.items() if isinstance(v, str)}
+    return data if isinstance(data, dict) else {}
+
+
+def _record_str(key: str) -> str:
+    value = _infra_record().get(key, "")
+    return value if isinstance(value, str) else ""
+
+
+# -- who this process is ------------------------------------------------------------------------
+
+ADMIN = "admin"
+_declared: list[str] = []
+
+
+def declare_principal(name: str) -> None:
+    """A service names itself once at start (`llmstream.runner.run`), so that, run by hand, it
+    authenticates as itself with the credentials of the infra record."""
+    _declared[:] = [name]
+
+
+def principal() -> str:
+    """`LLMSTREAM_PRINCIPAL`, else what the running service declared, else `admin` (tooling,
+    tests)."""
+    return get("PRINCIPAL").strip() or (_declared[0] if _declared else ADMIN)
 
 
 def database_url() -> str:
-    url = get("DATABASE_URL") or _infra_record().get("database_url", "")
+    url = get("DATABASE_URL") or _record_str("database_url")
     if not url:
         raise ConfigError(
             f"no PostgreSQL: set {PREFIX}DATABASE_URL or run `llmstream infra up` first"
@@ -466,11 +521,84 @@ def database_url() -> str:
     return url
 
 
-def redis_url() -> str:
-    url = get("REDIS_URL") or _infra_record().get("redis_url", "")
+def redis_url(who: str | None = None) -> str:
+    """`LLMSTREAM_REDIS_URL`, else the URL (with user and password) the infra record keeps for
+    `who` (default: this process's principal)."""
+    url = get("REDIS_URL")
+    if url:
+        return url
+    urls = _infra_record().get("redis_urls")
+    if isinstance(urls, dict) and urls:
+        name = who or principal()
+        found = urls.get(name)
+        if not isinstance(found, str):
+            raise ConfigError(
+                f"the local Redis has no user for principal {name!r} (users: "
+                f"{', '.join(sorted(urls))}): set {PREFIX}PRINCIPAL or {PREFIX}REDIS_URL"
+            )
+        return found
+    url = _record_str("redis_url")
     if not url:
         raise ConfigError(f"no Redis: set {PREFIX}REDIS_URL or run `llmstream infra up` first")
     return url
+
+
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+
+
+@dataclass(frozen=True)
+class KafkaAuth:
+    """How this process authenticates to Kafka."""
+
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+
+
+def kafka_auth(who: str | None = None) -> KafkaAuth:
+    """`LLMSTREAM_KAFKA_USERNAME`/`PASSWORD` if set, else the user the infra record keeps for
+    `who` (default: this process's principal); no credentials (an infra started before Kafka
+    had authentication, or an external cluster without it): PLAINTEXT."""
+    username, password = get("KAFKA_USERNAME").strip(), get("KAFKA_PASSWORD")
+    mechanism = get("KAFKA_SASL_MECHANISM").strip()
+    if username:
+        if not password:
+            raise ConfigError(
+                f"{PREFIX}KAFKA_USERNAME={username} is set but no {PREFIX}KAFKA_PASSWORD"
+            )
+    else:
+        users = _infra_record().get("kafka_users")
+        if isinstance(users, dict) and users:
+            name = who or principal()
+            found = users.get(name)
+            if not isinstance(found, str):
+                raise ConfigError(
+                    f"the local Kafka requires authentication and has no user for principal "
+                    f"{name!r} (users: {', '.join(sorted(users))}): set {PREFIX}PRINCIPAL or "
+                    f"{PREFIX}KAFKA_USERNAME/PASSWORD"
+                )
+            username, password = name, found
+            mechanism = _record_str("kafka_sasl_mechanism") or mechanism
+    protocol = get("KAFKA_SECURITY_PROTOCOL").strip().upper()
+    protocol = protocol or ("SASL_PLAINTEXT" if username else "PLAINTEXT")
+    if protocol not in KAFKA_PROTOCOLS:
+        raise ConfigError(
+            f"{PREFIX}KAFKA_SECURITY_PROTOCOL={protocol} is not one of {', '.join(KAFKA_PROTOCOLS)}"
+        )
+    if protocol == "PLAINTEXT":
+        return KafkaAuth()
+    if not username:
+        raise ConfigError(
+            f"{PREFIX}KAFKA_SECURITY_PROTOCOL={protocol} needs {PREFIX}KAFKA_USERNAME and "
+            f"{PREFIX}KAFKA_PASSWORD"
+        )
+    if mechanism not in KAFKA_MECHANISMS:
+        raise ConfigError(
+            f"{PREFIX}KAFKA_SASL_MECHANISM={mechanism} is not one of {', '.join(KAFKA_MECHANISMS)}"
+        )
+    return KafkaAuth(protocol, mechanism, username, password)
 
 
 def kafka_bootstrap() -> str:

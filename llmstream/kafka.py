@@ -1,6 +1,6 @@
 """Every Kafka client of every service is made here.
 
-The one place for the bootstrap address, client settings that were measured (see the comments)
+The one place for the bootstrap address and credentials (SASL), client settings that were measured (see the comments)
 and timeouts; one way to read a range of offsets (worker takeover, gateway resume catch-up,
 replay, tests) and one dead-letter format (worker and aggregator alike).
 """
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.helpers import create_ssl_context
 
 from llmstream import config
 
@@ -23,16 +24,47 @@ CALL_TIMEOUT_S = 15.0
 
 @dataclass(frozen=True)
 class Connection:
-    """Where the brokers are. Every client gets its keyword arguments from `client_kwargs`."""
+    """Where the brokers are and who this process is to them. Every client gets its keyword
+    arguments from `client_kwargs`.
+
+    `auth` left out: this process's credentials (`config.kafka_auth()`:
+    LLMSTREAM_KAFKA_USERNAME/PASSWORD, else the user of its principal in the infra record, else
+    none), so `Connection(bootstrap)` authenticates as the service that makes it."""
 
     bootstrap: str
+    auth: config.KafkaAuth = field(default_factory=config.kafka_auth)
 
     @classmethod
-    def from_env(cls) -> Connection:
-        return cls(bootstrap=config.kafka_bootstrap())
+    def from_env(cls, principal: str | None = None, bootstrap: str | None = None) -> Connection:
+        """The configured brokers, with the credentials of `principal` (default: this
+        process's, `config.principal()`)."""
+        return cls(bootstrap or config.kafka_bootstrap(), config.kafka_auth(principal))
+
+    @property
+    def security_protocol(self) -> str:
+        return self.auth.security_protocol
+
+    def security_kwargs(self) -> dict[str, Any]:
+        """aiokafka's SASL arguments (none for PLAINTEXT)."""
+        a = self.auth
+        if a.security_protocol == "PLAINTEXT":
+            return {}
+        kwargs: dict[str, Any] = {
+            "security_protocol": a.security_protocol,
+            "sasl_mechanism": a.sasl_mechanism,
+            "sasl_plain_username": a.username,
+            "sasl_plain_password": a.password,
+        }
+        if a.security_protocol == "SASL_SSL":  # brokers verified against the system's CAs
+            kwargs["ssl_context"] = create_ssl_context()
+        return kwargs
 
     def client_kwargs(self, client_id: str) -> dict[str, Any]:
-        return {"bootstrap_servers": self.bootstrap, "client_id": client_id}
+        return {
+            "bootstrap_servers": self.bootstrap,
+            "client_id": client_id,
+            **self.security_kwargs(),
+        }
 
 
 def event_producer(

@@ -28,16 +28,23 @@ import psycopg
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from psycopg.conninfo import make_conninfo
 
-from llmstream import config, migrate
+from llmstream import config, kafka, migrate
+from llmstream import topics as names
 from llmstream.ports import free_port
 from llmstream_tools import admin
+
+
+def _admin(bootstrap: str) -> AIOKafkaAdminClient:
+    """An admin client of the tooling's principal (`admin`: creating and deleting topics)."""
+    conn = kafka.Connection.from_env(config.ADMIN, bootstrap)
+    return AIOKafkaAdminClient(**conn.client_kwargs("llmstream-stack"), request_timeout_ms=10000)
 
 
 async def create_topics(bootstrap: str, partitions: dict[str, int], replication: int = 1) -> None:
     """Create topics (name -> partition count) for a test or benchmark run. With 3 replicas
     a write needs 2 of them (min.insync.replicas), as on the cluster's own topics."""
     configs = {"min.insync.replicas": "2"} if replication >= 3 else {}
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    admin = _admin(bootstrap)
     await asyncio.wait_for(admin.start(), 15)
     try:
         topics = [NewTopic(n, p, replication, topic_configs=configs) for n, p in partitions.items()]
@@ -54,9 +61,7 @@ async def _until_led(admin: AIOKafkaAdminClient, partitions: dict[str, int]) -> 
     while True:
         described = await admin.describe_topics(list(partitions))
         led = {
-            t["topic"]: sum(
-                1 for p in t["partitions"] if p["error_code"] == 0 and p["leader"] >= 0
-            )
+            t["topic"]: sum(1 for p in t["partitions"] if p["error_code"] == 0 and p["leader"] >= 0)
             for t in described
             if t["error_code"] == 0
         }
@@ -66,7 +71,7 @@ async def _until_led(admin: AIOKafkaAdminClient, partitions: dict[str, int]) -> 
 
 
 async def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    admin = _admin(bootstrap)
     await asyncio.wait_for(admin.start(), 15)
     try:
         await asyncio.wait_for(admin.delete_topics(list(names)), 15)
@@ -94,10 +99,12 @@ class Stack:
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
         """Start (or restart) process `name`; its output is appended to `tmp/<name>.log`."""
+        # Each process authenticates to Kafka and Redis as its own service (`worker-1`: worker).
+        env = {**self.env, config.PREFIX + "PRINCIPAL": self.commands[name][0]}
         with open(self.tmp / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "llmstream_tools.cli", *self.commands[name]],
-                env=self.env,
+                env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -147,8 +154,10 @@ async def local_stack(
     /metrics (ports in `Stack.metrics_ports`). `replication`: replicas of the stack's topics
     (3 on a 3-broker cluster)."""
     bootstrap = config.kafka_bootstrap()
-    base = f"stack.{uuid.uuid4().hex[:8]}"
-    topics = [f"{base}.prompts", f"{base}.tokens", f"{base}.dlq", f"{base}.models"]
+    base = f"stack-{uuid.uuid4().hex[:8]}"
+    # Copies of the platform's topics and groups named after them (`llmstream.prompts.stack-
+    # <hex>`): the Kafka ACLs, prefixed on the platform's names, treat them alike.
+    topics = [f"{t}.{base}" for t in (names.prompts(), names.tokens(), names.dlq(), names.models())]
     server_db = config.database_url()
     db_name = f"llmstream_stack_{uuid.uuid4().hex[:8]}"
     stack: Stack | None = None
@@ -176,8 +185,8 @@ async def local_stack(
             "LLMSTREAM_TOPIC_MODELS": topics[3],
             "LLMSTREAM_PROMPTS_PARTITIONS": str(partitions),
             "LLMSTREAM_TOKENS_PARTITIONS": str(partitions),
-            "LLMSTREAM_WORKER_GROUP": f"{base}.workers",
-            "LLMSTREAM_AGGREGATOR_GROUP": f"{base}.aggregator",
+            "LLMSTREAM_WORKER_GROUP": f"{config.get('WORKER_GROUP')}.{base}",
+            "LLMSTREAM_AGGREGATOR_GROUP": f"{config.get('AGGREGATOR_GROUP')}.{base}",
             "LLMSTREAM_MODEL_SERVERS": ",".join(ms_addrs),
             "LLMSTREAM_GATEWAY_PORT": str(gw_ports[0]),
             "LLMSTREAM_GATEWAY_MAX_INFLIGHT": "20000",

@@ -183,7 +183,8 @@ def main(argv: Sequence[str]) -> int:
                     [sys.executable, "-m", "llmstream_tools.cli", *svc.args],
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
-                    env=env,
+                    # Each service authenticates to Kafka and Redis as itself.
+                    env={**env, config.PREFIX + "PRINCIPAL": svc.name},
                 )
             print(f"  {svc.name:<10} started (pid {procs[svc.name].pid}, log {log_path})")
     if missing:

@@ -64,7 +64,8 @@ def _check_names(components: Sequence[str]) -> list[str]:
 
 
 def up(components: Sequence[str] = COMPONENTS, brokers: int | None = None) -> list[ComponentStatus]:
-    """Start (or reuse) the components; returns their status in the order asked.
+    """Start (or reuse) the components; returns their status in the order asked. Kafka's ACLs
+    are (re)applied and every service's credentials recorded in infra.json (0600).
 
     `brokers`: Kafka nodes of a new state dir (1 when never set; a formatted cluster keeps its
     size, asking for another one is an error). The Kafka JVMs boot while PostgreSQL and Redis
@@ -83,7 +84,7 @@ def up(components: Sequence[str] = COMPONENTS, brokers: int | None = None) -> li
             results["redis"] = _redis.up()
         if kafka_wait is not None:
             results["kafka"] = kafka_wait()
-            record(kafka_bootstrap=results["kafka"].address)
+            record(kafka_bootstrap=results["kafka"].address, **_kafka.authorize())
     return [results[name] for name in names]
 
 

@@ -134,8 +134,9 @@ def infra_json() -> Path:
     return config.state_dir() / "infra.json"
 
 
-def record(**values: str) -> None:
-    """Merge keys into $STATE_DIR/infra.json (other keys are kept)."""
+def record(**values: object) -> None:
+    """Merge keys into $STATE_DIR/infra.json (0600: it holds credentials; other keys are
+    kept)."""
     path = infra_json()
     try:
         data = json.loads(path.read_text())

@@ -1,228 +1,87 @@
 """Local Apache Kafka (KRaft, every node a combined broker + controller) from Maven Central jars:
 one node by default, or a cluster of N (`llmstream infra up --brokers 3`: replication factor 3,
-`min.insync.replicas=2`, a static quorum of N controllers) to test broker failures.
+`min.insync.replicas=2`, a static quorum of N controllers) to test broker failures. Clients
+authenticate (SASL/SCRAM, a user per service) and ACLs say what each may do: `_kafka_auth`.
 
-Layout:
-  $LLMSTREAM_CACHE_DIR/kafka-<version>/libs/        jars (Maven), `.complete` marker beside it
-  $LLMSTREAM_STATE_DIR/kafka/server.properties      rendered from deploy/local/server.properties
-  $LLMSTREAM_STATE_DIR/kafka/data/                  KRaft metadata + topic logs (formatted once)
-  $LLMSTREAM_STATE_DIR/kafka/kafka.log              broker stdout/stderr (previous run: .log.1)
-  $LLMSTREAM_STATE_DIR/kafka/kafka.pid              pid of the broker started by llmstream
-  $LLMSTREAM_STATE_DIR/kafka/brokers                nodes of the cluster (absent: 1)
-  $LLMSTREAM_STATE_DIR/kafka/node-<N>/              the same files for node N >= 2, with its
-                                                    ports (`port`, `controller.port`)
-Node 1 listens on LLMSTREAM_KAFKA_PORT; the others on free ports chosen once and remembered
-(a static quorum names every controller's address, so they never move).
+Modules: `_kafka_nodes` (addresses, paths, cluster size), `_kafka_setup` (Java, jars, ports,
+server.properties, storage format), `_kafka_auth` (users, ACLs); this one probes, reports,
+starts and stops the nodes.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import os
-import re
-import shutil
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from string import Template
 
-from llmstream import config
-
+from . import _kafka_auth
 from ._common import (
-    LOCAL_HOSTS,
     ComponentStatus,
     InfraError,
-    component_dir,
     kafka_api_versions,
     kill_hard,
-    last_error_line,
     log_hint,
-    owned_pid,
     pid_alive,
-    port_free,
     port_free_soon,
-    read_int,
-    read_text,
-    repo_deploy_dir,
     rotate_log,
-    run,
     run_async,
     running_state,
-    split_host_port,
     startup_timeout,
     terminate,
     write_text,
 )
+from ._kafka_nodes import (
+    NAME,
+    Node,
+    bootstrap,
+    brokers,
+    data_dir,
+    is_external,
+    kafka_dir,
+    local_address,
+    log_file,
+    node,
+    nodes,
+    pid,
+    port,
+    set_brokers,
+    version,
+)
+from ._kafka_setup import (
+    cluster_ports,
+    controller_port,
+    ensure_formatted,
+    ensure_jars,
+    find_java,
+    jvm,
+    render_properties,
+    rendered_port,
+)
+
+__all__ = [
+    "begin_up",
+    "bootstrap",
+    "nodes",
+    "pid",
+    "set_brokers",
+    "start_node",
+    "status",
+    "stop",
+    "stop_node",
+    "up",
+]
 
 log = logging.getLogger("llmstream_tools.infra")
 
-NAME = "kafka"
-MIN_JAVA = 17
-MAVEN_TIMEOUT_S = 900.0
-FORMAT_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 
 # Popen objects of brokers started by this process (kept so they are not reported as leaked).
 _children: list[subprocess.Popen[bytes]] = []
-
-
-# --------------------------------------------------------------------------- addresses
-
-
-def port() -> int:
-    return config.get_int("KAFKA_PORT")
-
-
-def local_address() -> str:
-    return f"127.0.0.1:{port()}"
-
-
-def local_addresses() -> list[str]:
-    """Every node's address (node 1 first); nodes whose ports are not chosen yet are left out."""
-    return [n.address for n in nodes() if n.port is not None]
-
-
-def bootstrap() -> str:
-    """LLMSTREAM_KAFKA_BOOTSTRAP if set, else every local node (node 1: LLMSTREAM_KAFKA_PORT)."""
-    if os.environ.get(config.PREFIX + "KAFKA_BOOTSTRAP", "").strip() or brokers() == 1:
-        return config.kafka_bootstrap()
-    return ",".join(local_addresses())
-
-
-def is_external() -> bool:
-    """True if LLMSTREAM_KAFKA_BOOTSTRAP names anything but the local nodes."""
-    servers = [s.strip() for s in bootstrap().split(",") if s.strip()]
-    if not servers:
-        return True
-    local = {split_host_port(a, 9092) for a in local_addresses()}
-    for server in servers:
-        host, p = split_host_port(server, 9092)
-        if host not in LOCAL_HOSTS or ("127.0.0.1", p) not in local:
-            return True
-    return False
-
-
-# --------------------------------------------------------------------------- paths
-
-
-def kafka_dir() -> Path:
-    return component_dir(NAME)
-
-
-def brokers() -> int:
-    """Nodes of the local cluster: what `infra up --brokers N` recorded (1 by default)."""
-    return read_int(kafka_dir() / "brokers") or 1
-
-
-def set_brokers(count: int) -> None:
-    """Record the cluster size before the first start; a formatted cluster keeps its own."""
-    if count < 1:
-        raise InfraError(NAME, f"--brokers {count}: at least one broker", "use 1 or 3")
-    if count == brokers():
-        return
-    if any(n.formatted for n in nodes()):
-        raise InfraError(
-            NAME,
-            f"the local cluster in {kafka_dir()} was formatted with {brokers()} broker(s), "
-            f"not {count}",
-            f"use another LLMSTREAM_STATE_DIR, or `llmstream infra down` and delete "
-            f"{kafka_dir()} to start from scratch",
-        )
-    write_text(kafka_dir() / "brokers", f"{count}\n")
-
-
-@dataclass(frozen=True)
-class Node:
-    """One KRaft node (combined broker + controller). Node 1 keeps the single-node layout."""
-
-    node_id: int
-
-    @property
-    def dir(self) -> Path:
-        return kafka_dir() if self.node_id == 1 else kafka_dir() / f"node-{self.node_id}"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.dir / "kafka.pid"
-
-    @property
-    def log_file(self) -> Path:
-        return self.dir / "kafka.log"
-
-    @property
-    def props_file(self) -> Path:
-        return self.dir / "server.properties"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.dir / "data"
-
-    @property
-    def formatted(self) -> bool:
-        return (self.data_dir / "meta.properties").exists()
-
-    @property
-    def port(self) -> int | None:
-        return port() if self.node_id == 1 else read_int(self.dir / "port")
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def pid(self) -> int | None:
-        """Pid of this node's broker, if llmstream started it and it is alive."""
-        # The command line holds the path of its server.properties: unique per node.
-        return owned_pid(self.pid_file, f"kafka.Kafka {self.props_file}")
-
-
-def nodes() -> list[Node]:
-    return [Node(i) for i in range(1, brokers() + 1)]
-
-
-def node(node_id: int) -> Node:
-    if not 1 <= node_id <= brokers():
-        raise InfraError(NAME, f"no node {node_id} in a cluster of {brokers()}", "")
-    return Node(node_id)
-
-
-# Node 1 under its single-node names (status, tests, `infra.kafka_pid`).
-def pid_file() -> Path:
-    return Node(1).pid_file
-
-
-def log_file() -> Path:
-    return Node(1).log_file
-
-
-def props_file() -> Path:
-    return Node(1).props_file
-
-
-def data_dir() -> Path:
-    return Node(1).data_dir
-
-
-def version() -> str:
-    return config.get("KAFKA_VERSION").strip()
-
-
-def jar_dir() -> Path:
-    return config.cache_dir() / f"kafka-{version()}"
-
-
-def libs_dir() -> Path:
-    return jar_dir() / "libs"
-
-
-def pid() -> int | None:
-    """Pid of node 1's broker llmstream started for this state dir, if it is alive."""
-    return Node(1).pid()
 
 
 # --------------------------------------------------------------------------- probes
@@ -236,6 +95,7 @@ async def _metadata(servers: str, timeout_s: float) -> int:
         bootstrap_servers=servers,
         client_id="llmstream-infra",
         request_timeout_ms=max(int(timeout_s * 1000), 1000),
+        **_kafka_auth.client_kwargs(),
     )
     try:
         await client.bootstrap()
@@ -269,7 +129,7 @@ def status() -> ComponentStatus:
         return _cluster_status()
     address = local_address()
     broker = pid()
-    detail = f"Kafka {version()} KRaft, data {data_dir()}"
+    detail = f"Kafka {version()} KRaft, {_kafka_auth.describe()}, data {data_dir()}"
     if broker is not None:
         if not kafka_api_versions("127.0.0.1", port(), 2.0):
             detail = "not answering yet; " + detail
@@ -284,8 +144,9 @@ def status() -> ComponentStatus:
 def _cluster_status() -> ComponentStatus:
     pids = {n.node_id: n.pid() for n in nodes()}
     up = [i for i, p in pids.items() if p is not None]
-    detail = f"Kafka {version()} KRaft, {len(pids)} nodes, pids " + ", ".join(
-        f"{i}:{p or '-'}" for i, p in pids.items()
+    detail = (
+        f"Kafka {version()} KRaft, {_kafka_auth.describe()}, {len(pids)} nodes, pids "
+        + ", ".join(f"{i}:{p or '-'}" for i, p in pids.items())
     )
     first = pids[1]
     if len(up) == len(pids) and first is not None:
@@ -295,223 +156,6 @@ def _cluster_status() -> ComponentStatus:
     else:
         state = "stopped"
     return ComponentStatus(NAME, bootstrap(), state, first, str(log_file()), detail)
-
-
-# --------------------------------------------------------------------------- prerequisites
-
-
-def find_java() -> str:
-    java = shutil.which("java")
-    if java is None:
-        raise InfraError(
-            NAME, "java not found", "install OpenJDK 17+ (apt-get install openjdk-17-jre-headless)"
-        )
-    result = run([java, "-version"], 30.0)
-    match = re.search(r'version "(\d+)(?:\.(\d+))?', result.output)
-    if result.returncode != 0 or match is None:
-        raise InfraError(
-            NAME,
-            f"`{java} -version` failed: {last_error_line(result.output)}",
-            "install OpenJDK 17+ (apt-get install openjdk-17-jre-headless)",
-        )
-    major = int(match.group(1))
-    if major == 1 and match.group(2):  # 1.8 -> 8
-        major = int(match.group(2))
-    if major < MIN_JAVA:
-        raise InfraError(
-            NAME,
-            f"{java} is Java {major}, Kafka {version()} needs Java {MIN_JAVA}+",
-            "install OpenJDK 17+ (apt-get install openjdk-17-jre-headless) and put it first on "
-            "PATH",
-        )
-    return java
-
-
-def ensure_jars() -> Path:
-    """Fetch kafka_2.13:<version> and its runtime dependencies with Maven (once)."""
-    libs = libs_dir()
-    marker = jar_dir() / ".complete"
-    main_jar = f"kafka_2.13-{version()}.jar"
-    if marker.exists() and (libs / main_jar).exists():
-        return libs
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise InfraError(
-            NAME,
-            f"jars of Kafka {version()} are not cached in {libs} and Maven (mvn) is not installed",
-            "install Maven (apt-get install maven); Maven Central must be reachable",
-        )
-    pom = repo_deploy_dir() / "pom.xml"
-    if not pom.exists():
-        raise InfraError(NAME, f"{pom} is missing", "run from a checkout of the llmstream repo")
-    jar_dir().mkdir(parents=True, exist_ok=True)
-    tmp = jar_dir() / f"libs.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    log.info("kafka: fetching Kafka %s jars from Maven Central into %s", version(), libs)
-    started = time.monotonic()
-    result = run(
-        [
-            mvn,
-            "-q",
-            "-B",
-            "-Dstyle.color=never",
-            "-U",  # retry artifacts whose earlier download failed (Maven caches failures)
-            "-f",
-            str(pom),
-            f"-Dkafka.version={version()}",
-            "dependency:copy-dependencies",
-            f"-DoutputDirectory={tmp}",
-        ],
-        MAVEN_TIMEOUT_S,
-    )
-    if result.returncode != 0 or not (tmp / main_jar).exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-        if result.timed_out:
-            cause = f"timed out after {MAVEN_TIMEOUT_S:.0f} s"
-        else:
-            cause = last_error_line(result.output, r"\[ERROR\]|error|could not")
-            # "[ERROR] Failed to execute goal ...: Could not resolve ...: Could not find X in
-            # central (...)": the last "Could not" is the useful part.
-            cause = cause[cause.rfind("Could not ") :] if "Could not " in cause else cause
-            cause = re.sub(r"^Could not resolve dependencies for project \S+: ", "", cause)
-            cause = re.sub(r"\s*-> \[Help \d+\]$", "", cause)
-        raise InfraError(
-            NAME,
-            f"Maven could not fetch org.apache.kafka:kafka_2.13:{version()}: {cause}",
-            "Maven Central must be reachable (check network, proxy, ~/.m2/settings.xml) and "
-            "LLMSTREAM_KAFKA_VERSION must exist there",
-        )
-    shutil.rmtree(libs, ignore_errors=True)
-    os.replace(tmp, libs)
-    jars = sorted(p.name for p in libs.glob("*.jar"))
-    write_text(marker, "\n".join(jars) + "\n")
-    log.info("kafka: %d jars fetched in %.1f s", len(jars), time.monotonic() - started)
-    return libs
-
-
-def _controller_port() -> int:
-    """Single node's controller port: remembered, else KAFKA_PORT+1 upward (a static quorum of
-    one voter may change address between starts without reformatting)."""
-    remembered = kafka_dir() / "controller.port"
-    previous = read_int(remembered)
-    if previous is not None and previous != port() and port_free(previous):
-        return previous
-    for candidate in range(port() + 1, min(port() + 200, 65536)):
-        if port_free(candidate):
-            write_text(remembered, f"{candidate}\n")
-            return candidate
-    raise InfraError(NAME, f"no free port for the controller above {port()}", "free one")
-
-
-def _cluster_ports() -> dict[int, tuple[int, int]]:
-    """(broker port, controller port) of every node of a cluster: chosen once, remembered.
-
-    Every node's properties name every controller, so a port never changes afterwards."""
-    files = {
-        n.node_id: (None if n.node_id == 1 else n.dir / "port", n.dir / "controller.port")
-        for n in nodes()
-    }
-    taken = {port()} | {
-        value for pair in files.values() for f in pair if f and (value := read_int(f))
-    }
-    out: dict[int, tuple[int, int]] = {}
-    candidate = port() + 1
-    for node_id, pair in files.items():
-        chosen = []
-        for f in pair:
-            value = port() if f is None else read_int(f)
-            while value is None:
-                if candidate not in taken and port_free(candidate):
-                    value = candidate
-                    taken.add(value)
-                    assert f is not None
-                    write_text(f, f"{value}\n")
-                candidate += 1
-                if candidate >= 65536:
-                    raise InfraError(NAME, f"no free ports above {port()}", "free some")
-            chosen.append(value)
-        out[node_id] = (chosen[0], chosen[1])
-    return out
-
-
-def _rendered_port() -> int | None:
-    """The PLAINTEXT port in the server.properties the running broker was started with."""
-    text = read_text(props_file()) or ""
-    match = re.search(r"^listeners=.*PLAINTEXT://[^:,]+:(\d+)", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def render_properties(n: Node, ports: dict[int, tuple[int, int]]) -> Path:
-    """`ports`: (broker, controller) port of every node, by node id."""
-    replication = min(3, len(ports))
-    template = Template((repo_deploy_dir() / "server.properties").read_text())
-    text = template.substitute(
-        node_id=n.node_id,
-        port=ports[n.node_id][0],
-        controller_port=ports[n.node_id][1],
-        voters=",".join(f"{i}@127.0.0.1:{c}" for i, (_, c) in sorted(ports.items())),
-        replication=replication,
-        # With 3 replicas, an acknowledged write is on 2 nodes: one may die without loss.
-        min_isr=2 if replication >= 3 else 1,
-        broker_session_timeout_ms=5000 if len(ports) == 1 else 3000,
-        broker_heartbeat_ms=1000 if len(ports) == 1 else 500,
-        log_dir=str(n.data_dir),
-    )
-    extra = [kv.strip() for kv in config.get("KAFKA_EXTRA_PROPERTIES").split(";") if kv.strip()]
-    if extra:
-        text += "\n# LLMSTREAM_KAFKA_EXTRA_PROPERTIES\n" + "\n".join(extra) + "\n"
-    write_text(n.props_file, text)
-    return n.props_file
-
-
-def _jvm(java: str, libs: Path, level: str, logs: Path) -> list[str]:
-    return [
-        java,
-        f"-Xmx{config.get('KAFKA_HEAP')}",
-        "-XX:+UseG1GC",
-        "-XX:MaxGCPauseMillis=20",
-        "-XX:InitiatingHeapOccupancyPercent=35",
-        "-XX:+ExplicitGCInvokesConcurrent",
-        "-XX:+ExitOnOutOfMemoryError",
-        "-Djava.awt.headless=true",
-        f"-Dlog4j2.configurationFile={repo_deploy_dir() / 'log4j2.yaml'}",
-        f"-Dllmstream.log.level={level}",
-        f"-Dkafka.logs.dir={logs}",
-        "-cp",
-        f"{libs}/*",
-    ]
-
-
-def ensure_formatted(java: str, libs: Path, n: Node) -> None:
-    """Format the node's KRaft storage once (kafka.tools.StorageTool format); every node of a
-    cluster with the same cluster id."""
-    if n.formatted:
-        return
-    id_file = kafka_dir() / "cluster.id"
-    cluster_id = read_text(id_file)
-    if not cluster_id:
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        write_text(id_file, cluster_id + "\n")
-    log.info("kafka: formatting KRaft storage %s (cluster id %s)", n.data_dir, cluster_id)
-    cmd = [
-        *_jvm(java, libs, "WARN", n.dir),
-        "kafka.tools.StorageTool",
-        "format",
-        "-t",
-        cluster_id,
-        "-c",
-        str(n.props_file),
-        "--ignore-formatted",
-    ]
-    result = run(cmd, FORMAT_TIMEOUT_S, cwd=n.dir)
-    if result.returncode != 0 or not n.formatted:
-        cause = "timed out" if result.timed_out else last_error_line(result.output)
-        raise InfraError(
-            NAME,
-            f"formatting KRaft storage {n.data_dir} failed: {cause}",
-            f"check {n.props_file} (and LLMSTREAM_KAFKA_EXTRA_PROPERTIES), or delete "
-            f"{n.data_dir} to start from scratch",
-        )
 
 
 # --------------------------------------------------------------------------- lifecycle
@@ -558,7 +202,7 @@ def _wait_ready(n: Node, broker: int, timeout: float, started_here: bool, want: 
 def _spawn(java: str, libs: Path, n: Node) -> int:
     """Start the node's broker (its storage formatted, its properties rendered)."""
     rotate_log(n.log_file)
-    cmd = [*_jvm(java, libs, "INFO", n.dir), "kafka.Kafka", str(n.props_file)]
+    cmd = [*jvm(java, libs, "INFO", n.dir), "kafka.Kafka", str(n.props_file)]
     with open(n.log_file, "ab") as out:
         try:
             proc = subprocess.Popen(
@@ -606,7 +250,7 @@ def begin_up() -> Callable[[], ComponentStatus]:
     broker = pid()
     first = Node(1)
     if broker is not None:
-        running_port = _rendered_port()
+        running_port = rendered_port()
         if running_port is not None and running_port != port():
             raise InfraError(
                 NAME,
@@ -635,7 +279,7 @@ def begin_up() -> Callable[[], ComponentStatus]:
 
     java = find_java()
     libs = ensure_jars()
-    render_properties(first, {1: (port(), _controller_port())})
+    render_properties(first, {1: (port(), controller_port())})
     ensure_formatted(java, libs, first)
     started = _spawn(java, libs, first)
 
@@ -650,7 +294,7 @@ def _begin_cluster_up() -> Callable[[], ComponentStatus]:
     """Every node not running is started at once: a node alone cannot answer before a
     majority of the controllers runs, so the wait comes after all have started."""
     timeout = startup_timeout()
-    ports = _cluster_ports()
+    ports = cluster_ports()
     running = {n: n.pid() for n in nodes()}
     missing = [n for n, p in running.items() if p is None]
     for n in missing:
@@ -681,6 +325,28 @@ def _begin_cluster_up() -> Callable[[], ComponentStatus]:
 
 def up() -> ComponentStatus:
     return begin_up()()
+
+
+def authorize() -> dict[str, object]:
+    """Apply the ACL matrix to a local cluster with authentication; returns what infra.json
+    records about Kafka's credentials (nothing for an external cluster: its clients bring their
+    own through LLMSTREAM_KAFKA_USERNAME/PASSWORD)."""
+    if is_external():
+        return {}
+    if _kafka_auth.active():
+        timeout = min(startup_timeout(), 30.0)
+        try:
+            count = run_async(lambda: _kafka_auth.apply_acls(bootstrap(), timeout), timeout + 5)
+        except InfraError:
+            raise
+        except Exception as exc:
+            raise InfraError(
+                NAME,
+                f"applying the ACLs on {bootstrap()} failed ({type(exc).__name__}: {exc})",
+                log_hint(log_file()),
+            ) from None
+        log.info("kafka: %d ACLs in place", count)
+    return _kafka_auth.record_values()
 
 
 def start_node(node_id: int) -> ComponentStatus:

@@ -9,12 +9,16 @@ Layout ($LLMSTREAM_STATE_DIR/postgres/):
 
 Authentication: TCP on 127.0.0.1 only, scram-sha-256 with a generated password for role
 `llmstream` (owner of database `llmstream`, CREATEDB); the unix socket uses peer auth and is
-only used by `infra` itself for administration as the superuser.
+only used by `infra` itself for administration as the superuser. The role's password is set as
+a SCRAM verifier computed here: the password never appears on a psql command line.
 """
 
 from __future__ import annotations
 
+import base64
 import getpass
+import hashlib
+import hmac
 import logging
 import os
 import pwd
@@ -303,8 +307,24 @@ def _psql(bins: Path, port: int, sql: str) -> str:
     return result.output.strip()
 
 
+def scram_verifier(password: str, iterations: int = 4096) -> str:
+    """What PostgreSQL stores for a scram-sha-256 password (RFC 5802/7677), computed here so
+    the password itself never reaches a command line or the server: the role is created with
+    this verifier, as psql's `\\password` does."""
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
 def _ensure_role_and_database(bins: Path, port: int) -> None:
-    password = _password()  # hex: safe inside a SQL literal
+    password = scram_verifier(_password())  # base64 and $ : safe inside a SQL literal
     _psql(
         bins,
         port,

@@ -10,7 +10,7 @@ from typing import Any
 from llmstream import config
 from llmstream.topics import TopicSpec, specs
 
-from . import _kafka
+from . import _kafka, _kafka_auth
 from ._common import InfraError, run_async
 
 log = logging.getLogger("llmstream_tools.infra")
@@ -50,7 +50,10 @@ async def _ensure(servers: str, wanted: list[TopicSpec]) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=servers, client_id="llmstream-infra", request_timeout_ms=15000
+        bootstrap_servers=servers,
+        client_id="llmstream-infra",
+        request_timeout_ms=15000,
+        **_kafka_auth.client_kwargs(),
     )
     await admin.start()
     try:

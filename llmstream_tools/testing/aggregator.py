@@ -14,7 +14,7 @@ import psycopg
 from aiokafka import AIOKafkaProducer
 from psycopg.conninfo import make_conninfo
 
-from llmstream import codec, migrate
+from llmstream import codec, kafka, migrate
 from llmstream_tools import stack
 from llmstream_tools.testing.synthetic_events import Produced
 
@@ -60,7 +60,7 @@ async def fresh_database(server_url: str) -> AsyncIterator[str]:
 
 async def new_producer(bootstrap: str, linger_ms: int = 5) -> AIOKafkaProducer:
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
+        **kafka.Connection(bootstrap).client_kwargs("test-aggregator-harness"),
         enable_idempotence=True,
         acks="all",
         linger_ms=linger_ms,
@@ -94,7 +94,10 @@ async def produce(producer: AIOKafkaProducer, items: Iterable[Produced], window:
 async def end_offsets(bootstrap: str, topics: Iterable[str]) -> dict[tuple[str, int], int]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    consumer = AIOKafkaConsumer(
+        **kafka.Connection(bootstrap).client_kwargs("test-aggregator-harness"),
+        request_timeout_ms=10000,
+    )
     await asyncio.wait_for(consumer.start(), 15)
     try:
         tps = []

@@ -18,7 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.server import Gateway as Gateway
 from gateway.settings import Settings
-from llmstream import codec, topics
+from llmstream import codec, kafka, topics
 from llmstream.v1 import common_pb2, events_pb2
 from llmstream_tools import admin, stack
 
@@ -126,11 +126,14 @@ class FakeWorker:
         self._runs: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=t.bootstrap, enable_idempotence=True, acks="all", linger_ms=1
+            **kafka.Connection(t.bootstrap).client_kwargs("test-gateway-harness"),
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=1,
         )
         self.consumer = AIOKafkaConsumer(
             t.prompts,
-            bootstrap_servers=t.bootstrap,
+            **kafka.Connection(t.bootstrap).client_kwargs("test-gateway-harness"),
             group_id=None,
             auto_offset_reset="earliest",
             enable_auto_commit=False,

@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
-from llmstream import codec
+from llmstream import codec, kafka
 from llmstream.fold import RequestState, fold, is_terminal
 from llmstream.v1 import common_pb2, events_pb2, model_service_pb2, model_service_pb2_grpc
 from llmstream_tools import stack
@@ -108,6 +108,7 @@ class Topics:
         env.update(
             {
                 "LLMSTREAM_KAFKA_BOOTSTRAP": self.bootstrap,
+                "LLMSTREAM_PRINCIPAL": "worker",
                 "LLMSTREAM_TOPIC_PROMPTS": self.prompts,
                 "LLMSTREAM_TOPIC_TOKENS": self.tokens,
                 "LLMSTREAM_TOPIC_DLQ": self.dlq,
@@ -180,7 +181,11 @@ def cancel_event(request_id: str, reason: str = "client") -> events_pb2.Event:
 
 
 async def produce(bootstrap: str, topic: str, events: Iterable[events_pb2.Event]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+    producer = AIOKafkaProducer(
+        **kafka.Connection(bootstrap).client_kwargs("test-worker-harness"),
+        enable_idempotence=True,
+        acks="all",
+    )
     await producer.start()
     try:
         futs = [
@@ -229,7 +234,7 @@ async def reader(bootstrap: str, topic: str) -> AIOKafkaConsumer:
     """A started group-less consumer reading `topic` from the beginning."""
     consumer = AIOKafkaConsumer(
         topic,
-        bootstrap_servers=bootstrap,
+        **kafka.Connection(bootstrap).client_kwargs("test-worker-harness"),
         group_id=None,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
