@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from llmstream import config
 from llmstream_tools import infra, promstats
-from llmstream_tools.chaos import check
+from llmstream_tools.chaos import check, netns
 from llmstream_tools.chaos.client import Session
 from llmstream_tools.chaos.options import DUPLICATE_BILLS, FAULTS, KILLS, ZOMBIE, Options
 from llmstream_tools.stack import Stack
@@ -93,6 +93,7 @@ class Phase:
     marks: dict[str, float] = field(default_factory=dict)  # monotonic times of fault steps
     steps: dict[str, float] = field(default_factory=dict)  # seconds per step
     extra: dict[str, Any] = field(default_factory=dict)  # facts for the record
+    link: netns.Link | None = None  # the link faults' namespace (chaos.netns.isolated)
 
     def streams(self) -> dict[str, check.ClientStream]:
         return {rid: st for s in self.sessions for rid, st in s.streams.items()}
@@ -360,6 +361,12 @@ async def inject(phase: Phase, bills: DuplicateBills, in_flight: list[check.Clie
         await _stall(phase)
     elif fault == "zombie":
         await _zombie(phase, in_flight)
+    elif fault == "worker-link":
+        assert phase.link is not None, "the runner isolates the worker first"
+        await netns.cut_link(phase, phase.link)
+    elif fault == "gateway-delay":
+        assert phase.link is not None, "the runner isolates the gateway first"
+        await netns.delay_link(phase, phase.link)
     else:
         raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
     phase.step("injected")

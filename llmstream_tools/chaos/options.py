@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,15 @@ FAULTS: dict[str, str] = {
     "aggregator+postgres": "kill -9 the aggregator while PostgreSQL restarts",
     "zombie": "SIGSTOP a worker past its session timeout, SIGCONT once its requests were "
     "taken over (sampled requests: a zombie's continuation differs from the new owner's)",
+    "worker-link": "cut the network link of a worker in its own namespace (everything it dials: "
+    "brokers, model servers) for --link-down-s",
+    "gateway-delay": "every round trip between a gateway replica in its own namespace and the "
+    "brokers --link-delay-ms longer for --link-delay-s",
 }
+# Not a fault: a soak's steady traffic between two faults (requests submitted evenly over
+# `soak_gap_s`, judged like every phase's).
+STEADY = "steady"
+STEADY_TEXT = "steady paced traffic, no fault"
 # Faults that need a cluster: with one broker there is no leader to move.
 CLUSTER_FAULTS = ("kafka-leader", "worker+leader")
 # Process of the stack each kill fault hits (the first replica).
@@ -33,6 +42,8 @@ KILLS = {
     "gateway": "gateway",
     "aggregator": "aggregator",
 }
+# Faults whose process runs in its own network namespace for the phase (chaos.netns).
+NET_FAULTS = {"worker-link": "worker-0", "gateway-delay": "gateway"}
 # The issue's recovery goal each fault is measured against (recovery.GOALS).
 GOALS = {
     "worker": "worker kill -9",
@@ -50,8 +61,9 @@ ZOMBIE = "worker-0"
 
 
 # Left out of `make test`'s quick run: the broker's clean stop (its kill -9 is the harder
-# case) and the zombie (tests/integration/test_zombie_worker.py runs it on its own).
-QUICK_SKIPS = ("kafka", "zombie")
+# case), the zombie (tests/integration/test_zombie_worker.py runs it on its own) and the link
+# faults (they need root; tests/integration/test_chaos_network.py runs them on their own).
+QUICK_SKIPS = ("kafka", "zombie", *NET_FAULTS)
 
 
 def default_faults(brokers: int, quick: bool = False) -> list[str]:
@@ -60,6 +72,27 @@ def default_faults(brokers: int, quick: bool = False) -> list[str]:
         for f in FAULTS
         if (brokers >= 3 or f not in CLUSTER_FAULTS) and not (quick and f in QUICK_SKIPS)
     ]
+
+
+# Left out of a soak's default rotation: the client stall holds one socket still for a minute
+# (the gateway's own timeout, nothing of the servers), and the brokers' clean stop is the
+# slower twin of their kill -9.
+SOAK_SKIPS = ("stall", "kafka")
+
+
+def soak_faults(brokers: int) -> list[str]:
+    return [f for f in default_faults(brokers) if f not in SOAK_SKIPS]
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of "90s", "30m", "1h", "1h30m" (a unit is required: "30" could be either)."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smh])", text.strip())
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        raise ValueError(f"{text!r} is not a duration like 90s, 30m, 1h or 1h30m")
+    return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
 RESULTS_DIR = Path("bench") / "results"
@@ -86,6 +119,15 @@ class Options:
     probe_interval_s: float = 0.5
     max_probes: int = 20
     probe_tokens: int = 40
+    # Link faults: how long the worker's link is down; the round trip added to the gateway's
+    # link to the brokers, and for how long.
+    link_down_s: float = 20.0
+    link_delay_ms: float = 200.0
+    link_delay_s: float = 20.0
+    # --soak: how long (0: no soak), the steady traffic between two faults, the sampling.
+    soak_s: float = 0.0
+    soak_gap_s: float = 120.0
+    sample_every_s: float = 60.0
     quick: bool = False
 
     @classmethod

@@ -30,19 +30,17 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
-import psycopg
-import redis.asyncio as aioredis
 
-from llmstream import config, quota_keys
+from llmstream import config
 from llmstream.fold import fold_all
 from llmstream_tools import infra
-from llmstream_tools.chaos import check, owner, recovery
+from llmstream_tools.chaos import check, netns, owner, recovery, stores
 from llmstream_tools.chaos.client import Session
 from llmstream_tools.chaos.faults import (
     DuplicateBills,
@@ -57,11 +55,16 @@ from llmstream_tools.chaos.options import (
     CLUSTER_FAULTS,
     FAULTS,
     GOALS,
+    NET_FAULTS,
     RESULTS_DIR,
     SAMPLED,
+    STEADY,
+    STEADY_TEXT,
     ZOMBIE,
     Options,
     default_faults,
+    parse_duration,
+    soak_faults,
 )
 from llmstream_tools.chaos.report import summary
 from llmstream_tools.stack import Stack, local_stack
@@ -138,7 +141,6 @@ async def run_fault(
     bills: DuplicateBills,
 ) -> check.FaultResult:
     result = check.FaultResult(fault, requests=opts.requests, goal=GOALS.get(fault, ""))
-    tokens = opts.tokens(fault)
     started = time.monotonic()
     tenant_id, key = await stack.tenant_key("enterprise")
     ports = stack.gateway_ports
@@ -149,8 +151,42 @@ async def run_fault(
         sessions=[Session(ports, i, key, f"{fault}-{i}") for i in range(opts.sockets)],
         probe_sessions=[Session(ports, i, key, f"{fault}-probe-{i}") for i in range(2)],
     )
+    async with contextlib.AsyncExitStack() as scope:
+        if fault in NET_FAULTS:  # the process moves into its own network namespace
+            try:
+                phase.link = await scope.enter_async_context(
+                    netns.isolated(stack, NET_FAULTS[fault])
+                )
+            except netns.NamespaceRefused as exc:
+                result.skipped = str(exc)
+                return result
+        bills_before = await bills.sample()
+        if fault == STEADY:
+            await _paced_traffic(phase, result)
+        else:
+            await _streams_through_fault(phase, result, bills)
+        # Before a namespace's process moves back: it must not have died in there.
+        result.dead_processes = sorted(n for n, p in stack.procs.items() if p.poll() is not None)
+    for name in result.dead_processes:  # so that the next phase runs on a whole stack
+        if stack.procs[name].poll() is not None:
+            stack.start(name)
+    _probe_outcomes(phase)
+    result.extra.update(phase.extra, steps=phase.steps)
+    await _judge(phase, tenant_id, expected, result, bills, bills_before)
+    evidence = [e for e in phase.evidence if e]
+    result.proof = "; ".join(evidence) if evidence or phase.evidence else "no evidence taken"
+    result.seconds = time.monotonic() - started
+    return result
+
+
+async def _streams_through_fault(
+    phase: Phase, result: check.FaultResult, bills: DuplicateBills
+) -> None:
+    """Submit the phase's requests, inject the fault once all stream (probing with new
+    submits meanwhile), and wait until every request has ended."""
+    fault, opts = phase.fault, phase.opts
+    tokens = opts.tokens(fault)
     every = [*phase.sessions, *phase.probe_sessions]
-    bills_before = await bills.sample()
     try:
         await asyncio.gather(*(s.start() for s in every))
         for i in range(opts.requests):
@@ -191,16 +227,35 @@ async def run_fault(
         _measure(phase, result, streams)
     finally:
         await asyncio.gather(*(s.close() for s in every))
-    result.dead_processes = sorted(n for n, p in stack.procs.items() if p.poll() is not None)
-    for name in result.dead_processes:  # so that the next phase runs on a whole stack
-        stack.start(name)
-    _probe_outcomes(phase)
-    result.extra.update(phase.extra, steps=phase.steps)
-    await _judge(phase, tenant_id, expected, result, bills, bills_before)
-    evidence = [e for e in phase.evidence if e]
-    result.proof = "; ".join(evidence) if evidence or phase.evidence else "no evidence taken"
-    result.seconds = time.monotonic() - started
-    return result
+
+
+async def _paced_traffic(phase: Phase, result: check.FaultResult) -> None:
+    """Steady traffic without a fault (a soak's between faults): the phase's requests are
+    submitted evenly over `soak_gap_s`, then every one must end; each request's stall is its
+    longest silence from its submit on."""
+    opts = phase.opts
+    tokens = opts.tokens(STEADY)
+    try:
+        await asyncio.gather(*(s.start() for s in phase.sessions))
+        phase.marks["fault"] = time.monotonic()
+        for i in range(opts.requests):
+            session = phase.sessions[i % len(phase.sessions)]
+            await session.submit(f"q{i}", prompt(i), tokens)
+            await asyncio.sleep(opts.soak_gap_s / opts.requests)
+        budget = tokens * opts.itl_ms / 1000 + 120
+        if not await wait_sessions(
+            phase.sessions, lambda s: not s.unfinished() and not s.unanswered(), budget
+        ):
+            result.notes.append(f"requests unfinished {budget:.0f} s after the last submit")
+        streams = phase.streams()
+        result.in_flight = len(streams)
+        result.stall = recovery.spread(
+            recovery.longest_silences(streams.values(), phase.marks["fault"])
+        )
+    finally:
+        await asyncio.gather(*(s.close() for s in phase.sessions))
+    phase.evidence.append("")  # no fault to prove
+    phase.step("injected")
 
 
 def _measure(
@@ -217,6 +272,9 @@ def _measure(
             if later:
                 waits += recovery.first_frames_after(s.streams.values(), later[0])
         result.goal_measure = recovery.spread(waits)
+    if phase.fault in NET_FAULTS:  # the link works again -> each stream's next frame
+        restored = recovery.first_frames_after(streams.values(), phase.marks["restored"])
+        result.extra["link_restored_to_flowing_s"] = asdict(recovery.spread(restored))
     if "back" in phase.marks:  # brokers answer again -> each stream's next frame
         back = recovery.spread(recovery.first_frames_after(streams.values(), phase.marks["back"]))
         result.extra["broker_back_to_flowing_s"] = asdict(back)
@@ -262,7 +320,7 @@ async def _judge(
     # The aggregator may still be catching up (it was killed, or PostgreSQL was away).
     deadline = time.monotonic() + 90
     while True:
-        ledger, daily = await _ledger(stack.database_url, tenant_id)
+        ledger, daily = await stores.ledger(stack.database_url, tenant_id)
         if sum(r.rows for r in ledger.values()) >= terminal or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.5)
@@ -294,76 +352,36 @@ async def _judge(
     # Settlement in Redis follows the ledger (an outbox): wait until it agrees, or give up.
     deadline = time.monotonic() + 30
     while True:
-        billing = await _tenant_billing(tenant_id, ledger, daily)
+        billing = await stores.tenant_billing(tenant_id, ledger, daily)
         billing.duplicate_bill_counter = int(await bills.sample() - bills_before)
         findings = check.judge_tenant(billing)
         if not (findings.mismatches or findings.double_bills) or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.5)
-        ledger, daily = await _ledger(stack.database_url, tenant_id)
+        ledger, daily = await stores.ledger(stack.database_url, tenant_id)
     result.extra["billing"] = asdict(billing)
     check.tally(result, verdicts, findings, probes)
 
 
-async def _ledger(
-    database_url: str, tenant_id: str
-) -> tuple[dict[str, check.LedgerRow], tuple[int, int]]:
-    """The tenant's ledger rows by request, and its usage_daily (requests, tokens)."""
-    async with await psycopg.AsyncConnection.connect(database_url, connect_timeout=10) as conn:
-        cur = await conn.execute(
-            "SELECT request_id, count(*), sum(prompt_tokens), sum(completion_tokens)"
-            " FROM usage_ledger WHERE tenant_id = %s GROUP BY request_id",
-            (tenant_id,),
-        )
-        ledger = dict(check.ledger_by_request(await cur.fetchall()))
-        cur = await conn.execute(
-            "SELECT coalesce(sum(requests), 0), coalesce(sum(prompt_tokens + completion_tokens), 0)"
-            " FROM usage_daily WHERE tenant_id = %s",
-            (tenant_id,),
-        )
-        row = await cur.fetchone()
-        assert row is not None
-    return ledger, (int(row[0]), int(row[1]))
-
-
-async def _tenant_billing(
-    tenant_id: str, ledger: dict[str, check.LedgerRow], daily: tuple[int, int]
-) -> check.TenantBilling:
-    now_ms = int(time.time() * 1000)
-    rc = aioredis.from_url(config.redis_url(), socket_timeout=5, socket_connect_timeout=5)
-    try:
-        day = int(await rc.get(quota_keys.tokens_day(tenant_id, now_ms)) or 0)
-        month = int(await rc.get(quota_keys.tokens_month(tenant_id, now_ms)) or 0)
-        settled = int(await rc.scard(quota_keys.settled(tenant_id, now_ms)))
-        open_streams = int(await rc.zcard(quota_keys.streams(tenant_id)))
-    finally:
-        await rc.aclose()
-    return check.TenantBilling(
-        ledger_rows=sum(r.rows for r in ledger.values()),
-        ledger_tokens=sum(r.prompt_tokens + r.completion_tokens for r in ledger.values()),
-        daily_requests=daily[0],
-        daily_tokens=daily[1],
-        redis_day=day,
-        redis_month=month,
-        settled=settled,
-        open_streams=open_streams,
-        duplicate_bill_counter=0,
-    )
-
-
-async def run(opts: Options, workdir: Path) -> list[check.FaultResult]:
-    """Every fault of `opts`, one after another, on one private stack. Blocks ~1 min + the
-    phases (about 20-30 s each, plus the stall and broker outage)."""
+def check_faults(opts: Options) -> None:
     unknown = [f for f in opts.faults if f not in FAULTS]
     if unknown:
         raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
     if opts.brokers < 3 and any(f in CLUSTER_FAULTS for f in opts.faults):
         raise ValueError(f"{', '.join(CLUSTER_FAULTS)} need --brokers 3")
-    lengths = sorted({opts.tokens(f) for f in opts.faults})
+
+
+async def expected_texts(opts: Options) -> dict[tuple[str, int], str]:
+    """The reference text of every prompt the faults of `opts` (and steady traffic) submit."""
+    lengths = sorted({opts.tokens(f) for f in [*opts.faults, STEADY]})
     wanted = [(prompt(i), n) for n in lengths for i in range(opts.requests)]
     wanted += [(probe_prompt(i), opts.probe_tokens) for i in range(opts.max_probes)]
-    expected = await reference_texts(wanted)
-    results: list[check.FaultResult] = []
+    return await reference_texts(wanted)
+
+
+@contextlib.asynccontextmanager
+async def deployment(opts: Options, workdir: Path) -> AsyncIterator[Stack]:
+    """The private infrastructure and the stack every phase runs on."""
     with private_infra(keep_logs=workdir, brokers=opts.brokers):
         async with local_stack(
             workdir,
@@ -375,16 +393,34 @@ async def run(opts: Options, workdir: Path) -> list[check.FaultResult]:
             model_servers=2,
             metrics=True,
         ) as stack:
-            bills = DuplicateBills(stack)
-            for fault in opts.faults:
-                print(f"== {fault}: {FAULTS[fault]}", file=sys.stderr, flush=True)
-                result = await run_fault(stack, fault, opts, expected, bills)
-                print(check.table([result]).splitlines()[-1], file=sys.stderr, flush=True)
-                print(f"   {json.dumps(result.extra)}", file=sys.stderr, flush=True)
-                for example in result.examples:
-                    print(f"   {example}", file=sys.stderr)
-                results.append(result)
-    return results
+            yield stack
+
+
+async def run_phase(
+    stack: Stack,
+    fault: str,
+    opts: Options,
+    expected: dict[tuple[str, int], str],
+    bills: DuplicateBills,
+) -> check.FaultResult:
+    """`run_fault`, with its progress and row on stderr."""
+    print(f"== {fault}: {FAULTS.get(fault, STEADY_TEXT)}", file=sys.stderr, flush=True)
+    result = await run_fault(stack, fault, opts, expected, bills)
+    print(check.table([result]).splitlines()[-1], file=sys.stderr, flush=True)
+    print(f"   {json.dumps(result.extra)}", file=sys.stderr, flush=True)
+    for example in result.examples:
+        print(f"   {example}", file=sys.stderr)
+    return result
+
+
+async def run(opts: Options, workdir: Path) -> list[check.FaultResult]:
+    """Every fault of `opts`, one after another, on one private stack. Blocks ~1 min + the
+    phases (about 20-30 s each, plus the stall and broker outage)."""
+    check_faults(opts)
+    expected = await expected_texts(opts)
+    async with deployment(opts, workdir) as stack:
+        bills = DuplicateBills(stack)
+        return [await run_phase(stack, f, opts, expected, bills) for f in opts.faults]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -408,17 +444,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kafka-down-s", type=float, help=f"broker outage (default {d.kafka_down_s})"
     )
     parser.add_argument("--max-tokens", type=int, help=f"per request (default {d.max_tokens})")
+    parser.add_argument(
+        "--link-down-s", type=float, help=f"worker-link: link cut (default {d.link_down_s:g})"
+    )
+    parser.add_argument(
+        "--link-delay-ms",
+        type=float,
+        help=f"gateway-delay: added round trip (default {d.link_delay_ms:g})",
+    )
+    parser.add_argument(
+        "--link-delay-s",
+        type=float,
+        help=f"gateway-delay: for how long (default {d.link_delay_s:g})",
+    )
+    parser.add_argument(
+        "--soak",
+        type=_duration,
+        help="soak for this long (e.g. 30m): steady traffic, a fault every --soak-gap, RSS and "
+        "fds of every process judged for growth",
+    )
+    parser.add_argument(
+        "--soak-gap",
+        type=_duration,
+        help=f"steady traffic between two faults of a soak (default {d.soak_gap_s:g}s)",
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def options_from(args: argparse.Namespace) -> Options:
     overrides: dict[str, Any] = {}
-    for name in ("brokers", "requests", "stall_s", "kafka_down_s", "max_tokens"):
+    names = ("brokers", "requests", "stall_s", "kafka_down_s", "max_tokens")
+    for name in (*names, "link_down_s", "link_delay_ms", "link_delay_s"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
     opts = Options.quick_version(**overrides) if args.quick else replace(Options(), **overrides)
+    if args.soak is not None:
+        opts = replace(opts, soak_s=args.soak)
+    if args.soak_gap is not None:
+        opts = replace(opts, soak_gap_s=args.soak_gap)
     faults = [f for f in args.faults.split(",") if f] if args.faults else None
+    if faults is None and opts.soak_s:
+        faults = soak_faults(opts.brokers)
     return replace(opts, faults=faults or default_faults(opts.brokers, opts.quick))
 
 
@@ -455,12 +529,21 @@ def main(argv: Sequence[str]) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="llmstream-chaos-logs-"))
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     started = time.time()
+    soak_record: dict[str, Any] | None = None
     try:
-        results = asyncio.run(run(opts, workdir))
+        if opts.soak_s:
+            from llmstream_tools.chaos.soak import soak
+
+            results, soak_record = asyncio.run(soak(opts, workdir))
+        else:
+            results = asyncio.run(run(opts, workdir))
     except infra.InfraError as exc:  # the private instance could not start: one line
         print(f"llmstream chaos: {exc}", file=sys.stderr)
         return 1
     data = record(opts, results, stamp, time.time() - started)
+    if soak_record is not None:
+        data["soak"] = soak_record
+        data["ok"] = data["ok"] and soak_record["ok"]
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / f"{stamp}-chaos.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
