@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from llmstream import config, runner, topics
 from worker.service import Worker
-from worker.settings import Settings
+from worker.settings import Settings, setting, setting_float
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,6 +43,19 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--blocklist", default=config.get("WORKER_BLOCKLIST"))
     p.add_argument(
+        "--tier-check",
+        action=argparse.BooleanOptionalAction,
+        default=config.parse_bool(setting("WORKER_TIER_CHECK"), "LLMSTREAM_WORKER_TIER_CHECK"),
+        help="refuse submits beyond the tenant's tier (reads PostgreSQL: LLMSTREAM_DATABASE_URL)",
+    )
+    p.add_argument("--tier-cache-s", type=float, default=setting_float("WORKER_TIER_CACHE_S"))
+    p.add_argument(
+        "--tier-stale-s",
+        type=float,
+        default=setting_float("WORKER_TIER_STALE_S"),
+        help="while PostgreSQL is unreachable, a cached tier up to this old is still used",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         default=config.get_int("WORKER_METRICS_PORT"),
@@ -59,6 +72,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise config.ConfigError("no model servers: set LLMSTREAM_MODEL_SERVERS")
     if args.max_inflight < 1:
         raise config.ConfigError("--max-inflight must be at least 1")
+    if args.tier_cache_s <= 0 or args.tier_stale_s < 0:
+        raise config.ConfigError("--tier-cache-s must be positive and --tier-stale-s not negative")
     return Settings(
         bootstrap=config.kafka_bootstrap(),
         prompts_topic=topics.prompts(),
@@ -77,6 +92,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         drain_timeout_s=args.drain_timeout_s,
         session_timeout_ms=args.session_timeout_ms,
         blocklist=args.blocklist,
+        tier_check=args.tier_check,
+        # The tier check needs PostgreSQL: no URL is a configuration error (exit 2).
+        database_url=config.database_url() if args.tier_check else "",
+        tier_cache_s=args.tier_cache_s,
+        tier_stale_s=args.tier_stale_s,
     )
 
 

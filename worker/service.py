@@ -36,6 +36,7 @@ from llmstream.supervisor import Supervisor
 from llmstream.v1 import events_pb2
 from worker.cancels import CancelLookahead, EarlyCancels
 from worker.executor import Executor
+from worker.gatekeeper import Gatekeeper
 from worker.lease import TICK_S, ProduceGate
 from worker.metrics import WorkerMetrics
 from worker.models import ModelServers
@@ -44,6 +45,8 @@ from worker.read_ahead import ReadAhead
 from worker.run import Run
 from worker.settings import Settings
 from worker.takeover import TakeoverReader
+from worker.tier_lookup import PgTiers, TierGuard
+from worker.tiers import TIER_UNAVAILABLE, Refusal, TierCache
 
 log = logging.getLogger("worker")
 
@@ -111,6 +114,7 @@ class Worker:
         *,
         clients: KafkaClients | None = None,
         meter: Any | None = None,
+        tiers: TierGuard | None = None,
     ) -> None:
         s = self.settings = settings
         self.shutdown = shutdown or Shutdown()
@@ -140,6 +144,20 @@ class Worker:
             gate=self.gate,
         )
         self.dead_letters = kafka.DeadLetterWriter(self.clients.producer, s.dlq_topic, s.worker_id)
+        # The tier check (worker/tiers.py): `tiers` given, or PostgreSQL's when it is on.
+        self.pg_tiers: PgTiers | None = None
+        if tiers is None and s.tier_check:
+            self.pg_tiers = PgTiers(s.database_url)
+            tiers = TierGuard(self.pg_tiers, TierCache(s.tier_cache_s, s.tier_stale_s))
+        self.gatekeeper = Gatekeeper(
+            s,
+            self.clients.producer,
+            self.gate,
+            self.partitions,
+            self.metrics,
+            tiers,
+            on_fatal=self.fail,
+        )
         # Set by a failure after which nothing should be produced or fetched (a produce that
         # failed for good, a rebalance callback that failed): drain, then exit 1.
         self.fatal: BaseException | None = None
@@ -154,6 +172,8 @@ class Worker:
         """Until a shutdown request (drain; exit status 0), a fatal error (drain; 1) or the
         death of a background loop (stop at once; 1)."""
         c, s = self.clients, self.settings
+        if self.pg_tiers is not None:
+            await self.pg_tiers.open()  # connects on the first lookup, not now
         await c.producer.start()
         await c.takeover.start()
         await c.lookahead.start()
@@ -188,6 +208,8 @@ class Worker:
             await c.takeover.stop()
             await c.producer.stop()
             await self.models.close()
+            if self.pg_tiers is not None:
+                await self.pg_tiers.close()
         code = 0 if self.fatal is None and self.supervisor.healthy else 1
         log.info("worker stopped", extra=telemetry.fields(exit_status=code))
         return code
@@ -341,8 +363,20 @@ class Worker:
         running = self.partitions.inflight - len(self.read_ahead)
         free = self.settings.max_inflight - running
         for run in self.read_ahead.take(free, time.monotonic(), self.partitions.current):
-            run.task = asyncio.create_task(self.executor.execute(run), name=run.request_id)
+            run.task = asyncio.create_task(self._start(run), name=run.request_id)
             run.task.add_done_callback(functools.partial(self._run_ended, run))
+
+    async def _start(self, run: Run) -> None:
+        """The run's task: the tier check, then the executor (or the refusal's terminal)."""
+        try:
+            refusal = await self.gatekeeper.refusal(run)
+        except Exception as exc:  # a bug: fail closed, and end the request instead of hanging
+            log.exception("tier check crashed", extra=telemetry.fields(request_id=run.request_id))
+            refusal = Refusal(TIER_UNAVAILABLE, f"tier check failed: {type(exc).__name__}")
+        if refusal is None:
+            await self.executor.execute(run)
+        else:
+            await self.gatekeeper.refuse(run, refusal)
 
     def _run_ended(self, run: Run, _task: asyncio.Task[None]) -> None:
         em = run.emitter
@@ -408,25 +442,41 @@ class Worker:
             # Gateways reply on the deployment's tokens topic. Any other name would cost a
             # metadata wait (10 s, all prompts stalled) per record: refused at once.
             return f"reply topic {topic!r} is not the tokens topic {tokens_topic!r}"
+        count = await self._partition_count(topic)
+        if count is None:
+            return f"reply topic {topic!r} is unknown"
+        if not 0 <= reply.partition < count:
+            return f"reply partition {reply.partition} does not exist in topic {topic!r}"
+        return None
+
+    async def _partition_count(self, topic: str) -> int | None:
+        """Partitions of a topic (cached once known); None when the metadata is unavailable."""
         if topic not in self._reply_partitions:
             try:
                 parts = await asyncio.wait_for(
                     self.clients.producer.partitions_for(topic), REPLY_METADATA_TIMEOUT_S
                 )
             except (KafkaError, TimeoutError):
-                return f"reply topic {topic!r} is unknown"
+                return None
             self._reply_partitions[topic] = len(parts or ())
-        if not 0 <= reply.partition < self._reply_partitions[topic]:
-            return f"reply partition {reply.partition} does not exist in topic {topic!r}"
-        return None
+        return self._reply_partitions[topic]
 
     async def _dead_letter(self, state: PartitionState, rec: Any, reason: str) -> None:
+        """To the DLQ; a submit that still names its request also gets its terminal `failed`
+        (worker/dead_letters.py), so that its client is told and its quota settles. Both are
+        acknowledged before the offset counts as done."""
         await self.dead_letters.send(rec, reason)
         self.metrics.dead_letters.add(1)
+        tokens = await self._partition_count(self.settings.tokens_topic)
+        ended = await self.gatekeeper.end_dead_lettered(rec, reason, state.generation, tokens)
         log.warning(
             "poison record sent to the dead-letter topic",
             extra=telemetry.fields(
-                reason=reason, topic=rec.topic, partition=rec.partition, offset=rec.offset
+                reason=reason,
+                topic=rec.topic,
+                partition=rec.partition,
+                offset=rec.offset,
+                request_failed=ended,
             ),
         )
         state.done(rec.offset)

@@ -116,6 +116,9 @@ class Topics:
                 "LLMSTREAM_MODEL_SERVERS": ",".join(model_servers),
                 "LLMSTREAM_WORKER_SESSION_TIMEOUT_MS": "6000",
                 "LLMSTREAM_WORKER_METRICS_PORT": "0",
+                # The tenants of these tests' events are not in PostgreSQL; the tier check's
+                # own tests (test_worker_tiers.py) turn it on.
+                "LLMSTREAM_WORKER_TIER_CHECK": "0",
                 "LLMSTREAM_LOG_LEVEL": "INFO",
             }
         )
