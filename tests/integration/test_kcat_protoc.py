@@ -8,7 +8,8 @@ import shutil
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from llmstream import codec
+from llmstream import codec, kafka
+from llmstream_tools.testing.kcat import kcat_auth_args
 
 from ..conftest import REPO
 
@@ -36,7 +37,7 @@ async def test_kcat_and_protoc_decode_an_event(kafka_bootstrap: str, topic_name:
     event = codec.new_event("req-kcat", "tenant-k", "test")
     event.token_delta.seq = 7
     event.token_delta.text = "hello from kcat"
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    producer = AIOKafkaProducer(**kafka.Connection(kafka_bootstrap).client_kwargs("test-kcat"))
     await asyncio.wait_for(producer.start(), 15)
     try:
         await producer.send_and_wait(
@@ -44,10 +45,11 @@ async def test_kcat_and_protoc_decode_an_event(kafka_bootstrap: str, topic_name:
         )
     finally:
         await producer.stop()
-    raw = await run(
-        "kcat", "-b", kafka_bootstrap, "-C", "-t", topic_name, "-p", "0",
-        "-o", "beginning", "-c", "1", "-e", "-D", "",
-    )  # fmt: skip
+    with kcat_auth_args() as auth:
+        raw = await run(
+            "kcat", *auth, "-b", kafka_bootstrap, "-C", "-t", topic_name, "-p", "0",
+            "-o", "beginning", "-c", "1", "-e", "-D", "",
+        )  # fmt: skip
     decoded = (
         await run(
             "protoc",
