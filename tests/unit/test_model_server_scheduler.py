@@ -1,4 +1,4 @@
-"""Slot scheduler: bounded slots, priority then FIFO, cancellation without leaks."""
+"""Slot scheduler: bounded slots, priority then FIFO, aging, cancellation without leaks."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ async def test_slot_granted_to_a_cancelled_waiter_is_passed_on() -> None:
     assert s.running == 1 and s.waiting == 0
 
 
-async def test_stale_entries_are_compacted() -> None:
+async def test_many_cancelled_waiters_leave_nothing_behind() -> None:
     s = SlotScheduler(1)
     await s.acquire()
     for _ in range(200):
@@ -78,4 +78,77 @@ async def test_stale_entries_are_compacted() -> None:
         with pytest.raises(asyncio.CancelledError):
             await t
     assert s.waiting == 0
-    assert len(s._heap) < 40
+    assert s._classes == {}
+
+
+async def test_release_skips_a_waiter_cancelled_before_it_left() -> None:
+    s = SlotScheduler(1)
+    slot = await s.acquire()
+    first = asyncio.create_task(s.acquire())
+    second = asyncio.create_task(s.acquire())
+    await asyncio.sleep(0)
+    first.cancel()  # its future is cancelled now; the task leaves the queue when it runs
+    s.release(slot)
+    assert await asyncio.wait_for(second, 1) == slot
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert s.running == 1 and s.waiting == 0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def granted(s: SlotScheduler, order: list[str], name: str, prio: int) -> int:
+    slot = await s.acquire(prio)
+    order.append(name)
+    return slot
+
+
+async def test_aging_lifts_a_batch_waiter_to_the_top_class() -> None:
+    clock = FakeClock()
+    s = SlotScheduler(1, aging_s=10, clock=clock)
+    slot = await s.acquire()
+    order: list[str] = []
+    batch = asyncio.create_task(granted(s, order, "batch", -1))
+    await asyncio.sleep(0)
+    clock.now = 15.0  # one aging period: batch is class 0, still below interactive
+    chat1 = asyncio.create_task(granted(s, order, "chat1", 1))
+    chat2 = asyncio.create_task(granted(s, order, "chat2", 1))
+    await asyncio.sleep(0)
+    s.release(slot)
+    slot = await chat1
+    clock.now = 25.0  # two periods: batch reaches the top class and is the oldest there
+    s.release(slot)
+    slot = await batch
+    s.release(slot)
+    await chat2
+    assert order == ["chat1", "batch", "chat2"]
+
+
+async def test_a_long_waiting_standard_sequence_goes_before_a_new_interactive_one() -> None:
+    clock = FakeClock()
+    s = SlotScheduler(1, aging_s=1, clock=clock)
+    slot = await s.acquire()
+    order: list[str] = []
+    old = asyncio.create_task(granted(s, order, "old-standard", 0))
+    await asyncio.sleep(0)
+    clock.now = 100.0
+    chat = asyncio.create_task(granted(s, order, "chat", 1))
+    await asyncio.sleep(0)
+    s.release(slot)
+    s.release(await old)
+    await chat
+    # Aged to the interactive class (capped there), the standard waiter is the oldest in it.
+    assert order == ["old-standard", "chat"]
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="slots"):
+        SlotScheduler(0)
+    with pytest.raises(ValueError, match="aging_s"):
+        SlotScheduler(1, aging_s=0)
