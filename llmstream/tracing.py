@@ -1,8 +1,9 @@
 """OpenTelemetry tracing shared by every service: one trace per request.
 
 The trace crosses process boundaries twice: in Kafka record headers (W3C `traceparent`,
-copied into the event's `trace` field too, see docs/events.md) and in gRPC metadata. Spans
-per request (never per token: per-token timing lives in metrics):
+copied into the event's `trace` field too, see docs/events.md; token events in the compact
+shape carry neither, the request's `started` and terminal events do) and in gRPC metadata.
+Spans per request (never per token: per-token timing lives in metrics):
 
   gateway   submit (SERVER, root) -> send <prompts> (PRODUCER)
   worker    process <prompts> (CONSUMER) -> llmstream.v1.ModelService/Generate (CLIENT)

@@ -1,8 +1,17 @@
 """The token events `llmstream bench kafka-clients` sends, and what each carries byte by byte
-(Kafka record format v2): today's event and the proposed cuts (issue 21)."""
+(Kafka record format v2): the record as the worker's emitter writes it, as it wrote it before
+issue 21, in the compact shape and after the cuts not made.
+
+Records are built by the emitter's own code (`worker.core.Envelope` for the attempt's envelope,
+`codec.TokenDeltaEncoder` for the value and headers, the request id as the key), so the audit
+measures what the worker produces. Print it with:
+
+    .venv/bin/python -m llmstream_tools.bench.kafka_records
+"""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +19,8 @@ from typing import Any, Literal, NamedTuple, get_args
 
 from llmstream import codec
 from llmstream.v1 import events_pb2
+from worker.core import Envelope
+from worker.emitter import COMPACT_TOKEN_EVENTS
 
 PARTITIONS = 4
 REQUESTS = 64  # request ids the backlog records are keyed by
@@ -29,6 +40,9 @@ PRODUCER_ID = "llmstream-worker-7c9d5b8f6-q4x2z"
 TOKENS = [" The", " model", " streams", " each", " token", " to", " the", " browser"]
 TOKEN_IDS = [378, 1743, 22301, 2362, 9352, 288, 260, 7493]
 SEQ = 37  # mid-stream
+# A fence as a worker stamps it (docs/events.md, Fencing): a few rebalances in, attempt 1.
+GENERATION = 12
+ATTEMPT = 1
 # The size audit's event time: fixed, so the audit does not vary by a byte from run to run (the
 # varint of the nanoseconds is 4 or 5 bytes; 5 for 73 % of instants).
 AUDIT_TIME_NS = 1_796_680_800_123_456_789
@@ -45,18 +59,31 @@ def traceparent(rid: str) -> str:
     return f"00-{trace_id}-{trace_id[:16]}-01"
 
 
-def token_event(rid: str, tokens: int, trace: bool, at_ns: int | None = None) -> events_pb2.Event:
-    """A token event as the worker writes it (same fields as worker.core.DeltaEncoder's)."""
-    event = codec.new_event(rid, TENANT_ID, PRODUCER_ID)
-    if at_ns is not None:
+def envelope(rid: str, trace: bool) -> Envelope:
+    """The attempt's envelope as the worker's executor makes it (worker.core.envelope_of)."""
+    return Envelope(
+        request_id=rid,
+        tenant_id=TENANT_ID,
+        producer_id=PRODUCER_ID,
+        traceparent=traceparent(rid) if trace else "",
+        tracestate=TRACESTATE,
+        generation=GENERATION,
+        attempt=ATTEMPT,
+    )
+
+
+def token_record(
+    rid: str, tokens: int, trace: bool, *, compact: bool, at_ns: int | None = None
+) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    """(key, value, headers) of a token event as the emitter writes it (`Emitter.flush`);
+    `at_ns` fixes the event time of the full shape (the emitter stamps the clock)."""
+    enc = codec.TokenDeltaEncoder(envelope(rid, trace).event(), compact=compact)
+    value = enc.value(SEQ, "".join(TOKENS[:tokens]), TOKEN_IDS[:tokens])
+    if at_ns is not None and not compact:
+        event = events_pb2.Event.FromString(value)
         event.event_time.FromNanoseconds(at_ns)
-    if trace:
-        event.trace.traceparent = traceparent(rid)
-        event.trace.tracestate = TRACESTATE
-    event.token_delta.seq = SEQ
-    event.token_delta.text = "".join(TOKENS[:tokens])
-    event.token_delta.token_ids.extend(TOKEN_IDS[:tokens])
-    return event
+        value = event.SerializeToString()
+    return rid.encode(), value, enc.headers
 
 
 class Record(NamedTuple):
@@ -75,11 +102,14 @@ KINDS: dict[str, tuple[int, bool]] = {
 
 
 def records(kind: str) -> list[Record]:
+    """REQUESTS token events of one kind, as the emitter writes them now."""
     tokens, trace = KINDS[kind]
     out = []
     for i in range(REQUESTS):
-        ev = token_event(request_id(i), tokens, trace)
-        out.append(Record(codec.key(ev), codec.encode(ev), codec.headers(ev), i % PARTITIONS))
+        key, value, headers = token_record(
+            request_id(i), tokens, trace, compact=COMPACT_TOKEN_EVENTS
+        )
+        out.append(Record(key, value, headers, i % PARTITIONS))
     return out
 
 
@@ -116,65 +146,91 @@ class Cut:
     why: str
 
 
-# Cumulative: each step keeps the previous ones. None changes the schema (every field stays, a
-# token event just leaves some empty); the reader side would take them from the key, the record
-# timestamp and the request's `started` event.
+WRITTEN = "full shape" if not COMPACT_TOKEN_EVENTS else "compact shape"
+# The first row is what the worker writes now (kafka_clients labels its records with it); the
+# others are cumulative from "before": the record before issue 21, then each step of the cut.
 CUTS = [
-    Cut("today", "content-type + event-type + traceparent headers; full envelope on every event"),
     Cut(
-        "A: no content-type header on token events",
+        f"written now ({WRITTEN}; worker/emitter.py COMPACT_TOKEN_EVENTS)",
+        "the emitter's own record: codec.TokenDeltaEncoder, key = request id",
+    ),
+    Cut(
+        "before issue 21",
+        "content-type + event-type + traceparent headers; full envelope on every event",
+    ),
+    Cut(
+        "A: no content-type header on token events (done)",
         "one schema per topic (docs/events.md); every reader decodes the value anyway",
     ),
     Cut(
-        "B: + trace context only on started/terminal events",
-        "spans are per request, never per token (llmstream/tracing.py): drops the traceparent "
-        "header and the envelope's copy of it",
+        "B+C: compact shape: + no trace context, request_id, event_time, producer_id (done; "
+        "on with COMPACT_TOKEN_EVENTS)",
+        "spans are per request (started and terminal events carry the trace); the request id "
+        "is the record key and event_time the record timestamp (codec.decode_record); "
+        "started names the worker",
     ),
     Cut(
-        "C: + no request_id, event_time, producer_id in token events",
-        "request_id is the record key, the record timestamp (CreateTime, the producer's clock) "
-        "is event_time, started names the worker",
+        "D: + no tenant_id in token events (not done)",
+        "the gateway checks the tenant of every event it delivers (#17)",
     ),
     Cut(
-        "D: + no tenant_id in token events",
-        "submitted and started carry it; the fold keys state by request",
-    ),
-    Cut(
-        "E: + request id 22 characters (base64url of the same 128 bits) instead of 36",
-        "'req_' + 32 hex spends 14 bytes of every key on the encoding",
+        "E: + request id 22 characters (base64url of the same 128 bits) instead of 36 (not done)",
+        "'req_' + 32 hex spends 14 bytes of every key on the encoding; ids are made by the "
+        "gateway and typed by clients",
     ),
 ]
 
 
 def cut_record(step: int, tokens: int, trace: bool) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
-    """(key, value, headers) of a token event after cuts 1..step of CUTS."""
+    """(key, value, headers) of a token event at row `step` of CUTS."""
     rid = request_id(0)
-    ev = token_event(rid, tokens, trace, AUDIT_TIME_NS)
-    headers = codec.headers(ev)
-    if step >= 1:
-        headers = [h for h in headers if h[0] != "content-type"]
-    if step >= 2:
-        headers = [h for h in headers if h[0] not in ("traceparent", "tracestate")]
-        ev.ClearField("trace")
-    if step >= 3:
-        for field in ("request_id", "event_time", "producer_id"):
-            ev.ClearField(field)
+    if step == 0:
+        return token_record(rid, tokens, trace, compact=COMPACT_TOKEN_EVENTS, at_ns=AUDIT_TIME_NS)
+    if step <= 2:  # the full shape, with (before) and without the content-type header
+        key, value, headers = token_record(rid, tokens, trace, compact=False, at_ns=AUDIT_TIME_NS)
+        if step == 1:
+            headers = [("content-type", codec.CONTENT_TYPE), *headers]
+        return key, value, headers
+    key, value, headers = token_record(rid, tokens, trace, compact=True)
     if step >= 4:
-        ev.ClearField("tenant_id")
-    key = rid.encode()
+        event = events_pb2.Event.FromString(value)
+        event.ClearField("tenant_id")
+        value = event.SerializeToString()
     if step >= 5:
         key = key[:22]  # the length of base64url(16 bytes) without padding
-    return key, ev.SerializeToString(), headers
+    return key, value, headers
 
 
 EnvelopeField = Literal[
-    "schema_version", "request_id", "tenant_id", "event_time", "trace", "producer_id"
+    "schema_version", "request_id", "tenant_id", "event_time", "trace", "producer_id", "fence"
 ]
 ENVELOPE: tuple[EnvelopeField, ...] = get_args(EnvelopeField)
 
 
+def _breakdown(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> dict[str, int]:
+    """Bytes of each part of one record (protobuf sizes add up field by field)."""
+    ev = events_pb2.Event.FromString(value)
+    parts = {}
+    for name in ENVELOPE:
+        without = events_pb2.Event()
+        without.CopyFrom(ev)
+        without.ClearField(name)
+        parts[f"value: {name}"] = ev.ByteSize() - without.ByteSize()
+    body = events_pb2.Event(token_delta=ev.token_delta)
+    parts["value: token_delta (seq, text, ids)"] = body.ByteSize()
+    parts["key (request id)"] = len(key)
+    for k, v in headers:
+        parts[f"header {k}"] = len(k) + len(v)
+    parts["record framing (lengths, attributes, deltas)"] = record_size(key, value, headers) - (
+        len(key) + len(value) + sum(len(k) + len(v) for k, v in headers)
+    )
+    parts["record batch header (once per batch)"] = BATCH_HEADER
+    return parts
+
+
 def size_audit() -> dict[str, Any]:
-    """Bytes per token of each kind after each cut; a breakdown of today's commonest record."""
+    """Bytes per token of each kind at each row of CUTS; a breakdown of the commonest record
+    (1 token, tracing on) as written now and in the compact shape."""
     steps = []
     for i, cut in enumerate(CUTS):
         row: dict[str, Any] = {"cut": cut.name, "why": cut.why, "kinds": {}}
@@ -191,24 +247,16 @@ def size_audit() -> dict[str, Any]:
                 "bytes_per_token_alone_in_batch": round((rec + BATCH_HEADER) / tokens, 1),
             }
         steps.append(row)
-    ev = token_event(request_id(0), 1, True, AUDIT_TIME_NS)
-    parts = {}
-    for name in ENVELOPE:  # protobuf sizes add up field by field
-        without = events_pb2.Event()
-        without.CopyFrom(ev)
-        without.ClearField(name)
-        parts[f"value: {name}"] = ev.ByteSize() - without.ByteSize()
-    body = events_pb2.Event(token_delta=ev.token_delta)
-    parts["value: token_delta (seq, text, ids)"] = body.ByteSize()
-    parts["key (request id)"] = len(codec.key(ev))
-    for k, v in codec.headers(ev):
-        parts[f"header {k}"] = len(k) + len(v)
-    key, value, headers = codec.key(ev), codec.encode(ev), codec.headers(ev)
-    parts["record framing (lengths, attributes, deltas)"] = record_size(key, value, headers) - (
-        len(key) + len(value) + sum(len(k) + len(v) for k, v in headers)
-    )
-    parts["record batch header (once per batch)"] = BATCH_HEADER
     # Packing ids is not a cut to make: proto3 packs repeated scalars already (one tag and one
     # length for the list, then a varint per id: 2-3 bytes in a 49k vocabulary).
     packed = events_pb2.TokenDelta(token_ids=[1, 2]).SerializeToString() == b"\x1a\x02\x01\x02"
-    return {"steps": steps, "breakdown_1_token_trace": parts, "token_ids_packed": packed}
+    return {
+        "steps": steps,
+        "breakdown_1_token_trace": _breakdown(*cut_record(0, 1, True)),
+        "breakdown_1_token_trace_compact": _breakdown(*cut_record(3, 1, True)),
+        "token_ids_packed": packed,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(size_audit(), indent=1))
