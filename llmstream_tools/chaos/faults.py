@@ -21,7 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from llmstream import config
+from llmstream import config, kafka
 from llmstream_tools import infra, promstats
 from llmstream_tools.chaos import check, netns
 from llmstream_tools.chaos.client import Session
@@ -189,7 +189,8 @@ async def _tokens_partitions(stack: Stack) -> dict[int, tuple[int, list[int]]]:
     """Partition -> (leader, in-sync replicas) of the stack's tokens topic."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=config.kafka_bootstrap())
+    conn = kafka.Connection.from_env(config.ADMIN)
+    admin = AIOKafkaAdminClient(**conn.client_kwargs("llmstream-chaos"))
     await admin.start()
     try:
         (topic,) = await admin.describe_topics([stack.tokens_topic])

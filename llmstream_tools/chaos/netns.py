@@ -256,11 +256,12 @@ def _listen_ports(argv: list[str]) -> list[int]:
 
 def _start_inside(stack: Stack, name: str, ns: Namespace) -> subprocess.Popen[bytes]:
     """Stack.start, inside the namespace (`ip netns exec` execs the process: same pid)."""
+    env = {**stack.env, config.PREFIX + "PRINCIPAL": stack.commands[name][0]}
     with open(stack.tmp / f"{name}.log", "ab") as out:
         stack.procs[name] = subprocess.Popen(
             ["ip", "netns", "exec", ns.name, sys.executable, "-m", "llmstream_tools.cli",
              *stack.commands[name]],
-            env=stack.env, stdout=out, stderr=subprocess.STDOUT,
+            env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     return stack.procs[name]
 
@@ -373,6 +374,7 @@ async def delay_link(phase: Phase, link: Link) -> None:
         "netns": link.ns.name,
         "round_trip_ms": {"before": before, "delayed": during, "after": after},
         "added_ms": added,
+        "probes": link.probes,
     }
     if added is None or after is None:
         phase.evidence.append(f"a broker round trip failed: {link.probes}")

@@ -14,6 +14,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from llmstream import topics
+from llmstream.config import ADMIN
+from llmstream.kafka import Connection
 from llmstream_tools import infra
 from llmstream_tools.chaos.infra import private_infra
 
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 async def _describe(bootstrap: str, topic: str) -> tuple[list[list[int]], str]:
     """Each partition's replicas, and the topic's min.insync.replicas."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**Connection.from_env(ADMIN, bootstrap).client_kwargs("test"))
     await admin.start()
     try:
         (described,) = await admin.describe_topics([topic])
@@ -56,8 +58,9 @@ async def test_a_three_broker_cluster_survives_a_node_killed_and_restarted() -> 
         assert kafka.state.startswith("degraded (2 of 3")
         # Two nodes keep a controller quorum and min.insync.replicas: a write acknowledged by
         # every in-sync replica still goes through (once the dead node's partitions moved).
+        conn = Connection.from_env(ADMIN, private.bootstrap)
         producer = AIOKafkaProducer(
-            bootstrap_servers=private.bootstrap, acks="all", enable_idempotence=True
+            **conn.client_kwargs("test"), acks="all", enable_idempotence=True
         )
         await producer.start()
         try:
