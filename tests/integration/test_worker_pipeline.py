@@ -19,6 +19,7 @@ from llmstream_tools.testing.worker import (
     collect,
     produce,
     prompt_text,
+    read_all,
     reference_text,
     start_model_server,
     start_worker,
@@ -213,8 +214,16 @@ async def test_poison_records_go_to_dlq(
             submit_event(ok, "still alive", 5, topics.tokens, 0),
         ],
     )
-    got = await collect(topics.bootstrap, topics.tokens, [ok])
+    got = await collect(topics.bootstrap, topics.tokens, [ok, "r-future"])
     assert got.check_contract(ok).status == "completed"
+    # The newer-version submit still names its request, tenant and reply partition: its client
+    # is told (one terminal `failed`, nothing generated). The others name nobody: DLQ only.
+    future = got.check_contract("r-future")
+    assert (future.status, future.error_code, future.attempts) == ("failed", "dead_lettered", 0)
+    assert future.finish_message == (
+        "the request could not be processed: schema_version 99 is newer than supported 1"
+    )
+    assert got.partitions["r-future"] == {0}
 
     consumer = AIOKafkaConsumer(
         topics.dlq, bootstrap_servers=topics.bootstrap, auto_offset_reset="earliest"
@@ -241,7 +250,12 @@ async def test_poison_records_go_to_dlq(
     assert {topic for topic, _, _ in sources} == {topics.prompts}
     first = min(range(3), key=lambda i: tuple(map(int, sources[i][2].split("@"))))
     assert records[first].value == b"\xff\x00garbage"
-    assert await committed_equals_end(topics)
+    assert await committed_equals_end(topics)  # every record handled, its writes acknowledged
+    # Nothing on the tokens topic for the garbage or the impossible route.
+    assert {e.request_id for e in await read_all(topics.bootstrap, topics.tokens)} == {
+        ok,
+        "r-future",
+    }
 
 
 def blocked_term(ref: str) -> str:
