@@ -22,6 +22,7 @@ __all__ = [
     "ComponentStatus",
     "InfraError",
     "KafkaNode",
+    "apply_kafka_acls",
     "down",
     "ensure_topics",
     "kafka_bootstrap",
@@ -119,6 +120,12 @@ def stop_component(name: str, kill: bool = False) -> bool:
 def start_component(name: str) -> ComponentStatus:
     """Start (or reuse) one component; same rules as up()."""
     return up([name])[0]
+
+
+def apply_kafka_acls() -> int:
+    """Create the ACL matrix of `_kafka_auth` on the cluster infra uses (`infra init --acls`:
+    the docker-compose and Kubernetes init jobs); returns the number of ACLs."""
+    return _kafka.apply_acls()
 
 
 def kafka_pid() -> int | None:

@@ -334,19 +334,27 @@ def authorize() -> dict[str, object]:
     if is_external():
         return {}
     if _kafka_auth.active():
-        timeout = min(startup_timeout(), 30.0)
-        try:
-            count = run_async(lambda: _kafka_auth.apply_acls(bootstrap(), timeout), timeout + 5)
-        except InfraError:
-            raise
-        except Exception as exc:
-            raise InfraError(
-                NAME,
-                f"applying the ACLs on {bootstrap()} failed ({type(exc).__name__}: {exc})",
-                log_hint(log_file()),
-            ) from None
-        log.info("kafka: %d ACLs in place", count)
+        apply_acls()
     return _kafka_auth.record_values()
+
+
+def apply_acls() -> int:
+    """The ACL matrix on the cluster infra uses (an external one: as LLMSTREAM_KAFKA_USERNAME,
+    which must be allowed to create ACLs, and without the local test prefixes)."""
+    servers, local = bootstrap(), not is_external()
+    timeout = min(startup_timeout(), 30.0)
+    try:
+        count = run_async(lambda: _kafka_auth.apply_acls(servers, timeout, local), timeout + 5)
+    except InfraError:
+        raise
+    except Exception as exc:
+        raise InfraError(
+            NAME,
+            f"applying the ACLs on {servers} failed ({type(exc).__name__}: {exc})",
+            log_hint(log_file()) if local else "the user needs the Alter permission on the cluster",
+        ) from None
+    log.info("kafka: %d ACLs in place", count)
+    return count
 
 
 def start_node(node_id: int) -> ComponentStatus:

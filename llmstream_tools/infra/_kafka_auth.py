@@ -193,10 +193,10 @@ class Grant:
     operation: str  # read | write | describe (read and write imply describe)
 
 
-def matrix() -> list[Grant]:
-    """Every ACL of the local cluster. Prefixed on the configured topic and group names, so the
-    per-run copies of `llmstream_tools.stack` (`llmstream.prompts.stack-<hex>`) get the same
-    rules as the platform's own topics."""
+def matrix(test_prefixes: bool = True) -> list[Grant]:
+    """Every ACL. Prefixed on the configured topic and group names, so the per-run copies of
+    `llmstream_tools.stack` (`llmstream.prompts.stack-<hex>`) get the same rules as the
+    platform's own topics; `test_prefixes` (local infra only) adds TEST_PREFIXES."""
     prompts, tokens, dlq, models = topics.prompts(), topics.tokens(), topics.dlq(), topics.models()
     workers, aggregators = config.get("WORKER_GROUP"), config.get("AGGREGATOR_GROUP")
     rows: list[tuple[str, str, str, str]] = [
@@ -221,7 +221,7 @@ def matrix() -> list[Grant]:
         ("aggregator", "topic", dlq, "write"),
     ]
     grants = [Grant(p, r, n, "prefixed", op) for p, r, n, op in rows]
-    for prefix in TEST_PREFIXES:
+    for prefix in TEST_PREFIXES if test_prefixes else ():
         for service in SERVICES:
             grants += [
                 Grant(service, "topic", prefix, "prefixed", "read"),
@@ -246,11 +246,11 @@ def _requests(grants: list[Grant]) -> Iterator[Any]:
         )
 
 
-async def apply_acls(servers: str, timeout_s: float) -> int:
+async def apply_acls(servers: str, timeout_s: float, test_prefixes: bool = True) -> int:
     """Create every ACL of `matrix()` (existing ones stay as they are); returns how many."""
     from aiokafka.client import AIOKafkaClient
 
-    grants = matrix()
+    grants = matrix(test_prefixes)
     client = AIOKafkaClient(
         bootstrap_servers=servers,
         client_id="llmstream-infra-acls",

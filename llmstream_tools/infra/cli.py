@@ -29,10 +29,16 @@ def main(argv: Sequence[str]) -> int:
     )
     sub.add_parser("down", help="stop what `infra up` started (data is kept)")
     sub.add_parser("status", help="each component with its address and state")
-    sub.add_parser(
+    init = sub.add_parser(
         "init",
         help="only create topics and apply migrations on servers that already run "
-        "(the docker-compose init job)",
+        "(the docker-compose and Kubernetes init jobs)",
+    )
+    init.add_argument(
+        "--acls",
+        action="store_true",
+        help="also create the Kafka ACLs of every service principal (docs/security.md); the "
+        "Kafka user (LLMSTREAM_KAFKA_USERNAME) must be allowed to",
     )
     args = parser.parse_args(list(argv))
 
@@ -53,6 +59,8 @@ def main(argv: Sequence[str]) -> int:
             for s in infra.up(brokers=args.brokers):
                 print(f"{s.name:<10} {s.address:<45} {s.state}")
         infra.ensure_topics()
+        if getattr(args, "acls", False):
+            print(f"kafka ACLs in place: {infra.apply_kafka_acls()}")
         applied = asyncio.run(migrate.apply(config.database_url()))
         print(f"topics ready; migrations applied: {', '.join(applied) or 'none pending'}")
         return 0

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from llmstream import config
+from llmstream import config, kafka
 from llmstream.ports import free_port
 from llmstream_tools import infra
 from llmstream_tools.infra import _common
@@ -39,7 +39,9 @@ def _unique(prefix: str) -> str:
 
 
 async def _admin(bootstrap: str) -> AIOKafkaAdminClient:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    admin = AIOKafkaAdminClient(
+        **kafka.Connection(bootstrap).client_kwargs("test-infra"), request_timeout_ms=10000
+    )
     await asyncio.wait_for(admin.start(), T)
     return admin
 
@@ -75,7 +77,7 @@ async def _partition_counts(bootstrap: str, names: list[str]) -> dict[str, int]:
 async def _read_committed(bootstrap: str, topic: str, count: int) -> list[bytes]:
     """The first `count` committed values of partition 0 of topic."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **kafka.Connection(bootstrap).client_kwargs("test-infra"),
         isolation_level="read_committed",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -97,7 +99,11 @@ async def _read_committed(bootstrap: str, topic: str, count: int) -> list[bytes]
 
 
 async def _produce_idempotent(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+    producer = AIOKafkaProducer(
+        **kafka.Connection(bootstrap).client_kwargs("test-infra"),
+        enable_idempotence=True,
+        acks="all",
+    )
     await asyncio.wait_for(producer.start(), T)
     try:
         for value in values:
@@ -143,7 +149,8 @@ async def test_up_twice_reuses_and_every_component_answers(
         await _produce_idempotent(bootstrap, topic, [b"plain"])
         # Transactional producer: an aborted record stays invisible, a committed one shows.
         producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, transactional_id=_unique("test.tx")
+            **kafka.Connection(bootstrap).client_kwargs("test-infra"),
+            transactional_id=_unique("test.tx"),
         )
         await asyncio.wait_for(producer.start(), T)
         try:
@@ -221,7 +228,15 @@ async def test_ensure_topics_refuses_a_topic_with_fewer_partitions(
 def _isolate(monkeypatch: pytest.MonkeyPatch, state: Path) -> None:
     monkeypatch.setenv("LLMSTREAM_STATE_DIR", str(state))
     monkeypatch.setenv("LLMSTREAM_KAFKA_PORT", str(free_port()))
-    for name in ("KAFKA_BOOTSTRAP", "DATABASE_URL", "REDIS_URL", "KAFKA_EXTRA_PROPERTIES"):
+    for name in (
+        "KAFKA_BOOTSTRAP",
+        "DATABASE_URL",
+        "REDIS_URL",
+        "KAFKA_EXTRA_PROPERTIES",
+        "KAFKA_USERNAME",
+        "KAFKA_PASSWORD",
+        "KAFKA_SECURITY_PROTOCOL",
+    ):
         monkeypatch.delenv(config.PREFIX + name, raising=False)
 
 
@@ -355,8 +370,10 @@ async def test_kafka_kill_and_restart_keeps_data(isolated_kafka: Path) -> None:
 def test_redis_stale_pid_file_is_cleaned_and_restarted(isolated: Path) -> None:
     (first,) = infra.up(["redis"])
     assert first.started_by_llmstream and first.pid is not None
+    # Tooling's URL is the server's with the admin user's credentials.
     url = config.redis_url()
-    assert url == first.address
+    assert url.startswith("redis://admin:")
+    assert url.endswith("@" + first.address.removeprefix("redis://"))
     # A crash leaves the pid file behind.
     os.kill(first.pid, 9)
     assert _common.wait_dead(first.pid, 10)
@@ -364,7 +381,7 @@ def test_redis_stale_pid_file_is_cleaned_and_restarted(isolated: Path) -> None:
     assert infra.status()[2].state == "stopped"
     (second,) = infra.up(["redis"])
     assert second.started_by_llmstream and second.pid != first.pid
-    assert second.address == url  # same remembered port
+    assert second.address == first.address and config.redis_url() == url  # same port, users
     assert infra.down(["redis"]) == ["redis"]
     assert not (isolated / "redis" / "redis.pid").exists()
     assert second.pid is not None and not _common.pid_alive(second.pid)
@@ -411,3 +428,21 @@ def test_external_servers_are_used_not_started(
     monkeypatch.setenv("LLMSTREAM_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(infra.InfraError, match=r"^redis: LLMSTREAM_REDIS_URL=redis://\S+ does "):
         infra.up(["redis"])
+
+
+def test_a_cluster_formatted_before_authentication_is_refused_with_how_to_reformat(
+    isolated: Path,
+) -> None:
+    (first,) = infra.up(["kafka"])
+    assert "SASL_PLAINTEXT/SCRAM-SHA-512 + ACLs" in first.detail
+    assert infra.down(["kafka"]) == ["kafka"]
+    # What a state dir formatted by an earlier llmstream looks like: no users.
+    (isolated / "kafka" / "credentials.json").unlink()
+    with pytest.raises(infra.InfraError) as err:
+        infra.up(["kafka"])
+    assert str(err.value).startswith(
+        f"kafka: the local cluster in {isolated / 'kafka'} was formatted before Kafka "
+        "authentication (no credentials.json)"
+    )
+    assert f"delete {isolated / 'kafka'}" in str(err.value)
+    assert infra.kafka_pid() is None
