@@ -249,14 +249,19 @@ async def test_garbage_on_every_topic_is_dead_lettered_or_skipped(tmp_path: Path
                     break
                 await asyncio.sleep(0.5)
             assert row == ("completed", 6)
-            # The nonsense submits that reached a model server ended as failed requests.
-            failed: dict[str, str] = dict(
-                conn.execute(
-                    "SELECT request_id, status FROM requests WHERE request_id IN"
-                    " ('req_no_prompt', 'req_no_model')"
+            # The nonsense submits that decode ended as failed requests, refused by the worker's
+            # tier check before any model call: their tenant does not exist.
+            failed = {
+                str(r[0]): (r[1], r[2], r[3])
+                for r in conn.execute(
+                    "SELECT request_id, status, error_code, completion_tokens FROM requests"
+                    " WHERE request_id IN ('req_no_prompt', 'req_no_model')"
                 ).fetchall()
-            )
-        assert failed == {"req_no_prompt": "failed", "req_no_model": "failed"}
+            }
+        assert failed == {
+            "req_no_prompt": ("failed", "unknown_tenant", 0),
+            "req_no_model": ("failed", "unknown_tenant", 0),
+        }
 
         assert {name: p.poll() for name, p in st.procs.items()} == dict.fromkeys(st.procs)
         logs = {name: (tmp_path / f"{name}.log").read_text() for name in st.procs}
