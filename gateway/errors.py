@@ -125,3 +125,24 @@ def outcome_unknown(request_id: str, idempotent: bool) -> GatewayError:
         retry_after_ms=1000,
         reason="outcome_unknown",
     )
+
+
+def rate_limited(frame: str, retry_after_ms: int) -> GatewayError:
+    """Too many cancel or resume frames (per socket or per tenant: gateway/limits.py)."""
+    return GatewayError(
+        QUOTA_EXCEEDED,
+        f"too many {frame} frames: retry in {retry_after_ms} ms",
+        retry_after_ms=retry_after_ms,
+        reason="rate_limited",
+    )
+
+
+def too_many_watches(limit: int) -> GatewayError:
+    """A socket already follows `limit` unfinished requests."""
+    return GatewayError(
+        QUOTA_EXCEEDED,
+        f"this socket follows {limit} unfinished requests, the most it may: open another "
+        "socket or wait for some to finish",
+        retry_after_ms=1000,
+        reason="watches",
+    )

@@ -31,10 +31,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from gateway import errors
 from gateway.delivery_trace import DeliverySpans
 from gateway.inflight import Inflight
+from gateway.limits import ResumeSlot, ResumeSlots
 from gateway.metrics import GatewayMetrics
 from gateway.quota import Quota
 from gateway.router import WEBSOCKET_FRAMES, Frames, Outbox, Router, Watch
-from gateway.store import ReplyRoute, RequestMeta
+from gateway.store import ReplyRoute, RequestMeta, RequestStore
 from gateway.tasks import TaskSet
 from llmstream import codec, kafka, telemetry
 from llmstream.fold import is_terminal, outcome
@@ -46,6 +47,9 @@ log = logging.getLogger("gateway")
 # socket instead of filling the send buffer with one batch.
 CATCH_UP_FETCH_BYTES = 256 * 1024
 CATCH_UP_MAX_RECORDS = 500
+# A catch-up (borrow + replay) that takes longer (a client reading slowly holds a slot while
+# the replay waits for it) ends with an error: the client resumes again from where it got.
+CATCH_UP_DEADLINE_S = 30.0
 # A borrowed partition nobody follows any more is released after at most this long.
 BORROW_CHECK_S = 1.0
 SKIPPED_LOG_EVERY_S = 10.0
@@ -88,6 +92,7 @@ def plan_resume(route: ReplyRoute, tokens_topic: str, owned: Collection[int]) ->
 class Resumption:
     watch: Watch
     plan: ResumePlan
+    slot: ResumeSlot  # released when the catch-up ends (or its task does, whichever first)
 
 
 async def _paced(outbox: Outbox) -> None:
@@ -106,6 +111,7 @@ class TokenFeed:
     max_resumes: int  # concurrent catch-up readers at most
     inflight: Inflight
     quota: Quota
+    store: RequestStore
     metrics: GatewayMetrics
     tasks: TaskSet
     router: Router = field(init=False)
@@ -117,7 +123,7 @@ class TokenFeed:
         self.router = Router(on_foreign=self._foreign)
         self.spans = DeliverySpans(self.topic)
         self._rr = 0
-        self._resume_slots = asyncio.Semaphore(self.max_resumes)
+        self.resume_slots = ResumeSlots(self.max_resumes)
         self._borrow_lock = asyncio.Lock()
         self._borrow_checked = 0.0  # monotonic time the borrowed partitions were last pruned
         self._undecodable_skipped = 0
@@ -156,6 +162,7 @@ class TokenFeed:
         A terminal event ends the request here (outcome counted, stream slot freed at once).
         One bad record or event never stops delivery to the others."""
         finished: list[tuple[str, str]] = []
+        ended: list[str] = []  # terminal events of this replica's own partitions
         for rec in records:
             try:
                 event = codec.decode(rec.value)
@@ -170,13 +177,20 @@ class TokenFeed:
                     self.spans.on_event(event, rec.partition, rec.offset, delivered)
             except Exception:
                 log.exception("routing an event failed")
-            if is_terminal(event) and self.inflight.finish(event.request_id):
+            if not is_terminal(event):
+                continue
+            if source is Source.OWNED:
+                ended.append(event.request_id)
+            if self.inflight.finish(event.request_id):
                 self.metrics.requests[outcome(event)] += 1
                 if event.tenant_id:
                     finished.append((event.tenant_id, event.request_id))
         if finished:
             # ZREM is idempotent: the aggregator's settlement frees them too, later.
             self.tasks.spawn(self.quota.end_streams(finished))
+        if ended:
+            # Their records say so: a cancel is then answered without a Kafka write.
+            self.tasks.spawn(self.store.mark_finished(ended))
 
     def _undecodable(self, rec: Any, reason: str) -> None:
         """A record that is not an llmstream event is skipped (the aggregator parks it in the
@@ -296,9 +310,14 @@ class TokenFeed:
     def unfollow(self, watch: Watch) -> None:
         self.router.remove(watch)
 
-    def check_resume_capacity(self, request_id: str) -> None:
-        if self._resume_slots.locked():
-            raise errors.overloaded("too many resumes in progress", request_id=request_id)
+    def take_resume_slot(self, meta: RequestMeta) -> ResumeSlot:
+        """A catch-up slot for a resume of `meta`'s request (its tenant's share of
+        GATEWAY_MAX_RESUMES), or `GatewayError` overloaded. Release it if no `resume` follows."""
+        slot = self.resume_slots.take(meta.tenant_id)
+        if slot is None:
+            self.metrics.resume_refusals["slots"] += 1
+            raise errors.overloaded("too many resumes in progress", request_id=meta.request_id)
+        return slot
 
     def resume(
         self,
@@ -307,11 +326,13 @@ class TokenFeed:
         outbox: Outbox,
         frames: Frames = WEBSOCKET_FRAMES,
         *,
+        slot: ResumeSlot,
         keep_text: bool = False,
     ) -> Resumption:
         """Start following a request from `after_seq` on: its watch parks live events from now
         on, since the catch-up replays only up to the end offset it takes after this point.
-        Run `catch_up` next. `keep_text`: the watch keeps the whole text (gateway/router.py)."""
+        Run `catch_up` next (its task should release `slot` when it ends, in case it never
+        starts). `keep_text`: the watch keeps the whole text (gateway/router.py)."""
         plan = plan_resume(meta.route, self.topic, self.owned)
         watch = Watch(
             meta.request_id,
@@ -325,14 +346,32 @@ class TokenFeed:
             tenant_id=meta.tenant_id,
         )
         self.router.add(watch)
-        return Resumption(watch, plan)
+        return Resumption(watch, plan, slot)
 
     async def catch_up(self, r: Resumption) -> None:
         """Borrow the reply partition if another replica owns it, replay the request's events
-        the client has not seen, then hand the watch to the live reader. On a failure the
-        watch is dropped (`GatewayError`: the stream would have a gap; the client resumes
-        again)."""
+        the client has not seen, then hand the watch to the live reader. On a failure, or
+        past CATCH_UP_DEADLINE_S, the watch is dropped (`GatewayError`: the stream would have
+        a gap; the client resumes again)."""
         watch, plan = r.watch, r.plan
+        try:
+            async with asyncio.timeout(CATCH_UP_DEADLINE_S):
+                await self._catch_up(watch, plan)
+        except TimeoutError:
+            self.router.remove(watch)
+            self.metrics.resume_refusals["deadline"] += 1
+            raise errors.overloaded(
+                f"resume took longer than {CATCH_UP_DEADLINE_S:g} s (reading too slowly?): "
+                "resume again from the last seq received",
+                request_id=watch.request_id,
+            ) from None
+        finally:
+            r.slot.release()
+        watch.end_catch_up()
+        if watch.finished:
+            self.router.remove(watch)
+
+    async def _catch_up(self, watch: Watch, plan: ResumePlan) -> None:
         if not plan.owned:
             try:
                 await self._borrow(plan.tp)
@@ -341,16 +380,12 @@ class TokenFeed:
                 self.router.remove(watch)
                 raise errors.resume_failed(watch.request_id) from None
         self.metrics.resumes[plan.live] += 1
-        async with self._resume_slots:
-            try:
-                await self._replay(watch, plan)
-            except Exception:
-                log.exception("resume read failed")
-                self.router.remove(watch)
-                raise errors.resume_failed(watch.request_id) from None
-        watch.end_catch_up()
-        if watch.finished:
+        try:
+            await self._replay(watch, plan)
+        except Exception:
+            log.exception("resume read failed")
             self.router.remove(watch)
+            raise errors.resume_failed(watch.request_id) from None
 
     async def _replay(self, watch: Watch, plan: ResumePlan) -> None:
         key = watch.request_id.encode()

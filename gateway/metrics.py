@@ -34,6 +34,9 @@ SUBMIT_RESULTS = (
     "unknown",
 )
 RESUME_KINDS = ("owned", "borrowed")
+RESUME_REFUSALS = ("slots", "deadline")
+CANCEL_RESULTS = ("written", "duplicate", "finished")
+LIMITED_FRAMES = ("cancel", "resume")
 QUOTA_LIMITS = (
     "concurrent_streams",
     "requests_per_minute",
@@ -66,6 +69,9 @@ class GatewayMetrics:
         self.submits: Counter[str] = Counter(dict.fromkeys(SUBMIT_RESULTS, 0))
         self.requests: Counter[str] = Counter()
         self.resumes: Counter[str] = Counter(dict.fromkeys(RESUME_KINDS, 0))
+        self.resume_refusals: Counter[str] = Counter(dict.fromkeys(RESUME_REFUSALS, 0))
+        self.cancels: Counter[str] = Counter(dict.fromkeys(CANCEL_RESULTS, 0))
+        self.rate_limited: Counter[str] = Counter(dict.fromkeys(LIMITED_FRAMES, 0))
         self.quota_refusals: Counter[str] = Counter(dict.fromkeys(QUOTA_LIMITS, 0))
         self.attrs = {"gateway_id": gateway_id}
         if meter is None:
@@ -150,6 +156,27 @@ class _Instruments:
                 "Resumes by kind (owned: own partition; borrowed: another replica's).",
                 "kind",
                 lambda g: g.resumes,
+            ),
+            (
+                "gateway_resume_refusals",
+                "Resumes ended by a bound: `slots` (no catch-up slot free, or the tenant holds its "
+                "share), `deadline` (the catch-up outlasted its deadline).",
+                "reason",
+                lambda g: g.resume_refusals,
+            ),
+            (
+                "gateway_cancels",
+                "Client cancels by result: `written` (a cancel_requested event), `duplicate` "
+                "(already requested: no write), `finished` (answered from state: no write).",
+                "result",
+                lambda g: g.cancels,
+            ),
+            (
+                "gateway_rate_limited_frames",
+                "Cancel and resume frames (and their HTTP routes) refused by a rate limit, by "
+                "frame.",
+                "frame",
+                lambda g: g.rate_limited,
             ),
             (
                 "gateway_quota_refusals",

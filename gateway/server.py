@@ -32,10 +32,12 @@ from psycopg_pool import AsyncConnectionPool
 
 from gateway import auth, readiness
 from gateway.admission import Admission, Load, Policy
+from gateway.cancels import Cancels
 from gateway.feed import TokenFeed
 from gateway.follow import Followers
 from gateway.http import AccessLog, HttpRoutes, metrics, render_errors
 from gateway.inflight import Inflight
+from gateway.limits import FrameLimits
 from gateway.metrics import GatewayMetrics
 from gateway.models import Models
 from gateway.openai import api_router
@@ -90,6 +92,8 @@ class Parts:
     feed: TokenFeed  # token events to watches: follow, resume, catch_up
     models: Models  # the model catalog: served models and their limits
     prompts: PromptWriter  # cancel_requested events
+    cancels: Cancels  # a client's cancel: written once, not for ended requests
+    limits: FrameLimits  # rate limits of cancels and resumes per tenant (and socket)
     followers: Followers  # watchers of a request, the disconnect grace period
     inflight: Inflight
     metrics: GatewayMetrics
@@ -174,6 +178,7 @@ class Gateway:
             max_resumes=s.max_resumes,
             inflight=self.inflight,
             quota=res.quota,
+            store=res.store,
             metrics=self.metrics,
             tasks=self.tasks,
         )
@@ -201,6 +206,10 @@ class Gateway:
             tasks=self.tasks,
             grace_s=s.grace_s,
         )
+        cancels = Cancels(
+            store=res.store, prompts=prompts, inflight=self.inflight, metrics=self.metrics
+        )
+        limits = FrameLimits(time.monotonic)
         sockets = WebSocketFrontEnd(
             settings=s,
             conns=self.conns,
@@ -210,7 +219,8 @@ class Gateway:
             feed=feed,
             followers=followers,
             store=res.store,
-            prompts=prompts,
+            cancels=cancels,
+            limits=limits,
             quota=res.quota,
             tasks=self.tasks,
             draining=lambda: self.draining,
@@ -229,6 +239,8 @@ class Gateway:
             feed=feed,
             models=models,
             prompts=prompts,
+            cancels=cancels,
+            limits=limits,
             followers=followers,
             inflight=self.inflight,
             metrics=self.metrics,

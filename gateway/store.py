@@ -5,8 +5,9 @@ browser sessions in gateway/auth.py):
 - `gw:req:{request_id}` hash: tenant, topic, partition, offset (a lower bound of the offset of
   the request's first event in its reply partition), submitted_ms, gateway, attached_ms (last
   submit/resume), background ("1": runs whoever follows it), context (what the front end that
-  accepted it needs to render it again, opaque here: the OpenAI routes' `StreamContext`). 48 h.
-  A resume on any replica starts reading there.
+  accepted it needs to render it again, opaque here: the OpenAI routes' `StreamContext`),
+  finished ("1": the replica reading its reply partition saw its terminal event), cancel (ms:
+  a client's cancel was written). 48 h. A resume on any replica starts reading there.
 - `gw:watchers:{request_id}` set of "<gateway id>/<socket or stream id>" following the request;
   a grace timer cancels only when it is empty (nobody on any replica follows the request) and
   the request is not a background one. 48 h.
@@ -66,6 +67,7 @@ class RequestMeta:
     gateway_id: str  # the replica that accepted it
     background: bool = False  # keeps running when nobody follows it
     context: str = ""  # the accepting front end's, opaque (empty: none)
+    finished: bool = False  # its terminal event was read (set after the record is made)
 
     def mapping(self) -> dict[str, str | int]:
         return {
@@ -92,8 +94,26 @@ class RequestMeta:
             # Records written before these fields existed have neither.
             background=fields.get("background") == "1",
             context=fields.get("context", ""),
+            finished=fields.get("finished") == "1",
         )
 
+
+# Mark a request finished, only if it has a record: KEYS: its record
+MARK_FINISHED_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'finished', '1')
+end
+return 1
+"""
+
+# Claim the one cancel of a request: KEYS: its record; ARGV: now ms. 1: claimed; 0: claimed
+# before, or no record.
+CLAIM_CANCEL_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+return redis.call('HSETNX', KEYS[1], 'cancel', ARGV[1])
+"""
 
 # Compare-and-set of an idempotency key: KEYS: the key; ARGV: expected holder, new holder, TTL s
 TAKE_OVER_LUA = """
@@ -110,6 +130,8 @@ class RequestStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
         self._take_over = client.register_script(TAKE_OVER_LUA)
+        self._mark_finished = client.register_script(MARK_FINISHED_LUA)
+        self._claim_cancel = client.register_script(CLAIM_CANCEL_LUA)
 
     # -- request metadata ---------------------------------------------------------------------
 
@@ -123,6 +145,23 @@ class RequestStore:
         pipe.sadd(watchers_key(rid), watcher)
         pipe.expire(watchers_key(rid), META_TTL_S)
         await pipe.execute()
+
+    async def mark_finished(self, request_ids: list[str]) -> None:
+        """Their terminal events were read: a cancel needs no write any more."""
+        pipe = self.client.pipeline(transaction=False)
+        for rid in request_ids:  # one key per script: Redis Cluster slots
+            await self._mark_finished(keys=[meta_key(rid)], args=[], client=pipe)
+        await pipe.execute()
+
+    async def claim_cancel(self, request_id: str) -> bool:
+        """True for the first cancel of the request (write it), False for any other."""
+        result: Any = await self._claim_cancel(keys=[meta_key(request_id)], args=[now_ms()])
+        return int(result) == 1
+
+    async def unclaim_cancel(self, request_id: str) -> None:
+        """The claimed cancel could not be written: the next one may try."""
+        removed: Any = self.client.hdel(meta_key(request_id), "cancel")
+        await removed
 
     async def forget(self, request_id: str) -> None:
         """A request whose prompt was never written."""

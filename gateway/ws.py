@@ -25,11 +25,12 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway import auth, errors, protocol
 from gateway.admission import Admission, Admitted
+from gateway.cancels import Cancels
 from gateway.errors import GatewayError
 from gateway.feed import Resumption, TokenFeed
 from gateway.follow import Followers
+from gateway.limits import FrameLimits, TokenBucket
 from gateway.metrics import GatewayMetrics
-from gateway.prompts import PromptWriter
 from gateway.quota import Quota
 from gateway.router import Outbox, Watch
 from gateway.settings import Settings
@@ -41,7 +42,8 @@ log = logging.getLogger("gateway")
 # A socket's entry in its tenant's socket set lives this long unless refreshed (a crashed
 # replica's sockets stop counting after it).
 SOCKET_LEASE_MS = 60_000
-# A socket keeps at most this many watches before finished ones are forgotten.
+# A socket follows at most this many unfinished requests (submits and resumes beyond:
+# `quota_exceeded`, reason `watches`); finished ones are forgotten first.
 MAX_WATCHES = 256
 # A ping after this long without anything from the client; no pong within half of it: the
 # connection is dropped (a client that vanished without closing).
@@ -84,6 +86,8 @@ class Conn:
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # catch-ups
     drained: bool = False
     received_at: float = 0.0  # monotonic time the frame being handled was read
+    # Its cancel and resume frames' rate limit (gateway/limits.py).
+    bucket: TokenBucket = field(default_factory=FrameLimits.socket_bucket)
 
 
 class _SubmitFollower:
@@ -107,9 +111,6 @@ class _SubmitFollower:
             admitted.submitted_ms,
             tenant_id=conn.principal.tenant_id,
         )
-        if len(conn.watches) >= MAX_WATCHES:
-            for old in [r for r, w in conn.watches.items() if w.finished]:
-                del conn.watches[old]
         conn.watches[rid] = watch
         self.front.feed.follow(watch)
         metrics, received = self.front.metrics, conn.received_at
@@ -135,7 +136,8 @@ class WebSocketFrontEnd:
     feed: TokenFeed
     followers: Followers
     store: RequestStore
-    prompts: PromptWriter
+    cancels: Cancels
+    limits: FrameLimits
     quota: Quota
     tasks: TaskSet
     draining: Callable[[], bool]
@@ -182,7 +184,10 @@ class WebSocketFrontEnd:
             timeout=CLOSE_TIMEOUT_S,
             heartbeat=PING_INTERVAL_S,
             compress=False,  # token frames are tiny; deflate state would ~3x a socket's memory
-            max_msg_size=max(1 << 20, 4 * self.settings.max_frame_bytes),  # above: 1009
+            # The protocol's largest frame is max_frame_bytes (parse answers invalid_request up
+            # to twice that; above, aiohttp closes with 1009). aiohttp pauses reading past
+            # 128 KiB queued: a socket buffers that plus one message at most.
+            max_msg_size=2 * self.settings.max_frame_bytes,
             writer_limit=WRITE_CHECK_BYTES,
         )
         self._upgrading += 1
@@ -310,18 +315,42 @@ class WebSocketFrontEnd:
             )
             return
         if isinstance(msg, protocol.Submit):
+            self._check_watches(conn)
             follower = _SubmitFollower(self, conn, msg.client_ref)
             admitted = await self.admission.submit(conn.principal, msg, follower)
             if admitted.existing:  # an idempotent resubmit: follow the request that holds the key
                 rid, start = admitted.request_id, admitted.seq_start
                 await self._resume(conn, rid, start, msg.client_ref, existing=True)
         elif isinstance(msg, protocol.Cancel):
+            self._limit(conn, "cancel")
             tenant = conn.principal.tenant_id
-            if await self.store.lookup(tenant, msg.request_id) is None:
+            meta = await self.store.lookup(tenant, msg.request_id)
+            if meta is None:
                 raise errors.not_found(msg.request_id)
-            await self.prompts.cancel(msg.request_id, tenant, "client")
+            # Ended already, or cancelled before: nothing is written (its `done` says how it
+            # ended, on every socket that follows it).
+            await self.cancels.cancel(meta)
         else:
+            self._limit(conn, "resume")
+            self._check_watches(conn)
             await self._resume(conn, msg.request_id, msg.after_seq, msg.client_ref)
+
+    def _limit(self, conn: Conn, frame: str) -> None:
+        """The socket's and its tenant's rate limit of cancel and resume frames."""
+        wait_ms = self.limits.take(conn.principal.tenant_id, conn.bucket)
+        if wait_ms:
+            self.metrics.rate_limited[frame] += 1
+            raise errors.rate_limited(frame, wait_ms)
+
+    def _check_watches(self, conn: Conn) -> None:
+        """At most MAX_WATCHES unfinished requests followed per socket (finished ones are
+        forgotten first)."""
+        if len(conn.watches) < MAX_WATCHES:
+            return
+        for rid in [r for r, w in conn.watches.items() if w.finished]:
+            del conn.watches[rid]
+        if len(conn.watches) >= MAX_WATCHES:
+            raise errors.too_many_watches(MAX_WATCHES)
 
     async def _resume(
         self,
@@ -336,19 +365,25 @@ class WebSocketFrontEnd:
         meta = await self.store.lookup(conn.principal.tenant_id, request_id)
         if meta is None:
             raise errors.not_found(request_id)
-        self.feed.check_resume_capacity(request_id)
-        old = conn.watches.pop(request_id, None)
-        if old is not None:  # this socket followed it already: the new resume replaces that
-            self.feed.unfollow(old)
-            task = conn.tasks.pop(request_id, None)
-            if task is not None:
-                task.cancel()
-        await self.followers.attach(request_id, conn.member)
-        if existing:  # an idempotent resubmit is answered like any submit
-            conn.outbox.put(protocol.accepted(request_id, client_ref, 0, existing=True))
-        resumption = self.feed.resume(meta, after_seq, conn.outbox)
+        slot = self.feed.take_resume_slot(meta)
+        try:
+            old = conn.watches.pop(request_id, None)
+            if old is not None:  # this socket followed it already: the new resume replaces that
+                self.feed.unfollow(old)
+                task = conn.tasks.pop(request_id, None)
+                if task is not None:
+                    task.cancel()
+            await self.followers.attach(request_id, conn.member)
+            if existing:  # an idempotent resubmit is answered like any submit
+                conn.outbox.put(protocol.accepted(request_id, client_ref, 0, existing=True))
+            resumption = self.feed.resume(meta, after_seq, conn.outbox, slot=slot)
+        except BaseException:
+            slot.release()
+            raise
         conn.watches[request_id] = resumption.watch
-        conn.tasks[request_id] = asyncio.create_task(self._catch_up(conn, resumption, client_ref))
+        catch_up = asyncio.create_task(self._catch_up(conn, resumption, client_ref))
+        catch_up.add_done_callback(lambda _task: slot.release())  # even if it never ran
+        conn.tasks[request_id] = catch_up
 
     async def _catch_up(self, conn: Conn, r: Resumption, client_ref: str | None) -> None:
         rid = r.watch.request_id

@@ -213,6 +213,7 @@ class OpenAIRoutes:
     def _resumer(self, endpoint: Endpoint) -> Handler:
         async def resume(request: web.Request) -> web.StreamResponse:
             principal = await self._principal(request)
+            self._limit(principal, "resume")
             request_id = request.match_info["request_id"]
             after = sse.last_event_position(request.headers.get("Last-Event-ID"), request_id)
             meta, ctx = await self._find(principal, request_id, endpoint)
@@ -237,6 +238,7 @@ class OpenAIRoutes:
 
     async def retrieve_response(self, request: web.Request) -> web.StreamResponse:
         principal = await self._principal(request)
+        self._limit(principal, "resume")  # a retrieve replays the request's events too
         request_id = request_id_of(request.match_info["response_id"])
         query = request.query
         stream = query_flag(query.get("stream"), "stream")
@@ -254,8 +256,10 @@ class OpenAIRoutes:
     async def cancel_response(self, request: web.Request) -> web.Response:
         principal = await self._principal(request)
         request_id = request_id_of(request.match_info["response_id"])
+        self._limit(principal, "cancel")
         meta, ctx = await self._find(principal, request_id, RESPONSES)
-        await self.parts.prompts.cancel(request_id, principal.tenant_id, "client")
+        # An ended or already cancelled request is answered from its events, nothing written.
+        await self.parts.cancels.cancel(meta)
         return await self._snapshot(request, principal, meta, ctx, CANCEL_WAIT_S)
 
     async def _snapshot(
@@ -290,6 +294,14 @@ class OpenAIRoutes:
         return meta, ctx
 
     # ---- who asks ----------------------------------------------------------------------------
+
+    def _limit(self, principal: auth.Principal, frame: str) -> None:
+        """The tenant's rate limit of cancels and resumes (gateway/limits.py), as the
+        WebSocket's frames have it."""
+        wait_ms = self.parts.limits.take(principal.tenant_id)
+        if wait_ms:
+            self.parts.metrics.rate_limited[frame] += 1
+            raise errors.rate_limited(frame, wait_ms)
 
     async def _principal(self, request: web.Request) -> auth.Principal:
         headers = request.headers

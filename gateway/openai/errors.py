@@ -167,6 +167,14 @@ def from_refusal(err: Refusal, req: GenerationRequest | None = None) -> OpenAIEr
             code="server_overloaded",
             retry_after_s=retry_s,
         )
+    if err.reason == "outcome_unknown":  # the request may run: retry with the same key
+        return OpenAIError(
+            500,
+            err.message,
+            error_type=SERVER_ERROR,
+            code="outcome_unknown",
+            retry_after_s=retry_s,
+        )
     if code == "model_unavailable":
         return OpenAIError(
             503,

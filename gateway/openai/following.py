@@ -158,19 +158,25 @@ class Following:
         self.ctx = ctx
         frames = self._frames(after)
         feed = self.routes.parts.feed
-        feed.check_resume_capacity(meta.request_id)
-        if attach:
-            await self.routes.parts.followers.attach(meta.request_id, self.member)
-            self.attached = True
-        r = feed.resume(
-            meta,
-            frames.token_after_seq if frames is not None else 0,
-            self.outbox,
-            frames or SILENT,
-            keep_text=frames is None,
-        )
+        slot = feed.take_resume_slot(meta)
+        try:
+            if attach:
+                await self.routes.parts.followers.attach(meta.request_id, self.member)
+                self.attached = True
+            r = feed.resume(
+                meta,
+                frames.token_after_seq if frames is not None else 0,
+                self.outbox,
+                frames or SILENT,
+                slot=slot,
+                keep_text=frames is None,
+            )
+        except BaseException:
+            slot.release()
+            raise
         self._start(r.watch, frames)
         self._catch_up = asyncio.create_task(self._catching_up(r))
+        self._catch_up.add_done_callback(lambda _task: slot.release())  # even if it never ran
 
     async def _catching_up(self, r: Resumption) -> None:
         try:

@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
+from gateway import feed as feed_module
 from gateway.errors import GatewayError
-from gateway.feed import ResumePlan, Source, TokenFeed, plan_resume
+from gateway.feed import ResumePlan, Resumption, Source, TokenFeed, plan_resume
 from gateway.inflight import Inflight
 from gateway.metrics import GatewayMetrics
 from gateway.quota import Quota
 from gateway.router import Outbox, Watch
-from gateway.store import ReplyRoute, RequestMeta
+from gateway.store import ReplyRoute, RequestMeta, RequestStore
 from gateway.tasks import TaskSet
 from llmstream import codec, kafka
 from llmstream.v1 import common_pb2, events_pb2
@@ -84,6 +85,14 @@ class FakeQuota(Quota):
         self.ended += finished
 
 
+class FakeStore(RequestStore):
+    def __init__(self) -> None:  # no Redis
+        self.finished: list[str] = []
+
+    async def mark_finished(self, request_ids: list[str]) -> None:
+        self.finished += request_ids
+
+
 class FakeReader:
     """The part of an AIOKafkaConsumer the feed uses for owned and borrowed partitions."""
 
@@ -118,6 +127,7 @@ def new_feed(owned: list[int] | None = None, max_resumes: int = 4) -> TokenFeed:
         max_resumes=max_resumes,
         inflight=Inflight(),
         quota=FakeQuota(),
+        store=FakeStore(),
         metrics=GatewayMetrics("test-feed", lambda: 0, lambda: 0),
         tasks=TaskSet(),
     )
@@ -127,6 +137,10 @@ def new_feed(owned: list[int] | None = None, max_resumes: int = 4) -> TokenFeed:
 
 def frames(box: Outbox) -> list[dict[str, Any]]:
     return [json.loads(f) for f in box.frames]
+
+
+def resume(f: TokenFeed, m: RequestMeta, after_seq: int, box: Outbox) -> Resumption:
+    return f.resume(m, after_seq, box, slot=f.take_resume_slot(m))
 
 
 def meta(rid: str, partition: int = 0, offset: int = 5) -> RequestMeta:
@@ -164,6 +178,8 @@ async def test_owned_delivery_counts_events_and_ends_requests_accepted_here() ->
     assert f.metrics.token_events == 5
     assert f.metrics.requests == {"length": 1}  # r2 was not accepted here
     assert isinstance(f.quota, FakeQuota) and f.quota.ended == [("t1", "r1")]
+    # Every terminal event of an owned partition marks its record (cancels need no write).
+    assert isinstance(f.store, FakeStore) and f.store.finished == ["r1", "r2"]
     assert not len(f.inflight) and f.inflight.finished("r1") and f.inflight.finished("r2")
     assert not f.router.watched("r1")
 
@@ -247,7 +263,7 @@ async def test_catch_up_then_parked_live_events_without_gap_or_duplicate(
 ) -> None:
     f = new_feed()
     box = Outbox(100)
-    r = f.resume(meta("r1", partition=1, offset=0), 1, box)
+    r = resume(f, meta("r1", partition=1, offset=0), 1, box)
     assert r.plan.owned and f.router.watched("r1")
     # Live events 4..6 arrive while the replay (up to 4) has not run yet: parked, not sent.
     live = records([delta("r1", 4), delta("r1", 5), delta("r1", 6)], 10)
@@ -266,7 +282,7 @@ async def test_resume_of_another_replicas_request_borrows_its_partition(
     kafka_log: FakeRange,
 ) -> None:
     f = new_feed(owned=[0, 1])
-    r = f.resume(meta("r1", partition=3), 0, Outbox(100))
+    r = resume(f, meta("r1", partition=3), 0, Outbox(100))
     await f.catch_up(r)
     assert f.borrowed_assignment() == {3} and f.metrics.resumes["borrowed"] == 1
     assert f.router.borrowed() == {(TOPIC, 3)}  # followed live from the borrowed partition
@@ -277,13 +293,13 @@ async def test_failed_borrow_or_replay_drops_the_watch(
 ) -> None:
     f = new_feed()
     f.borrow_reader = FakeReader(fail_seek=True)
-    r = f.resume(meta("r1", partition=5), 0, Outbox(100))
+    r = resume(f, meta("r1", partition=5), 0, Outbox(100))
     with pytest.raises(GatewayError) as borrow:
         await f.catch_up(r)
     assert (borrow.value.code, borrow.value.request_id) == ("internal", "r1")
     assert borrow.value.retry_after_ms == 1000 and not f.router.watched("r1")
     kafka_log.fail = True
-    r = f.resume(meta("r1"), 0, Outbox(100))
+    r = resume(f, meta("r1"), 0, Outbox(100))
     with pytest.raises(GatewayError, match="resume failed"):
         await f.catch_up(r)
     assert not f.router.watched("r1") and kafka_log.stopped == 1
@@ -291,15 +307,35 @@ async def test_failed_borrow_or_replay_drops_the_watch(
 
 async def test_resumes_beyond_the_bound_are_refused_overloaded() -> None:
     f = new_feed(max_resumes=1)
-    f.check_resume_capacity("r1")
-    async with f._resume_slots:
-        with pytest.raises(GatewayError) as full:
-            f.check_resume_capacity("r1")
+    slot = f.take_resume_slot(meta("r1"))
+    with pytest.raises(GatewayError) as full:
+        f.take_resume_slot(meta("r2"))
     assert (full.value.code, full.value.request_id, full.value.retry_after_ms) == (
         "overloaded",
-        "r1",
+        "r2",
         1000,
     )
+    assert f.metrics.resume_refusals["slots"] == 1
+    slot.release()
+    slot.release()  # idempotent: the catch-up and its task's end both release
+    f.take_resume_slot(meta("r2")).release()
+    assert f.resume_slots.in_use == 0
+
+
+async def test_a_catch_up_past_its_deadline_drops_the_watch_and_frees_its_slot(
+    kafka_log: FakeRange, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = new_feed()
+    monkeypatch.setattr(feed_module, "CATCH_UP_DEADLINE_S", 0.05)
+    box = Outbox(2)  # the client reads nothing: the paced replay waits for it
+    box.put("x")
+    box.put("y")
+    r = resume(f, meta("r1", partition=1, offset=0), 0, box)
+    with pytest.raises(GatewayError, match=r"resume took longer than 0\.05 s") as late:
+        await f.catch_up(r)
+    assert (late.value.code, late.value.request_id) == ("overloaded", "r1")
+    assert not f.router.watched("r1") and f.resume_slots.in_use == 0
+    assert f.metrics.resume_refusals["deadline"] == 1
 
 
 def test_inflight_counts_running_requests_and_remembers_finished_ones() -> None:
@@ -346,7 +382,7 @@ async def test_catch_up_drops_events_of_another_tenant(kafka_log: FakeRange) -> 
     kafka_log.log[:] = records([delta("r1", 1), foreign(delta("r1", 2)), delta("r1", 2)])
     f = new_feed()
     box = Outbox(100)
-    r = f.resume(meta("r1", partition=1, offset=0), 0, box)
+    r = resume(f, meta("r1", partition=1, offset=0), 0, box)
     await f.catch_up(r)
     assert [(x["seq"], x["text"]) for x in frames(box)] == [(1, "<1>"), (2, "<2>")]
     assert f.metrics.foreign_events == 1

@@ -5,6 +5,7 @@ tests (tests/integration/test_openai_api.py)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -17,6 +18,8 @@ from gateway import errors
 from gateway.admission import SubmitRequest
 from gateway.auth import Principal
 from gateway.errors import GatewayError
+from gateway.limits import FrameLimits
+from gateway.metrics import GatewayMetrics
 from gateway.openai.api_router import add_routes
 from gateway.openai.protocol import StreamContext
 from gateway.quota import Limits
@@ -71,6 +74,10 @@ class FakeParts:
     admission: FakeAdmission = field(default_factory=FakeAdmission)
     store: FakeStore = field(default_factory=FakeStore)
     models: FakeModels = field(default_factory=FakeModels)
+    limits: FrameLimits = field(default_factory=lambda: FrameLimits(time.monotonic))
+    metrics: GatewayMetrics = field(
+        default_factory=lambda: GatewayMetrics("test-openai-routes", lambda: 0, lambda: 0)
+    )
     is_draining: bool = False
 
     def draining(self) -> bool:
