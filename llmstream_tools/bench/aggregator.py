@@ -11,6 +11,7 @@ Measures, on fresh topics and a fresh database:
    aggregator runs; lag sampled from its /metrics (events, seconds) and from PostgreSQL offsets;
 5. rollup table vs view: monthly and daily usage queries over --ledger-rows ledger rows, and
    the cost of maintaining the table per batch.
+Issue #21's goals (PASS/MISS): replay >= 300,000 events/s, projection >= 50,000 events/s.
 Results: bench/results/<stamp>-aggregator.json (written by `llmstream bench`).
 """
 
@@ -36,6 +37,7 @@ import psycopg
 from aggregator import replay
 from llmstream import codec, config, kafka
 from llmstream.fold import fold
+from llmstream_tools.bench.loadgen import check
 from llmstream_tools.testing import synthetic_events as synthetic
 from llmstream_tools.testing.aggregator import (
     end_offsets,
@@ -436,5 +438,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "what": "projection into PostgreSQL (one aggregator, catch-up)",
             "value": f"{catch_up['events_per_s_steady']:,.0f} events/s",
         },
+        {
+            "what": "fold alone: decode + fold in memory, one core",
+            "value": f"{results['fold']['events_per_s']:,.0f} events/s",
+        },
     ]
+    results["goals"] = goals(replayed["events_per_s"], catch_up["events_per_s_steady"])
     return results
+
+
+REPLAY_GOAL_EVENTS_PER_S = 300_000
+PROJECTION_GOAL_EVENTS_PER_S = 50_000
+
+
+def goals(replay_rate: float, projection_rate: float) -> list[dict[str, str]]:
+    """Issue #21's goals on replay and projection."""
+    return [
+        check(
+            f"replay (read from Kafka + fold) >= {REPLAY_GOAL_EVENTS_PER_S:,} events/s",
+            replay_rate >= REPLAY_GOAL_EVENTS_PER_S,
+            f"{replay_rate:,.0f} events/s",
+        ),
+        check(
+            f"projection into PostgreSQL >= {PROJECTION_GOAL_EVENTS_PER_S:,} events/s per "
+            "aggregator",
+            projection_rate >= PROJECTION_GOAL_EVENTS_PER_S,
+            f"{projection_rate:,.0f} events/s",
+        ),
+    ]

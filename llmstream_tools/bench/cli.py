@@ -1,16 +1,19 @@
 """`llmstream bench [SUITE ...]`: run benchmark suites, print one summary, write the results.
 
-Each service keeps its benchmark next to its code, as `<package>/bench.py` with
-`async def run(args) -> dict` (a JSON-ready result) and `add_arguments(parser)`; the
-end-to-end scenarios live in llmstream/ (`pipeline`, `paced`, `llamacpp`). This module finds
-them, runs them one after another (the machine is shared: never two at once) on uvloop, and
-writes `bench/results/<stamp>-<suite>.json` per suite plus `bench/results/<stamp>.json` (every
-suite, the summary table, facts and goals) and PNG plots next to it (llmstream_tools/bench/plots.py).
+Every suite is a module of llmstream_tools/bench/ (`SUITES`) with `async def run(args) -> dict`
+(a JSON-ready result) and `add_arguments(group)`. This module runs them one after another (the
+machine is shared: never two at once) on uvloop, and writes `bench/results/<stamp>-<suite>.json`
+per suite plus `bench/results/<stamp>.json` (every suite, the summary table, facts and goals)
+and PNG plots next to it (llmstream_tools/bench/plots.py). Every file carries the machine
+(cores, CPU model, memory), the git commit and whether the tree was dirty, the versions of the
+libraries on the measured paths, and the load average before and after.
 
-A suite's result may carry `table` (load-generator rows: llmstream_tools.bench.loadgen.table_row), `facts`
-({what, value}) and `goals` ({goal, result PASS/MISS, measured}); the summary printed at the
-end (stdout) is made of those. `llmstream bench --report <stamp>.json` prints it again. Speed
-is measured here, never asserted in tests; a missed goal never fails the command.
+A suite's result may carry `table` (load-generator rows: llmstream_tools.bench.loadgen.table_row),
+`facts` ({what, value}) and `goals` ({goal, result PASS/MISS, measured}); the summary printed at
+the end (stdout) is made of those. `llmstream bench --report <stamp>.json` prints it again,
+`--publish` copies a run into docs/results/ and regenerates the documents' blocks from it
+(llmstream_tools/bench/publish.py). Speed is measured here, never asserted in tests; a missed
+goal never fails the command.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import importlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -41,6 +45,40 @@ SUITES: dict[str, str] = {
 }
 
 RESULTS_DIR = Path("bench") / "results"
+# Versions recorded with every result: the libraries on the measured paths.
+VERSIONED = (
+    "aiokafka", "grpcio", "aiohttp", "websockets", "uvloop", "protobuf", "psycopg", "redis",
+    "confluent-kafka", "llama_cpp_python", "py-spy",
+)  # fmt: skip
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured and whether the work tree had changes (then the figures are of
+    code that is not in any commit)."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*argv: str) -> str:
+        out = subprocess.run(
+            ["git", "-C", str(root), *argv], capture_output=True, text=True, timeout=30
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {"commit": None}
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def machine() -> dict[str, Any]:
@@ -49,6 +87,8 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
+        "versions": versions(),
+        "git": git_state(),
     }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -60,6 +100,10 @@ def machine() -> dict[str, Any]:
     except (OSError, ValueError, IndexError):
         pass
     return info
+
+
+def _load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _available() -> dict[str, Any]:
@@ -93,6 +137,11 @@ def summary(record: dict[str, Any]) -> str:
         f"{record.get('seconds', '?')} s.",
         "",
     ]
+    git = m.get("git") or {}
+    if git.get("commit"):
+        dirty = " with uncommitted changes" if git.get("dirty") else ""
+        libs = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())
+        out[0] += f" Commit {git['commit'][:12]}{dirty}; {libs}."
     if rows:
         out += [format_table(rows), ""]
     if facts:
@@ -129,6 +178,13 @@ def main(argv: Sequence[str]) -> int:
         help="regenerate the bench-results blocks of README.md and docs/*.md from the result "
         "files they name (docs/results/), then exit",
     )
+    parser.add_argument(
+        "--publish",
+        type=Path,
+        metavar="JSON",
+        help="copy a whole run (bench/results/<stamp>.json) and its plots into docs/results/, "
+        "point every bench-results block of the suites it measured at it, regenerate them, exit",
+    )
     for name, module in modules.items():
         group = parser.add_argument_group(name)
         add = getattr(module, "add_arguments", None)
@@ -139,6 +195,12 @@ def main(argv: Sequence[str]) -> int:
         from llmstream_tools.bench.publish import as_run_record
 
         print(summary(as_run_record(json.loads(args.report.read_text()))))
+        return 0
+    if args.publish is not None:
+        from llmstream_tools.bench.publish import publish
+
+        for doc in publish(Path.cwd(), args.publish):
+            print(f"updated {doc}", file=sys.stderr)
         return 0
     if args.update_docs:
         from llmstream_tools.bench.publish import update_docs
@@ -162,7 +224,7 @@ def main(argv: Sequence[str]) -> int:
     record: dict[str, Any] = {
         "started_at": stamp,
         "machine": machine(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_start": _load_average(),
         "command": ["llmstream", "bench", *argv],
         "suites": {},
     }
@@ -170,12 +232,15 @@ def main(argv: Sequence[str]) -> int:
     for name in wanted:
         print(f"== {name}", file=sys.stderr)
         started = time.time()
+        load_before = _load_average()
         result = loadgen.run_event_loop(modules[name].run(args))
         suite = {
             "suite": name,
             "started_at": stamp,
             "seconds": round(time.time() - started, 1),
             "machine": record["machine"],
+            "load_average_at_start": load_before,
+            "load_average_at_end": _load_average(),
             "result": result,
         }
         record["suites"][name] = suite
@@ -183,7 +248,7 @@ def main(argv: Sequence[str]) -> int:
         path.write_text(json.dumps(suite, indent=2) + "\n")
         print(f"results: {path} ({suite['seconds']} s)", file=sys.stderr)
     record["seconds"] = round(time.time() - began, 1)
-    record["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    record["load_average_at_end"] = _load_average()
     if not args.no_plots:
         from llmstream_tools.bench import plots as bench_plots
 

@@ -2,14 +2,18 @@
 one gateway process holds, and the latency the gateway path adds (socket in -> prompts topic ->
 worker -> tokens topic -> socket out).
 
-Each socket count (`--gateway-sockets`, default 1,000 and 5,000) gets a fresh gateway process
-(`llmstream gateway`, fresh topics and a fresh database) `--gateway-repeat` times: N
-authenticated sockets are opened (hello read), the gateway's RSS is read before and after, the
-sockets are held `--gateway-hold-s` seconds and must all still be open at the end. The open
-file limit of this process (inherited by the gateway) is raised to its hard limit first.
+Each socket count (`--gateway-sockets`, default 1,000 and 10,000) gets a fresh gateway process
+(`llmstream gateway`, fresh topics and a fresh database, its socket cap
+LLMSTREAM_GATEWAY_MAX_SOCKETS set to the count) `--gateway-repeat` times: N authenticated
+sockets are opened (hello read), the gateway's RSS is read before and after, the sockets are
+held `--gateway-hold-s` seconds and must all still be open at the end. Both ends of every
+socket live on this machine (the load generator holds N, the gateway N), so the soft limit on
+open files of this process, which the gateway inherits, is raised first with
+`resource.setrlimit` to 2 N + 1,024 or the hard limit if that is lower (recorded in the results).
 Then, on one socket, requests one at a time answered at once by an in-process echo worker
 (1 token + completed): submit -> first token and submit -> done percentiles. Nothing is
-asserted; goals print PASS/MISS: idle socket <= 40 KiB, 5,000 sockets held by one process.
+asserted; issue #21's goals print PASS/MISS: idle socket <= 20 KiB at every count, 10,000
+sockets held by one gateway process.
 """
 
 from __future__ import annotations
@@ -39,13 +43,13 @@ from llmstream_tools.bench.targets import GatewayTarget
 from llmstream_tools.testing import gateway as testing
 from llmstream_tools.testing.aggregator import fresh_database
 
-IDLE_SOCKET_GOAL_KIB = 40
-HELD_SOCKETS_GOAL = 5000
+IDLE_SOCKET_GOAL_KIB = 20
+HELD_SOCKETS_GOAL = 10_000
 
 
 def add_arguments(group: Any) -> None:
     group.add_argument(
-        "--gateway-sockets", type=int, nargs="+", default=[1000, 5000], help="idle socket counts"
+        "--gateway-sockets", type=int, nargs="+", default=[1000, 10_000], help="idle socket counts"
     )
     group.add_argument("--gateway-repeat", type=int, default=3, help="fresh gateways per count")
     group.add_argument("--gateway-hold-s", type=float, default=5.0, help="how long to hold them")
@@ -90,7 +94,7 @@ def raise_open_files(wanted: int) -> int:
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    t: testing.Topics, database_url: str
+    t: testing.Topics, database_url: str, max_sockets: int | None = None
 ) -> AsyncIterator[tuple[int, asyncio.subprocess.Process]]:
     port = free_port()
     env = {
@@ -101,6 +105,8 @@ async def gateway_process(
         "LLMSTREAM_DATABASE_URL": database_url,
         "LLMSTREAM_LOG_LEVEL": "WARNING",
     }
+    if max_sockets is not None:
+        env["LLMSTREAM_GATEWAY_MAX_SOCKETS"] = str(max_sockets)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "llmstream_tools.cli", "gateway", "--port", str(port),
         "--partitions", f"0-{t.partitions - 1}",
@@ -123,7 +129,7 @@ async def idle_sockets(
     t: testing.Topics, database_url: str, key: str, n: int, hold_s: float
 ) -> dict[str, Any]:
     """A fresh gateway, `n` idle sockets: RSS per socket and whether all are held."""
-    async with gateway_process(t, database_url) as (port, proc):
+    async with gateway_process(t, database_url, max_sockets=n) as (port, proc):
         target = GatewayTarget(port, key, connect_concurrency=32)
         rss_before = _rss_kib(proc.pid)
         t0 = time.perf_counter()
@@ -190,8 +196,14 @@ async def latency(t: testing.Topics, database_url: str, key: str, n: int) -> dic
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     counts: list[int] = args.gateway_sockets
-    limit = raise_open_files(max(counts) * 2 + 1024)
-    result: dict[str, Any] = {"load_average_at_start": os.getloadavg(), "open_files_limit": limit}
+    wanted = max(counts) * 2 + 1024
+    limit = raise_open_files(wanted)
+    result: dict[str, Any] = {
+        "load_average_at_start": os.getloadavg(),
+        "open_files_limit": limit,
+        "open_files_wanted": wanted,
+        "open_files_hard_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+    }
     t = await testing.create_topics(config.kafka_bootstrap(), partitions=4)
     try:
         async with fresh_database(config.database_url()) as db:
@@ -258,15 +270,15 @@ def goals(idle: list[dict[str, Any]]) -> list[dict[str, str]]:
                 f"{kib} KiB",
             )
         )
-    big = [x for x in idle if x["sockets"] >= HELD_SOCKETS_GOAL]
-    if big:
-        x = max(big, key=lambda x: int(x["sockets"]))
+    if idle:  # judged at the largest count tried: fewer than the goal's sockets is a MISS
+        x = max(idle, key=lambda x: int(x["sockets"]))
         ok = x["held_min"] >= HELD_SOCKETS_GOAL and x["gateway_alive"]
+        note = "" if x["sockets"] >= HELD_SOCKETS_GOAL else f" ({HELD_SOCKETS_GOAL:,} not tried)"
         out.append(
             check(
                 f"{HELD_SOCKETS_GOAL:,} sockets held by one gateway process",
                 ok,
-                f"{x['held_min']:,} of {x['sockets']:,} held",
+                f"{x['held_min']:,} of {x['sockets']:,} held{note}",
             )
         )
     return out

@@ -14,6 +14,12 @@ Reported: the distribution of gaps between consecutive stream messages on each p
 jitter the pipeline adds (its quantiles minus direct's, and both standard deviations), TTFT
 on each path. The offered load is streams x 1000 / itl_ms tokens/s: when that is more than the
 machine can carry through the pipeline, the gaps show the saturation, not jitter.
+
+Goals of issue #21 at 100 streams (PASS/MISS, never failing the command): added TTFT p50 <= 10
+ms, p99 <= 30 ms, added inter-token gap p99 <= 10 ms. With `--profile`, one more pipeline run
+of that scenario (rounds of it for at least 5 s; not counted in the figures) under py-spy (llmstream_tools/bench/profile.py):
+the gateway's and the workers' top functions go into the results, next to the goals they
+explain; the raw stacks into `<results dir>/profiles/`.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from llmstream_tools.bench import loadgen
+from llmstream_tools.bench import loadgen, profile
 from llmstream_tools.bench.pipeline import added, bench_stack, compare
 from llmstream_tools.bench.targets import DirectTarget, GatewayTarget
+from llmstream_tools.stack import Stack
 
 
 def add_arguments(group: Any) -> None:
@@ -40,6 +48,17 @@ def add_arguments(group: Any) -> None:
         "--paced-ramp-s", type=float, default=1.0, help="clients start evenly over this time"
     )
     group.add_argument("--paced-repeat", type=int, default=3)
+    group.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the gateway and the workers during one more pipeline run of the paced "
+        f"scenario at {GOAL_STREAMS} streams (or the last --paced-streams)",
+    )
+
+
+GOAL_STREAMS = 100
+PROFILE_MIN_S = 5.0
+GOALS_MS = {"TTFT p50": 10.0, "TTFT p99": 30.0, "inter-token gap p99": 10.0}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,7 +112,79 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
                 )
                 print(f"paced x{streams}: {facts[-1]['value']}", file=sys.stderr)
+            if args.profile:
+                result["profile"] = await _profile(args, stack, key)
+                facts.append(
+                    {
+                        "what": f"where the time goes: py-spy, {result['profile']['streams']} "
+                        "paced streams through the pipeline, top functions by own samples",
+                        "value": profile.summary(result["profile"]["processes"]),
+                    }
+                )
     result["table"] = table
     result["facts"] = facts
+    result["goals"] = goals(result["scenarios"])
     result["load_average_at_end"] = os.getloadavg()
     return result
+
+
+async def _profile(args: argparse.Namespace, stack: Stack, key: str) -> dict[str, Any]:
+    streams = GOAL_STREAMS if GOAL_STREAMS in args.paced_streams else args.paced_streams[-1]
+    pids = {n: p.pid for n, p in stack.procs.items() if n == "gateway" or n.startswith("worker")}
+    target = GatewayTarget(stack.gateway_port, key)
+    await target.open(streams)
+    try:
+        label = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-paced-{streams}"
+        samples: list[loadgen.Sample] = []
+        rounds = 0
+        async with profile.py_spy(pids, args.results_dir / "profiles", label) as processes:
+            t0 = time.perf_counter()
+            # Rounds of the scenario until the profile has PROFILE_MIN_S of samples.
+            while rounds == 0 or time.perf_counter() - t0 < PROFILE_MIN_S:
+                batch, _ = await loadgen.closed_loop(
+                    target,
+                    clients=streams,
+                    requests=args.paced_requests,
+                    prompt=loadgen.numbered_prompt(f"profile {rounds}"),
+                    max_tokens=args.paced_tokens,
+                    ramp_s=args.paced_ramp_s,
+                )
+                samples += batch
+                rounds += 1
+            wall = time.perf_counter() - t0
+    finally:
+        await target.close()
+    run = loadgen.summarize(samples, wall)
+    print(f"paced x{streams} profiled: {profile.summary(processes)}", file=sys.stderr)
+    return {
+        "streams": streams,
+        "rounds": rounds,
+        "seconds": round(wall, 2),
+        "tokens": run["tokens"],
+        "errors": run["errors"],
+        "samples_per_s": profile.SAMPLES_PER_S,
+        "processes": processes,
+    }
+
+
+def goals(scenarios: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Issue #21's goals on the paced scenario at 100 streams."""
+    out = []
+    for s in scenarios:
+        if s["streams"] != GOAL_STREAMS:
+            continue
+        measured = {
+            "TTFT p50": s["added_ttft_ms"]["p50"],
+            "TTFT p99": s["added_ttft_ms"]["p99"],
+            "inter-token gap p99": s["added_itl_ms"]["p99"],
+        }
+        for what, limit in GOALS_MS.items():
+            value = measured[what]
+            out.append(
+                loadgen.check(
+                    f"{GOAL_STREAMS} paced streams: added {what} <= {limit:g} ms",
+                    value <= limit,  # nan (a failed path) compares False
+                    f"{value:+.1f} ms",
+                )
+            )
+    return out

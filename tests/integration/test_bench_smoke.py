@@ -41,6 +41,11 @@ def combined(folder: Path) -> dict[str, Any]:
     return data
 
 
+def raw_profiles_kept(folder: Path) -> set[str]:
+    """Processes whose raw py-spy stacks are in the results' profiles/ folder."""
+    return {p.stem.split("-paced-6-", 1)[1] for p in (folder / "profiles").glob("*.txt")}
+
+
 def is_png(path: Path) -> bool:
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -58,13 +63,27 @@ async def test_pipeline_paced_and_gateway_scenarios_run_end_to_end(tmp_path: Pat
         "--pipe-streams", "2", "--pipe-repeat", "1", "--pipe-requests", "2",
         "--pipe-tokens", "8", "--pipe-rates", "10", "--pipe-rate-seconds", "1",
         "--paced-streams", "6", "--paced-tokens", "5", "--paced-ttft-ms", "5",
-        "--paced-itl-ms", "5", "--paced-ramp-s", "0.1", "--paced-repeat", "1",
+        "--paced-itl-ms", "5", "--paced-ramp-s", "0.1", "--paced-repeat", "1", "--profile",
         "--gateway-sockets", "20", "--gateway-repeat", "1", "--gateway-hold-s", "0.5",
         "--gateway-requests", "12",
     )  # fmt: skip
     (scenario,) = suite(tmp_path, "pipeline")["scenarios"]
     for path in ("direct", "pipeline"):
         assert_clean_run(scenario[path], requests=4, tokens=4 * 8)
+    # CPU per delivered token of each path's processes, and of the load generator
+    assert set(scenario["direct"]["cpu_us_per_token_by_process"]) == {
+        "model server", "load generator",
+    }  # fmt: skip
+    assert set(scenario["pipeline"]["cpu_us_per_token_by_process"]) == {
+        "model-server", "worker-0", "worker-1", "aggregator", "gateway", "load generator",
+    }  # fmt: skip
+    for path in ("direct", "pipeline"):
+        run = scenario[path]
+        assert run["cpu_us_per_token"] == pytest.approx(
+            sum(run["cpu_us_per_token_by_process"].values()), abs=0.5
+        )
+        assert run["cpu_us_per_token_by_process"]["load generator"] > 0
+    assert scenario["cpu_us_per_token_ratio"] > 0
     (open_loop,) = suite(tmp_path, "pipeline")["open_loop"]
     for path in ("direct", "pipeline"):
         run = open_loop[path]
@@ -75,15 +94,45 @@ async def test_pipeline_paced_and_gateway_scenarios_run_end_to_end(tmp_path: Pat
         assert_clean_run(scenario[path], requests=6, tokens=6 * 5)
     assert paced["configured_itl_ms"] == 5 and scenario["offered_tokens_per_s"] == 6 * 200
     assert scenario["direct"]["itl_ms"]["p50"] > 0  # direct messages are spread out in time
+    profiled = paced["profile"]
+    assert profiled["seconds"] >= 5 and profiled["errors"] == 0
+    assert profiled["tokens"] == profiled["rounds"] * 6 * 5
+    assert set(profiled["processes"]) == {"gateway", "worker-0", "worker-1"}
+    for name, p in profiled["processes"].items():
+        assert p["samples"] > 0 and p["self"] and p["inclusive"], (name, p)
+        assert sum(f["share"] for f in p["self"]) <= 1.001
+    assert raw_profiles_kept(tmp_path) == {"gateway", "worker-0", "worker-1"}
+    assert "where the time goes: py-spy, 6 paced streams" in out
     gateway = suite(tmp_path, "gateway")
     (idle,) = gateway["idle"]
     assert (idle["opened"], idle["held"], idle["gateway_alive"]) == (20, 20, True)
     assert idle["gateway_rss_kib_after"] > idle["gateway_rss_kib_before"] > 0
     assert gateway["requests"] == 2  # 12 minus the 10 warm-up requests
+    assert gateway["open_files_limit"] >= min(gateway["open_files_wanted"], 1024)
+    assert [g["goal"] for g in gateway["goals"]] == [
+        "idle WebSocket <= 20 KiB at 20 sockets",
+        "10,000 sockets held by one gateway process",
+    ]
+    assert gateway["goals"][1] == {
+        "goal": "10,000 sockets held by one gateway process",
+        "result": "MISS",
+        "measured": "20 of 20 held (10,000 not tried)",
+    }
+    pipeline_goals = suite(tmp_path, "pipeline")["goals"]
+    assert [g["goal"] for g in pipeline_goals] == [
+        "open loop 10 requests/s: added TTFT p50 <= 5 ms",
+        "open loop 10 requests/s: added TTFT p99 <= 15 ms",
+    ]
 
     record = combined(tmp_path)
     assert set(record["suites"]) == {"pipeline", "paced", "gateway"}
-    assert record["machine"]["cpus"] >= 1
+    machine = record["machine"]
+    assert machine["cpus"] >= 1 and machine["cpu_model"] and machine["memory_gib"] > 0
+    assert len(machine["git"]["commit"]) == 40 and isinstance(machine["git"]["dirty"], bool)
+    assert machine["versions"]["aiokafka"] and machine["versions"]["grpcio"]
+    for name in ("pipeline", "paced", "gateway"):
+        assert len(record["suites"][name]["load_average_at_start"]) == 3
+        assert len(record["suites"][name]["load_average_at_end"]) == 3
     goals = [g for s in record["suites"].values() for g in s["result"].get("goals", [])]
     assert goals and {g["result"] for g in goals} <= {"PASS", "MISS"}
     assert len(record["plots"]) == 3
