@@ -32,7 +32,7 @@ from gateway import errors
 from gateway.delivery_trace import DeliverySpans
 from gateway.inflight import Inflight
 from gateway.limits import ResumeSlot, ResumeSlots
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, outcome_label
 from gateway.quota import Quota
 from gateway.router import WEBSOCKET_FRAMES, Frames, Outbox, Router, Watch
 from gateway.store import ReplyRoute, RequestMeta, RequestStore
@@ -182,7 +182,7 @@ class TokenFeed:
             if source is Source.OWNED:
                 ended.append(event.request_id)
             if self.inflight.finish(event.request_id):
-                self.metrics.requests[outcome(event)] += 1
+                self.metrics.requests[outcome_label(outcome(event))] += 1
                 if event.tenant_id:
                     finished.append((event.tenant_id, event.request_id))
         if finished:

@@ -37,6 +37,32 @@ RESUME_KINDS = ("owned", "borrowed")
 RESUME_REFUSALS = ("slots", "deadline")
 CANCEL_RESULTS = ("written", "duplicate", "finished")
 LIMITED_FRAMES = ("cancel", "resume")
+# The outcomes a request may end with (finish reasons, failure codes of docs/protocol.md);
+# anything else an event names (its code is a free string) is counted as "other", so that no
+# event can add series.
+OUTCOMES = frozenset(
+    {
+        "stop",
+        "length",
+        "cancelled",
+        "error",
+        "content_filter",
+        "timeout",
+        "unspecified",
+        "failed",
+        "invalid_request",
+        "model_not_found",
+        "model_unavailable",
+        "context_overflow",
+        "internal",
+    }
+)
+
+
+def outcome_label(outcome: str) -> str:
+    return outcome if outcome in OUTCOMES else "other"
+
+
 QUOTA_LIMITS = (
     "concurrent_streams",
     "requests_per_minute",

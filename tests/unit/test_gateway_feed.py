@@ -386,3 +386,13 @@ async def test_catch_up_drops_events_of_another_tenant(kafka_log: FakeRange) -> 
     await f.catch_up(r)
     assert [(x["seq"], x["text"]) for x in frames(box)] == [(1, "<1>"), (2, "<2>")]
     assert f.metrics.foreign_events == 1
+
+
+async def test_outcome_labels_are_bounded_whatever_an_event_says() -> None:
+    f = new_feed()
+    for rid, code in (("r1", "context_overflow"), ("r2", "made-up-" + "x" * 40)):
+        f.inflight.add(rid)
+        ev = codec.new_event(rid, "t1")
+        ev.failed.code = code
+        f.deliver(records([ev]), Source.OWNED, f.router.deliver)
+    assert f.metrics.requests == {"context_overflow": 1, "other": 1}
