@@ -443,8 +443,42 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "value": f"{results['fold']['events_per_s']:,.0f} events/s",
         },
     ]
+    results["facts"] += [_lag_fact(lag) for lag in results["lag_under_load"]]
+    if "rollup" in results:
+        results["facts"] += _rollup_facts(results["rollup"])
     results["goals"] = goals(replayed["events_per_s"], catch_up["events_per_s_steady"])
     return results
+
+
+def _lag_fact(lag: dict[str, Any]) -> dict[str, str]:
+    return {
+        "what": f"projection lag, {lag['target_tokens_per_s']:,} tokens/s offered, "
+        f"{lag['tokens_per_event']} token(s) per event",
+        "value": f"producer reached {lag['achieved_events_per_s']:,} events/s; lag p50 "
+        f"{lag['lag_events_p50']:,.0f} events, {lag['lag_seconds_p50']} s / p99 "
+        f"{lag['lag_events_p99']:,.0f} events, {lag['lag_seconds_p99']} s; drained "
+        f"{lag['drain_after_stop_s']} s after the producer stopped",
+    }
+
+
+def _rollup_facts(r: dict[str, Any]) -> list[dict[str, str]]:
+    invoice, day = r["monthly_invoice_one_tenant_ms"], r["one_day_all_tenants_ms"]
+    rows = f"{r['ledger_rows']:,} ledger rows"
+    return [
+        {
+            "what": f"one tenant's month per model (the invoice), {rows}",
+            "value": f"table usage_daily {invoice['table']} ms · view (GROUP BY over the "
+            f"ledger) {invoice['view']} ms · ledger, indexed {invoice['ledger_indexed']} ms",
+        },
+        {
+            "what": f"one day, all tenants (dashboard), {rows}",
+            "value": f"table usage_daily {day['table']} ms · view {day['view']} ms",
+        },
+        {
+            "what": "usage_daily maintenance per batch of 2,000 bills (one upsert statement)",
+            "value": f"{r['table_maintenance_ms_per_batch_of_2000_bills']} ms",
+        },
+    ]
 
 
 REPLAY_GOAL_EVENTS_PER_S = 300_000
