@@ -112,11 +112,12 @@ class FairQueue(Generic[T]):
         state.waiting += 1
         self._len += 1
 
-    def pop(self, now: float) -> Entry[T] | None:
-        """The next request to start (its tenant charged its cost), or None if none waits."""
+    def pop(self, now: float, eligible: Callable[[str], bool] | None = None) -> Entry[T] | None:
+        """The next request to start (its tenant charged its cost), or None if none waits;
+        only among the tenants `eligible` accepts, if given."""
         best: tuple[float, float, int] | None = None
         chosen: deque[Entry[T]] | None = None
-        heads = list(self._heads())
+        heads = [h for h in self._heads() if eligible is None or eligible(h[1].tenant)]
         if not heads:
             return None
         top = max(entry.priority for _state, entry, _queue in heads)

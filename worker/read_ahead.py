@@ -11,15 +11,28 @@ offset is never committed before it ran: the commit stays the contiguous finishe
 
 Runs continuing an earlier owner's request (takeover with events already in the log) skip the
 line: their clients are mid-stream.
+
+**Overdraft: one slot for every tenant.** Generations are not preempted, so when one tenant's
+burst holds every slot, a newcomer would wait for the next slot to free: up to a whole
+generation, seconds, against a first token in tens of milliseconds. So a waiting request of a
+tenant with nothing running may start beyond the slots, up to `overdraft(max_inflight)` extra
+(1/16 of them, at least 1). Continuous-batching engines take one more sequence at little cost;
+the bound keeps the model server's load bounded all the same. A tenant alone never needs it.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 
 from worker.fair_share import FairQueue, request_cost
 from worker.run import Run
+
+
+def overdraft(max_inflight: int) -> int:
+    """Runs that may start beyond the slots, one per tenant with nothing running."""
+    return max(1, math.ceil(max_inflight / 16))
 
 
 class ReadAhead:
@@ -32,6 +45,8 @@ class ReadAhead:
         self._continuing: deque[Run] = deque()
         self._sizes: dict[int, int] = {}  # id(run) -> encoded size, while it waits
         self._charged: dict[int, float] = {}  # id(run) -> cost charged, while it runs
+        self._running: dict[str, int] = {}  # tenant -> runs started and not ended
+        self.running = 0
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -65,34 +80,57 @@ class ReadAhead:
             now=now,
         )
 
-    def take(self, slots: int, now: float, alive: Callable[[Run], bool]) -> list[Run]:
-        """Up to `slots` runs to start now, in policy order; runs no longer `alive` (dropped,
+    def take(self, max_inflight: int, now: float, alive: Callable[[Run], bool]) -> list[Run]:
+        """Runs to start now, in policy order: while fewer than `max_inflight` run, then (the
+        overdraft) requests of tenants with nothing running. Runs no longer `alive` (dropped,
         revoked) are discarded on the way."""
         out: list[Run] = []
-        while len(out) < slots:
-            if self._continuing:
+        while self.running < max_inflight:
+            run = self._next(now, None, alive)
+            if run is None:
+                return out
+            out.append(run)
+        limit = max_inflight + overdraft(max_inflight)
+        while self.running < limit:
+            run = self._next(now, lambda tenant: not self._running.get(tenant), alive)
+            if run is None:
+                break
+            out.append(run)
+        return out
+
+    def _next(
+        self, now: float, eligible: Callable[[str], bool] | None, alive: Callable[[Run], bool]
+    ) -> Run | None:
+        while True:
+            if self._continuing and eligible is None:
                 run = self._continuing.popleft()
             else:
-                entry = self._queue.pop(now)
+                entry = self._queue.pop(now, eligible)
                 if entry is None:
-                    break
+                    return None
                 run = entry.item
                 self._charged[id(run)] = entry.cost
             self.bytes -= self._sizes.pop(id(run), 0)
             if alive(run):
-                out.append(run)
-            else:
-                self._charged.pop(id(run), None)
-        return out
+                tenant = run.submit.tenant_id
+                self._running[tenant] = self._running.get(tenant, 0) + 1
+                self.running += 1
+                return run
+            self._charged.pop(id(run), None)
 
     def ended(self, run: Run, generated_tokens: int) -> None:
         """A started run ended: its tenant is charged what it really generated."""
+        tenant = run.submit.tenant_id
+        self.running -= 1
+        left = self._running.pop(tenant, 0) - 1
+        if left > 0:
+            self._running[tenant] = left
         charged = self._charged.pop(id(run), None)
         if charged is None:
             return
         sub = run.submit.submitted
         used = request_cost(generated_tokens, sub.estimated_prompt_tokens, 1)
-        self._queue.settle(run.submit.tenant_id, charged, used, float(sub.share or 1))
+        self._queue.settle(tenant, charged, used, float(sub.share or 1))
 
     def forget(self, gone: Callable[[Run], bool]) -> None:
         """Drop the waiting runs for which `gone` is true (their partitions were revoked)."""

@@ -122,7 +122,7 @@ class Worker:
         self.partitions = Partitions()
         # Fetched submits waiting for a slot, started by fair share (docs/scheduling.md).
         self.read_ahead = ReadAhead(s.read_ahead, s.read_ahead_bytes, s.aging_s)
-        self.metrics = WorkerMetrics(lambda: self.partitions.inflight - len(self.read_ahead), meter)
+        self.metrics = WorkerMetrics(lambda: self.read_ahead.running, meter)
         self.supervisor = Supervisor("worker")
         self.early_cancels = EarlyCancels()
         self.lookahead = CancelLookahead(
@@ -360,9 +360,8 @@ class Worker:
         the next. Nothing starts once the worker is stopping (the rest stay uncommitted)."""
         if self._stop_wanted():
             return
-        running = self.partitions.inflight - len(self.read_ahead)
-        free = self.settings.max_inflight - running
-        for run in self.read_ahead.take(free, time.monotonic(), self.partitions.current):
+        now = time.monotonic()
+        for run in self.read_ahead.take(self.settings.max_inflight, now, self.partitions.current):
             run.task = asyncio.create_task(self._start(run), name=run.request_id)
             run.task.add_done_callback(functools.partial(self._run_ended, run))
 

@@ -224,7 +224,28 @@ def test_ended_run_is_charged_what_it_generated() -> None:
     for r in (a0, a1, *b):
         window.add(r, 10, 0.0)
     assert [r.request_id for r in window.take(2, 0.0, lambda r: True)] == ["a0", "b0"]
-    # a0 stopped after 1 token, b0 used all 100: A is now far behind B, so A goes next.
+    # a0 stopped after 1 token, b0 used all 100: A is now far behind B, so A gets the slot
+    # (and B, with nothing running, the overdraft).
     window.ended(a0, 1)
     window.ended(b[0], 100)
-    assert [r.request_id for r in window.take(1, 0.0, lambda r: True)] == ["a1"]
+    assert [r.request_id for r in window.take(1, 0.0, lambda r: True)] == ["a1", "b1"]
+
+
+def test_overdraft_starts_a_newcomer_beyond_full_slots_once() -> None:
+    window = ReadAhead(capacity=100, max_bytes=1 << 20, aging_s=30)
+    for i in range(10):
+        window.add(run_of(f"a{i}", "A", i), 10, 0.0)
+    alive = lambda r: True  # noqa: E731
+    assert len(window.take(4, 0.0, alive)) == 4  # A alone: every slot, no overdraft
+    assert window.take(4, 0.0, alive) == []
+    b0 = run_of("b0", "B", 10)
+    window.add(b0, 10, 0.0)
+    # Every slot is A's; B has nothing running: it starts in the overdraft (1 of 4 slots/16).
+    assert window.take(4, 0.0, alive) == [b0]
+    window.add(run_of("b1", "B", 11), 10, 0.0)
+    window.add(run_of("c0", "C", 12), 10, 0.0)
+    # B runs already; C would be a newcomer but the overdraft is used up.
+    assert window.take(4, 0.0, alive) == []
+    assert window.running == 5
+    window.ended(b0, 10)
+    assert [r.request_id for r in window.take(4, 0.0, alive)] == ["c0"]
