@@ -14,6 +14,7 @@ import yaml
 
 from llmstream import config
 from llmstream_tools import cli
+from llmstream_tools.infra import _kafka_auth, _redis
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -152,3 +153,56 @@ def test_services_send_traces_to_the_collector() -> None:
         endpoint = svc["environment"].get("OTEL_EXPORTER_OTLP_ENDPOINT")
         assert endpoint == f"http://otel-collector:{http.rsplit(':', 1)[1]}", name
     assert services["otel-collector"]["depends_on"] == ["jaeger"]
+
+
+# ---- credentials: a Kafka and Redis user per service (docs/security.md) ------------------------
+
+ROLES = {"gateway-0": "gateway", "gateway-1": "gateway", "worker": "worker"}
+ROLES |= {"aggregator": "aggregator", "init": "admin"}
+
+
+def test_each_service_authenticates_to_kafka_as_itself_with_a_password_from_a_variable() -> None:
+    services = llmstream_services()
+    for name, svc in services.items():
+        env = svc["environment"]
+        if name not in ROLES:  # model servers talk to neither Kafka nor Redis
+            assert not {k for k in env if "PASSWORD" in k or k.endswith(("_URL", "USERNAME"))}
+            continue
+        assert env["LLMSTREAM_KAFKA_USERNAME"] == ROLES[name], name
+        variable = f"KAFKA_{ROLES[name].upper()}_PASSWORD"
+        assert env["LLMSTREAM_KAFKA_PASSWORD"].startswith("${" + variable + ":-dev-"), name
+    assert services["init"]["command"] == ["infra", "init", "--acls"]
+
+
+def test_kafka_requires_scram_users_and_acls() -> None:
+    kafka = compose()["services"]["kafka"]
+    script = kafka["command"][-1]
+    for line in (
+        "listener.security.protocol.map=CONTROLLER:SASL_PLAINTEXT,CLIENT:SASL_PLAINTEXT",
+        "sasl.enabled.mechanisms=SCRAM-SHA-512",
+        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "allow.everyone.if.no.acl.found=false",
+        "super.users=User:broker;User:admin",
+    ):
+        assert line in script.splitlines()
+    # Every user of the local infra is bootstrapped at format time, its password a variable.
+    assert "for user in " + " ".join(_kafka_auth.USERS) + "; do" in script
+    for user in _kafka_auth.USERS:
+        assert kafka["environment"][f"KAFKA_{user.upper()}_PASSWORD"].startswith("${")
+    assert "--command-config /tmp/admin.properties" in kafka["healthcheck"]["test"][1]
+
+
+def test_redis_has_the_users_of_the_local_infra_and_no_default_user() -> None:
+    redis = compose()["services"]["redis"]
+    script = redis["command"][-1]
+    assert 'echo "user default off"' in script
+    for user, rules in _redis.RULES.items():
+        assert (
+            f'echo "user {user} on #$$(hash "$$REDIS_{user.upper()}_PASSWORD") {rules}"' in script
+        )
+    urls = {n: s["environment"].get("LLMSTREAM_REDIS_URL") for n, s in llmstream_services().items()}
+    assert {n: u.split(":")[1] for n, u in urls.items() if u} == {
+        "gateway-0": "//gateway",
+        "gateway-1": "//gateway",
+        "aggregator": "//aggregator",
+    }
