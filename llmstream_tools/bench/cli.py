@@ -42,6 +42,8 @@ SUITES: dict[str, str] = {
     "sse": "llmstream_tools.bench.sse",
     "kafka-clients": "llmstream_tools.bench.kafka_clients",
     "litellm": "llmstream_tools.bench.litellm_proxy",
+    "noisy-neighbour": "llmstream_tools.bench.noisy_neighbour",
+    "priority": "llmstream_tools.bench.priority",
 }
 
 RESULTS_DIR = Path("bench") / "results"
