@@ -256,7 +256,45 @@ SETTINGS: tuple[Setting, ...] = (
         "4194304",
         "Largest gRPC message the model server accepts or sends (RESOURCE_EXHAUSTED beyond).",
     ),
-    Setting("MODEL_SERVER_ADMIN", "1", "Serve ModelAdminService (load/unload/hot swap): 1 or 0."),
+    Setting(
+        "MODEL_SERVER_ADMIN",
+        "0",
+        "Serve ModelAdminService (load/unload/hot swap) on its own port with a token: 1 or 0.",
+    ),
+    Setting(
+        "MODEL_SERVER_ADMIN_HOST",
+        "127.0.0.1",
+        "Bind address of the admin port (loopback: only this host may load models).",
+    ),
+    Setting("MODEL_SERVER_ADMIN_PORT", "50061", "Model server admin gRPC port."),
+    Setting(
+        "MODEL_SERVER_ADMIN_TOKEN_FILE",
+        "",
+        "File of the admin bearer tokens, one per line (two during a rotation); re-read when "
+        "it changes.",
+    ),
+    Setting(
+        "MODEL_SERVER_ADMIN_TOKEN",
+        "",
+        "Admin bearer token when no token file is set (at least 16 characters).",
+    ),
+    Setting(
+        "MODEL_SERVER_ADMIN_MODEL_DIRS",
+        "",
+        "Directories LoadModel may load weights from (comma-separated). Empty: "
+        "`$LLMSTREAM_CACHE_DIR/models`.",
+    ),
+    Setting(
+        "MODEL_SERVER_ADMIN_MAX_INSTANCES",
+        "16",
+        "Most llama.cpp instances (decoding sequences) one LoadModel may ask for.",
+    ),
+    Setting(
+        "MODEL_SERVER_REFLECTION",
+        "1",
+        "gRPC server reflection on the model server's ports (grpcurl without .proto files); "
+        "0 in production.",
+    ),
     Setting(
         "MODEL_SERVER_TLS_CERT",
         "",
@@ -414,6 +452,21 @@ SETTINGS: tuple[Setting, ...] = (
         "WORKER_BLOCKLIST",
         "",
         "Output filter: comma-separated terms; a stream producing one ends `content_filter`.",
+    ),
+    Setting(
+        "WORKER_TIER_CHECK",
+        "1",
+        "1: workers refuse submits beyond the tenant's tier (PostgreSQL, read-only); 0: off.",
+    ),
+    Setting(
+        "WORKER_TIER_CACHE_S",
+        "30",
+        "How long a worker uses a tenant's tier before reading it again.",
+    ),
+    Setting(
+        "WORKER_TIER_STALE_S",
+        "3600",
+        "While PostgreSQL is unreachable, a cached tier up to this old (s) is still used.",
     ),
     Setting(
         "STORE_TEXT",

@@ -24,13 +24,7 @@ from model_server.admin import AdminTokenError, AdminTokens
 from model_server.admin_options import AdminPolicy, known_models, model_dirs
 from model_server.engines import ENGINES
 from model_server.registry import ModelSpec
-from model_server.settings import (
-    ModelsConfigError,
-    load_models_file,
-    setting,
-    setting_bool,
-    setting_int,
-)
+from model_server.settings import ModelsConfigError, load_models_file
 from model_server.types import ModelLimits
 
 DEFAULT_NAMES = {"llamacpp": "smollm2", "synthetic": "synthetic"}
@@ -105,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--reflection",
         action=argparse.BooleanOptionalAction,
-        default=setting_bool("MODEL_SERVER_REFLECTION"),
+        default=config.get_bool("MODEL_SERVER_REFLECTION"),
         help="gRPC server reflection (grpcurl without .proto files); --no-reflection in production",
     )
     adm = p.add_argument_group(
@@ -116,21 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     adm.add_argument(
         "--admin",
         action=argparse.BooleanOptionalAction,
-        default=setting_bool("MODEL_SERVER_ADMIN"),
+        default=config.get_bool("MODEL_SERVER_ADMIN"),
         help="serve the admin RPC on its own port (needs a token)",
     )
-    adm.add_argument("--admin-host", default=setting("MODEL_SERVER_ADMIN_HOST"))
-    adm.add_argument("--admin-port", type=int, default=setting_int("MODEL_SERVER_ADMIN_PORT"))
+    adm.add_argument("--admin-host", default=config.get("MODEL_SERVER_ADMIN_HOST"))
+    adm.add_argument("--admin-port", type=int, default=config.get_int("MODEL_SERVER_ADMIN_PORT"))
     adm.add_argument(
         "--admin-model-dirs",
-        default=setting("MODEL_SERVER_ADMIN_MODEL_DIRS"),
+        default=config.get("MODEL_SERVER_ADMIN_MODEL_DIRS"),
         help="comma-separated directories LoadModel may load weights from (empty: "
         "$LLMSTREAM_CACHE_DIR/models)",
     )
     adm.add_argument(
         "--admin-max-instances",
         type=int,
-        default=setting_int("MODEL_SERVER_ADMIN_MAX_INSTANCES"),
+        default=config.get_int("MODEL_SERVER_ADMIN_MAX_INSTANCES"),
         help="most llama.cpp instances one LoadModel may ask for",
     )
     srv.add_argument("--log-level", default=config.get("LOG_LEVEL"))
@@ -232,7 +226,8 @@ def main(argv: Sequence[str], *, reexec: bool = True) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         return runner.fail("model-server", "--tls-cert and --tls-key go together")
     tokens = AdminTokens(
-        file=setting("MODEL_SERVER_ADMIN_TOKEN_FILE"), value=setting("MODEL_SERVER_ADMIN_TOKEN")
+        file=config.get("MODEL_SERVER_ADMIN_TOKEN_FILE"),
+        value=config.get("MODEL_SERVER_ADMIN_TOKEN"),
     )
     if args.admin:
         try:

@@ -1,5 +1,4 @@
-"""The model server's own settings (admin RPC, reflection) and the models config file (YAML) ->
-``ModelSpec``s.
+"""The models config file (YAML) -> ``ModelSpec``s.
 
 Format (docs/model_server.md)::
 
@@ -19,82 +18,17 @@ Format (docs/model_server.md)::
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from llmstream import config
 from model_server.engines import ENGINES
 from model_server.registry import ModelSpec
 from model_server.types import ModelLimits
 
 LIMIT_FIELDS = {f.name: f.type for f in dataclasses.fields(ModelLimits)}
-
-# Settings of the admin RPC and reflection (docs/model_server.md, "Admin RPC"), declared here
-# with their defaults and documentation like `llmstream.config.SETTINGS`.
-SETTINGS: tuple[config.Setting, ...] = (
-    config.Setting(
-        "MODEL_SERVER_ADMIN",
-        "0",
-        "Serve ModelAdminService (load/unload/hot swap) on its own port with a token: 1 or 0.",
-    ),
-    config.Setting(
-        "MODEL_SERVER_ADMIN_HOST",
-        "127.0.0.1",
-        "Bind address of the admin port (loopback: only this host may load models).",
-    ),
-    config.Setting("MODEL_SERVER_ADMIN_PORT", "50061", "Model server admin gRPC port."),
-    config.Setting(
-        "MODEL_SERVER_ADMIN_TOKEN_FILE",
-        "",
-        "File of the admin bearer tokens, one per line (two during a rotation); re-read when "
-        "it changes.",
-    ),
-    config.Setting(
-        "MODEL_SERVER_ADMIN_TOKEN",
-        "",
-        "Admin bearer token when no token file is set (at least 16 characters).",
-    ),
-    config.Setting(
-        "MODEL_SERVER_ADMIN_MODEL_DIRS",
-        "",
-        "Directories LoadModel may load weights from (comma-separated). Empty: "
-        "`$LLMSTREAM_CACHE_DIR/models`.",
-    ),
-    config.Setting(
-        "MODEL_SERVER_ADMIN_MAX_INSTANCES",
-        "16",
-        "Most llama.cpp instances (decoding sequences) one LoadModel may ask for.",
-    ),
-    config.Setting(
-        "MODEL_SERVER_REFLECTION",
-        "1",
-        "gRPC server reflection on the model server's ports (grpcurl without .proto files); "
-        "0 in production.",
-    ),
-)
-_BY_NAME = {s.name: s for s in SETTINGS}
-
-
-def setting(name: str) -> str:
-    """Value of ``LLMSTREAM_<name>`` (one of `SETTINGS`) or its documented default."""
-    s = _BY_NAME[name]
-    return os.environ.get(s.env, s.default)
-
-
-def setting_bool(name: str) -> bool:
-    return config.parse_bool(setting(name), config.PREFIX + name)
-
-
-def setting_int(name: str) -> int:
-    raw = setting(name)
-    try:
-        return int(raw)
-    except ValueError:
-        raise config.ConfigError(f"{config.PREFIX}{name}={raw!r} is not an integer") from None
 
 
 class ModelsConfigError(ValueError):

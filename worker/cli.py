@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from llmstream import config, runner, topics
 from worker.service import Worker
-from worker.settings import Settings, setting, setting_float
+from worker.settings import Settings
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,14 +45,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tier-check",
         action=argparse.BooleanOptionalAction,
-        default=config.parse_bool(setting("WORKER_TIER_CHECK"), "LLMSTREAM_WORKER_TIER_CHECK"),
+        default=config.get_bool("WORKER_TIER_CHECK"),
         help="refuse submits beyond the tenant's tier (reads PostgreSQL: LLMSTREAM_DATABASE_URL)",
     )
-    p.add_argument("--tier-cache-s", type=float, default=setting_float("WORKER_TIER_CACHE_S"))
+    p.add_argument("--tier-cache-s", type=float, default=config.get_float("WORKER_TIER_CACHE_S"))
     p.add_argument(
         "--tier-stale-s",
         type=float,
-        default=setting_float("WORKER_TIER_STALE_S"),
+        default=config.get_float("WORKER_TIER_STALE_S"),
         help="while PostgreSQL is unreachable, a cached tier up to this old is still used",
     )
     p.add_argument(

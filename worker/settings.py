@@ -6,45 +6,9 @@ fields without a variable are protocol constants, not knobs.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from llmstream import config
-
-# The tier check's settings (docs/worker.md, "Tier check"), declared here with their defaults
-# and documentation like `llmstream.config.SETTINGS`.
-SETTINGS: tuple[config.Setting, ...] = (
-    config.Setting(
-        "WORKER_TIER_CHECK",
-        "1",
-        "1: workers refuse submits beyond the tenant's tier (PostgreSQL, read-only); 0: off.",
-    ),
-    config.Setting(
-        "WORKER_TIER_CACHE_S",
-        "30",
-        "How long a worker uses a tenant's tier before reading it again.",
-    ),
-    config.Setting(
-        "WORKER_TIER_STALE_S",
-        "3600",
-        "While PostgreSQL is unreachable, a cached tier up to this old (s) is still used.",
-    ),
-)
-_BY_NAME = {s.name: s for s in SETTINGS}
-
-
-def setting(name: str) -> str:
-    """Value of ``LLMSTREAM_<name>`` (one of `SETTINGS`) or its documented default."""
-    s = _BY_NAME[name]
-    return os.environ.get(s.env, s.default)
-
-
-def setting_float(name: str) -> float:
-    raw = setting(name)
-    try:
-        return float(raw)
-    except ValueError:
-        raise config.ConfigError(f"{config.PREFIX}{name}={raw!r} is not a number") from None
 
 
 def _int(name: str) -> int:
@@ -88,8 +52,8 @@ class Settings:
     # unless LLMSTREAM_WORKER_TIER_CHECK=0.
     tier_check: bool = False
     database_url: str = ""  # PostgreSQL of the tiers (with tier_check)
-    tier_cache_s: float = field(default_factory=lambda: setting_float("WORKER_TIER_CACHE_S"))
-    tier_stale_s: float = field(default_factory=lambda: setting_float("WORKER_TIER_STALE_S"))
+    tier_cache_s: float = _float("WORKER_TIER_CACHE_S")
+    tier_stale_s: float = _float("WORKER_TIER_STALE_S")
     backoff_cap_ms: float = 2000.0
     # Takeover reads the reply partition from this long before the submit's timestamp (clock
     # skew between gateway and broker).
