@@ -16,6 +16,10 @@ per fault, each with its own tenant so billing is checked per phase:
    `usage_daily`, Redis and the aggregator's duplicate-bill counter, and measures how long the
    in-flight streams were silent.
 
+For a link fault (`worker-link`, `gateway-delay`) the process first moves into its own network
+namespace for the phase (`chaos.netns`). `--soak 30m` alternates steady traffic and faults for
+that long and judges every process' RSS and fds for growth (`chaos.soak`). docs/chaos.md.
+
 Results: a table on stdout and `bench/results/<stamp>-chaos.json`.
 """
 

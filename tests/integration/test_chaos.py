@@ -6,7 +6,8 @@ to the other and resume), the aggregator; Redis and PostgreSQL restarts; a clien
 reading; the broker killed with kill -9; a gateway killed while Redis restarts and the
 aggregator killed while PostgreSQL restarts. New requests are submitted while each fault goes
 on. (`make chaos` adds the broker's clean stop, the zombie worker — here in
-test_zombie_worker.py — and the 3-broker faults.)
+test_zombie_worker.py —, the link faults — here in test_chaos_network.py — and the 3-broker
+faults.)
 
 The strict verdict (llmstream_tools/chaos/check.py) for each: every request kept (one `done`,
 `stop`/`length`, the synthetic engine's uninterrupted text, no seq gap or repeat, the log
