@@ -146,57 +146,53 @@ class Cut:
     why: str
 
 
-WRITTEN = "full shape" if not COMPACT_TOKEN_EVENTS else "compact shape"
-# The first row is what the worker writes now (kafka_clients labels its records with it); the
-# others are cumulative from "before": the record before issue 21, then each step of the cut.
+# Cumulative from what the worker writes now ("today": kafka_clients labels its records with
+# it); the record before issue 21 is audited apart (`before_issue_21`).
 CUTS = [
     Cut(
-        f"written now ({WRITTEN}; worker/emitter.py COMPACT_TOKEN_EVENTS)",
-        "the emitter's own record: codec.TokenDeltaEncoder, key = request id",
+        "today",
+        "the emitter's own record (codec.TokenDeltaEncoder, key = request id), "
+        + ("compact" if COMPACT_TOKEN_EVENTS else "full")
+        + " shape: no content-type header on token events (issue 21)",
     ),
     Cut(
-        "before issue 21",
-        "content-type + event-type + traceparent headers; full envelope on every event",
-    ),
-    Cut(
-        "A: no content-type header on token events (done)",
-        "one schema per topic (docs/events.md); every reader decodes the value anyway",
-    ),
-    Cut(
-        "B+C: compact shape: + no trace context, request_id, event_time, producer_id (done; "
-        "on with COMPACT_TOKEN_EVENTS)",
+        "compact shape: no trace context, request_id, event_time, producer_id "
+        "(worker/emitter.py COMPACT_TOKEN_EVENTS)",
         "spans are per request (started and terminal events carry the trace); the request id "
         "is the record key and event_time the record timestamp (codec.decode_record); "
         "started names the worker",
     ),
     Cut(
-        "D: + no tenant_id in token events (not done)",
+        "+ no tenant_id in token events (not done)",
         "the gateway checks the tenant of every event it delivers (#17)",
     ),
     Cut(
-        "E: + request id 22 characters (base64url of the same 128 bits) instead of 36 (not done)",
+        "+ request id 22 characters (base64url of the same 128 bits) instead of 36 (not done)",
         "'req_' + 32 hex spends 14 bytes of every key on the encoding; ids are made by the "
         "gateway and typed by clients",
     ),
 ]
+BEFORE = Cut(
+    "before issue 21",
+    "full envelope on every event; content-type + event-type + traceparent headers",
+)
 
 
 def cut_record(step: int, tokens: int, trace: bool) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
-    """(key, value, headers) of a token event at row `step` of CUTS."""
+    """(key, value, headers) of a token event at row `step` of CUTS (-1: before issue 21)."""
     rid = request_id(0)
-    if step == 0:
-        return token_record(rid, tokens, trace, compact=COMPACT_TOKEN_EVENTS, at_ns=AUDIT_TIME_NS)
-    if step <= 2:  # the full shape, with (before) and without the content-type header
-        key, value, headers = token_record(rid, tokens, trace, compact=False, at_ns=AUDIT_TIME_NS)
-        if step == 1:
+    if step <= 0:
+        compact = COMPACT_TOKEN_EVENTS and step == 0
+        key, value, headers = token_record(rid, tokens, trace, compact=compact, at_ns=AUDIT_TIME_NS)
+        if step < 0:
             headers = [("content-type", codec.CONTENT_TYPE), *headers]
         return key, value, headers
     key, value, headers = token_record(rid, tokens, trace, compact=True)
-    if step >= 4:
+    if step >= 2:
         event = events_pb2.Event.FromString(value)
         event.ClearField("tenant_id")
         value = event.SerializeToString()
-    if step >= 5:
+    if step >= 3:
         key = key[:22]  # the length of base64url(16 bytes) without padding
     return key, value, headers
 
@@ -228,32 +224,34 @@ def _breakdown(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> di
     return parts
 
 
+def _sizes(step: int, cut: Cut) -> dict[str, Any]:
+    row: dict[str, Any] = {"cut": cut.name, "why": cut.why, "kinds": {}}
+    for kind, (tokens, trace) in KINDS.items():
+        key, value, headers = cut_record(step, tokens, trace)
+        rec = record_size(key, value, headers)
+        row["kinds"][kind] = {
+            "key": len(key),
+            "value": len(value),
+            "headers": sum(len(k) + len(v) for k, v in headers),
+            "record": rec,
+            "bytes_per_token": round(rec / tokens, 1),
+            # At low rate every record is its own batch (and its own produce request).
+            "bytes_per_token_alone_in_batch": round((rec + BATCH_HEADER) / tokens, 1),
+        }
+    return row
+
+
 def size_audit() -> dict[str, Any]:
-    """Bytes per token of each kind at each row of CUTS; a breakdown of the commonest record
-    (1 token, tracing on) as written now and in the compact shape."""
-    steps = []
-    for i, cut in enumerate(CUTS):
-        row: dict[str, Any] = {"cut": cut.name, "why": cut.why, "kinds": {}}
-        for kind, (tokens, trace) in KINDS.items():
-            key, value, headers = cut_record(i, tokens, trace)
-            rec = record_size(key, value, headers)
-            row["kinds"][kind] = {
-                "key": len(key),
-                "value": len(value),
-                "headers": sum(len(k) + len(v) for k, v in headers),
-                "record": rec,
-                "bytes_per_token": round(rec / tokens, 1),
-                # At low rate every record is its own batch (and its own produce request).
-                "bytes_per_token_alone_in_batch": round((rec + BATCH_HEADER) / tokens, 1),
-            }
-        steps.append(row)
+    """Bytes per token of each kind at each row of CUTS and before issue 21; a breakdown of the
+    commonest record (1 token, tracing on) as written now and in the compact shape."""
     # Packing ids is not a cut to make: proto3 packs repeated scalars already (one tag and one
     # length for the list, then a varint per id: 2-3 bytes in a 49k vocabulary).
     packed = events_pb2.TokenDelta(token_ids=[1, 2]).SerializeToString() == b"\x1a\x02\x01\x02"
     return {
-        "steps": steps,
+        "steps": [_sizes(i, cut) for i, cut in enumerate(CUTS)],
+        "before_issue_21": _sizes(-1, BEFORE),
         "breakdown_1_token_trace": _breakdown(*cut_record(0, 1, True)),
-        "breakdown_1_token_trace_compact": _breakdown(*cut_record(3, 1, True)),
+        "breakdown_1_token_trace_compact": _breakdown(*cut_record(1, 1, True)),
         "token_ids_packed": packed,
     }
 
