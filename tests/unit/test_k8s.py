@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import os
@@ -53,7 +54,11 @@ def render(overlay: str) -> list[dict[str, Any]]:
 
 
 def keda_schema(kind: str) -> dict[str, Any]:
-    files = {"ScaledObject": "keda.sh_scaledobjects.yaml", "ScaledJob": "keda.sh_scaledjobs.yaml"}
+    files = {
+        "ScaledObject": "keda.sh_scaledobjects.yaml",
+        "ScaledJob": "keda.sh_scaledjobs.yaml",
+        "TriggerAuthentication": "keda.sh_triggerauthentications.yaml",
+    }
     path = KEDA_CRDS / files[kind]
     if not path.exists():
         pytest.fail(f"{path} missing: run `make tools` (deploy/local/tools.sh)")
@@ -140,3 +145,61 @@ def test_gpu_overlay_requests_a_gpu_for_vllm() -> None:
     ((_, model_server),) = [(o, c) for o, c in containers(docs) if o == "llmstream-model-server"]
     assert "vllm" in model_server["args"]
     assert model_server["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+# ---- credentials: a Secret per principal (docs/security.md) ------------------------------------
+
+PRINCIPALS = {
+    "llmstream-gateway": "gateway",
+    "llmstream-worker": "worker",
+    "llmstream-aggregator": "aggregator",
+    "llmstream-init": "admin",
+}
+
+
+def secret_refs(container: dict[str, Any]) -> list[str]:
+    return [e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_pod_gets_only_its_own_credentials(overlay: str) -> None:
+    docs = render(overlay)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert cm["data"]["LLMSTREAM_KAFKA_SECURITY_PROTOCOL"].startswith("SASL_")
+    refs = {owner: secret_refs(c) for owner, c in containers(docs)}
+    assert refs.pop("llmstream-model-server") == []
+    # Generated Secrets carry a hash suffix (`llmstream-worker-25tk6bdmdb`).
+    assert {
+        o: [r.rsplit("-", 1)[0] if overlay == "dev" else r for r in v] for o, v in refs.items()
+    } == {o: [o] for o in PRINCIPALS}
+    ((_, init),) = [(o, c) for o, c in containers(docs) if o == "llmstream-init"]
+    assert init["args"] == ["infra", "init", "--acls"]
+    (worker,) = [
+        d for d in docs if d["kind"] == "ScaledObject" and "worker" in d["metadata"]["name"]
+    ]
+    (trigger,) = worker["spec"]["triggers"]
+    assert trigger["metadata"]["sasl"] == "scram_sha512"
+    (auth,) = [d for d in docs if d["kind"] == "TriggerAuthentication"]
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]} == {
+        "username": (refs["llmstream-worker"][0], "LLMSTREAM_KAFKA_USERNAME"),
+        "password": (refs["llmstream-worker"][0], "LLMSTREAM_KAFKA_PASSWORD"),
+    }
+
+
+def test_dev_secrets_name_each_principal_and_its_redis_user() -> None:
+    secrets = {
+        d["metadata"]["name"].rsplit("-", 1)[0]: {
+            k: base64.b64decode(v).decode() for k, v in d["data"].items()
+        }
+        for d in render("dev")
+        if d["kind"] == "Secret"
+    }
+    assert {n: s["LLMSTREAM_KAFKA_USERNAME"] for n, s in secrets.items()} == PRINCIPALS
+    assert len({s["LLMSTREAM_KAFKA_PASSWORD"] for s in secrets.values()}) == len(PRINCIPALS)
+    redis_users = {
+        n: s["LLMSTREAM_REDIS_URL"].split("//")[1].split(":")[0]
+        for n, s in secrets.items()
+        if "LLMSTREAM_REDIS_URL" in s
+    }
+    assert redis_users == {"llmstream-gateway": "gateway", "llmstream-aggregator": "aggregator"}
