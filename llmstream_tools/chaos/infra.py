@@ -26,8 +26,17 @@ from llmstream import config
 from llmstream.ports import free_port
 from llmstream_tools import infra
 
-# Settings that would point this process or its children at other servers.
-_EXTERNAL = ("KAFKA_BOOTSTRAP", "DATABASE_URL", "REDIS_URL")
+# Settings that would point this process or its children at other servers, or give them
+# credentials other than the private instance's (recorded in its infra.json, a user per
+# service: the children authenticate as themselves).
+_EXTERNAL = (
+    "KAFKA_BOOTSTRAP",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "KAFKA_USERNAME",
+    "KAFKA_PASSWORD",
+    "KAFKA_SECURITY_PROTOCOL",
+)
 
 
 @dataclass

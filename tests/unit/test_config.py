@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,81 @@ def test_infra_record_supplies_urls(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     monkeypatch.setenv("LLMSTREAM_STATE_DIR", str(tmp_path))
     (tmp_path / "infra.json").write_text('{"redis_url": "redis://127.0.0.1:7/0"}')
     assert config.redis_url() == "redis://127.0.0.1:7/0"
+
+
+# ---- credentials: whose, and from where --------------------------------------------------------
+
+RECORD = {
+    "redis_url": "redis://admin:a@127.0.0.1:7/0",
+    "redis_urls": {
+        "admin": "redis://admin:a@127.0.0.1:7/0",
+        "gateway": "redis://gateway:g@127.0.0.1:7/0",
+    },
+    "kafka_security_protocol": "SASL_PLAINTEXT",
+    "kafka_sasl_mechanism": "SCRAM-SHA-512",
+    "kafka_users": {"admin": "ka", "gateway": "kg", "worker": "kw"},
+}
+CREDENTIALS = ("PRINCIPAL", "KAFKA_USERNAME", "KAFKA_PASSWORD", "KAFKA_SECURITY_PROTOCOL")
+
+
+@pytest.fixture
+def record(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    for name in (*CREDENTIALS, "REDIS_URL", "KAFKA_SASL_MECHANISM"):
+        monkeypatch.delenv(config.PREFIX + name, raising=False)
+    monkeypatch.setattr(config, "_declared", [])
+    monkeypatch.setenv("LLMSTREAM_STATE_DIR", str(tmp_path))
+    (tmp_path / "infra.json").write_text(json.dumps(RECORD))
+    return tmp_path
+
+
+def test_tooling_is_admin_a_declared_service_itself_and_the_variable_wins(
+    record: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert config.principal() == "admin"
+    assert config.kafka_auth() == config.KafkaAuth("SASL_PLAINTEXT", "SCRAM-SHA-512", "admin", "ka")
+    config.declare_principal("worker")
+    assert config.kafka_auth().username == "worker"
+    monkeypatch.setenv("LLMSTREAM_PRINCIPAL", "gateway")
+    assert config.kafka_auth() == config.KafkaAuth(
+        "SASL_PLAINTEXT", "SCRAM-SHA-512", "gateway", "kg"
+    )
+    assert config.redis_url() == "redis://gateway:g@127.0.0.1:7/0"
+    assert config.redis_url("admin") == RECORD["redis_url"]
+
+
+def test_a_principal_without_a_user_is_a_clear_error(record: Path) -> None:
+    with pytest.raises(config.ConfigError, match="no user for principal 'model-server'"):
+        config.kafka_auth("model-server")
+    with pytest.raises(config.ConfigError, match=r"no user for principal 'worker'.*admin, gateway"):
+        config.redis_url("worker")
+
+
+def test_explicit_credentials_override_the_record(
+    record: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMSTREAM_KAFKA_USERNAME", "svc")
+    with pytest.raises(config.ConfigError, match="LLMSTREAM_KAFKA_USERNAME=svc is set but no"):
+        config.kafka_auth()
+    monkeypatch.setenv("LLMSTREAM_KAFKA_PASSWORD", "pw")
+    monkeypatch.setenv("LLMSTREAM_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
+    assert config.kafka_auth("gateway") == config.KafkaAuth(
+        "SASL_PLAINTEXT", "SCRAM-SHA-256", "svc", "pw"
+    )
+    monkeypatch.setenv("LLMSTREAM_KAFKA_SECURITY_PROTOCOL", "ssl")
+    with pytest.raises(config.ConfigError, match="is not one of PLAINTEXT, SASL_PLAINTEXT"):
+        config.kafka_auth()
+
+
+def test_no_credentials_anywhere_is_plaintext(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An infra started before authentication (or an external cluster without it)."""
+    for name in CREDENTIALS:
+        monkeypatch.delenv(config.PREFIX + name, raising=False)
+    monkeypatch.setenv("LLMSTREAM_STATE_DIR", str(tmp_path))
+    (tmp_path / "infra.json").write_text('{"kafka_users": {}, "redis_url": "redis://h:7/0"}')
+    assert config.kafka_auth() == config.KafkaAuth()
+    assert config.redis_url() == "redis://h:7/0"
+    monkeypatch.setenv("LLMSTREAM_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    with pytest.raises(config.ConfigError, match="needs LLMSTREAM_KAFKA_USERNAME"):
+        config.kafka_auth()

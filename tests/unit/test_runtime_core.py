@@ -4,9 +4,11 @@ loop supervision."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +111,37 @@ async def test_supervisor_stop_cancels_quietly() -> None:
     await started.wait()
     await sup.stop()
     assert task.cancelled() and sup.healthy and not sup.tasks
+
+
+def test_connection_gives_every_client_the_sasl_credentials() -> None:
+    auth = config.KafkaAuth("SASL_PLAINTEXT", "SCRAM-SHA-512", "worker", "pw")
+    conn = kafka.Connection("b:9092", auth)
+    assert conn.client_kwargs("w-1") == {
+        "bootstrap_servers": "b:9092",
+        "client_id": "w-1",
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "worker",
+        "sasl_plain_password": "pw",
+    }
+    assert "pw" not in repr(conn)
+    plaintext = kafka.Connection("b:9092", config.KafkaAuth())
+    assert plaintext.client_kwargs("g") == {"bootstrap_servers": "b:9092", "client_id": "g"}
+
+
+def test_connection_from_env_authenticates_as_the_principal_asked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("PRINCIPAL", "KAFKA_USERNAME", "KAFKA_PASSWORD", "KAFKA_SECURITY_PROTOCOL"):
+        monkeypatch.delenv(config.PREFIX + name, raising=False)
+    monkeypatch.setenv("LLMSTREAM_STATE_DIR", str(tmp_path))
+    (tmp_path / "infra.json").write_text(
+        json.dumps(
+            {"kafka_sasl_mechanism": "SCRAM-SHA-512", "kafka_users": {"admin": "a", "gateway": "g"}}
+        )
+    )
+    assert kafka.Connection.from_env("gateway", "h:1").auth.username == "gateway"
+    # Made with only the bootstrap: this process's own principal (tooling: admin).
+    assert kafka.Connection("h:1").auth.username == "admin"
+    monkeypatch.setenv("LLMSTREAM_PRINCIPAL", "gateway")
+    assert kafka.Connection("h:1").security_kwargs()["sasl_plain_password"] == "g"
