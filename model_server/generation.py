@@ -7,8 +7,12 @@ It owns everything between the engine and the wire that is not gRPC:
   token ids; ``Engine.token_bytes`` gives their bytes);
 - priming both with the continuation tokens, so a resumed generation streams exactly the
   text an uninterrupted one would have streamed from that point;
+- natural batching: one ``Delta`` per engine step, and engines merge what their reader has
+  not taken yet (``engine.StepChannel``; vLLM's output collector does the same), so the gRPC
+  writer, pulling the next delta when its previous write completed, sends every token produced
+  meanwhile in one message, and one token per message when it keeps up; no timer;
 - cancellation (``cancel(reason)``, the RPC going away, the request timeout) aborting the
-  sequence inside the engine;
+  sequence inside the engine; after a cancel nothing more is streamed;
 - usage, timings and metrics.
 
 Usage: ``prompt_tokens`` is the prompt alone; ``completion_tokens`` counts the continuation
