@@ -27,10 +27,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+# A block starts at the beginning of a line (an indented one is an example, not a block).
 BLOCK = re.compile(
-    r"(?P<open><!-- bench-results: (?P<src>\S+)(?: suites=(?P<suites>[\w,-]+))? -->\n)"
+    r"^(?P<open><!-- bench-results: (?P<src>\S+)(?: suites=(?P<suites>[\w,-]+))? -->\n)"
     r"(?P<body>.*?)(?P<close><!-- /bench-results -->)",
-    re.S,
+    re.S | re.M,
 )
 UNPUBLISHED = "-"
 PUBLISHED_DIR = Path("docs") / "results"
