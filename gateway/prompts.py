@@ -58,12 +58,12 @@ class PromptWriter:
         producer: AIOKafkaProducer,
         topic: str,
         gateway_id: str,
-        send_timeout_s: float = SEND_TIMEOUT_S,
+        send_timeout_s: float | None = None,
     ) -> None:
         self.producer = producer
         self.topic = topic
         self.gateway_id = gateway_id
-        self.send_timeout_s = send_timeout_s
+        self.send_timeout_s = SEND_TIMEOUT_S if send_timeout_s is None else send_timeout_s
 
     async def submit(self, event: events_pb2.Event, attempt: SendAttempt | None = None) -> None:
         """Write a `submitted` event (`attempt` says how far a failed write got). It carries the
