@@ -38,6 +38,7 @@ from model_server.admin import AdminTokens
 from model_server.admin_options import AdminPolicy
 from model_server.server import ModelServer
 from tests.integration.test_model_server_grpcurl import grpcurl
+from tests.integration.test_tls import make_certs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -307,3 +308,24 @@ async def test_reflection_off() -> None:
         assert [
             m.name for m in (await stub.ListModels(model_service_pb2.ListModelsRequest())).models
         ] == ["m"]
+
+
+async def test_admin_port_speaks_tls_like_the_public_one(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    async with running_server(
+        [synthetic_spec("m")],
+        load=False,
+        **admin_settings(tls_cert=str(certs.cert), tls_key=str(certs.key)),
+    ) as (srv, _):
+        trusted = grpc.ssl_channel_credentials(certs.ca.read_bytes())
+        unload = model_admin_pb2.UnloadModelRequest(name="nope")
+        async with grpc.aio.secure_channel(f"127.0.0.1:{srv.admin_port}", trusted) as channel:
+            admin = model_admin_pb2_grpc.ModelAdminServiceStub(channel)
+            err = await refused(admin.UnloadModel(unload, metadata=bearer(), timeout=5))
+            assert err.code() == grpc.StatusCode.NOT_FOUND  # over TLS, authenticated
+            err = await refused(admin.UnloadModel(unload, timeout=5))
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.admin_port}") as plaintext:
+            admin = model_admin_pb2_grpc.ModelAdminServiceStub(plaintext)
+            err = await refused(admin.UnloadModel(unload, metadata=bearer(), timeout=5))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE  # no plaintext on a TLS port

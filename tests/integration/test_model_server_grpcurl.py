@@ -1,7 +1,7 @@
 """The real grpcurl binary against the server: reflection, health and a streamed Generate.
 
-grpcurl is looked up on PATH and in ~/go/bin; install it with
-`go install github.com/fullstorydev/grpcurl/cmd/grpcurl@latest`.
+grpcurl is looked up on PATH and in `$LLMSTREAM_CACHE_DIR/bin`, where `make deps` installs it
+(deploy/local/tools.sh); without it the tests fail.
 """
 
 from __future__ import annotations
