@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+SERVICES = ("gateway", "worker", "model-server", "aggregator")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -81,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in DELEGATED:
         parser.error(f"unknown command {command!r}")
     module_name, _help = DELEGATED[command]
+    if command in SERVICES:
+        # A service authenticates to Kafka and Redis as itself (its user in the infra record of
+        # `llmstream infra up`), named before it reads any setting.
+        config.declare_principal(command)
     module = importlib.import_module(module_name)
     # `tenants` and `keys` share one module; it needs to know which was asked for.
     entry: Callable[[Sequence[str]], int] = module.main
