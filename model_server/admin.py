@@ -112,8 +112,8 @@ class AdminTokens:
 
 class BearerAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Refuses every call on the admin port without a valid bearer token (before the request
-    is even read). The refusal keeps the method's shape (unary or streaming) so that gRPC
-    answers it with the status, not an internal error."""
+    is even read), unknown methods included. The refusal keeps the method's shape (unary or
+    streaming) so that gRPC answers it with the status, not an internal error."""
 
     def __init__(self, tokens: AdminTokens) -> None:
         self.tokens = tokens
@@ -148,8 +148,6 @@ class BearerAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self._last_warning = now
             log.warning("admin call refused: %s (%s)", message, details.method)
         handler = await continuation(details)
-        if handler is None:  # unknown method: UNIMPLEMENTED, as without the guard
-            return None
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -157,7 +155,9 @@ class BearerAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-        if handler.request_streaming and handler.response_streaming:
+        # An unknown method is refused the same way: without a token, nobody learns which
+        # methods exist (gRPC answers a unary call from a streaming handler just as well).
+        if handler is None or (handler.request_streaming and handler.response_streaming):
             return grpc.stream_stream_rpc_method_handler(stream)
         if handler.request_streaming:
             return grpc.stream_unary_rpc_method_handler(stream)

@@ -161,6 +161,15 @@ async def test_admin_needs_the_token_on_its_own_port() -> None:
         err = await refused(admin.UnloadModel(model_admin_pb2.UnloadModelRequest(name="m")))
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED
         assert srv.registry.get("m") is not None  # nothing was unloaded
+        # Which methods exist is not told without a token; with one, an unknown one is that.
+        probe = admin_ch.unary_unary("/llmstream.v1.ModelAdminService/DropEverything")
+        err = await refused(probe(b""))
+        assert (err.code(), err.details()) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing bearer token",
+        )
+        err = await refused(probe(b"", metadata=bearer()))
+        assert err.code() == grpc.StatusCode.UNIMPLEMENTED
         # Reflection on the admin port needs the token too.
         with pytest.raises(grpc.aio.AioRpcError) as reflect:
             await listed_services(admin_ch)
