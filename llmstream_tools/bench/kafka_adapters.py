@@ -87,7 +87,7 @@ class AiokafkaProducer:
     name = "aiokafka"
 
     def __init__(self, bootstrap: str, linger_ms: int) -> None:
-        conn = kafka.Connection(bootstrap)
+        conn = kafka.Connection.from_env(bootstrap=bootstrap)
         self.producer: AIOKafkaProducer
         if linger_ms == 0:
             self.producer = kafka.event_producer(conn, "bench-kc-aiokafka")  # ours, as is
@@ -119,7 +119,9 @@ class AiokafkaProducer:
 class AiokafkaReader:
     def __init__(self, bootstrap: str) -> None:
         self.consumer = kafka.reader(
-            kafka.Connection(bootstrap), "bench-kc-aiokafka", fetch_max_wait_ms=FETCH_MAX_WAIT_MS
+            kafka.Connection.from_env(bootstrap=bootstrap),
+            "bench-kc-aiokafka",
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
 
     async def start(self) -> None:
@@ -159,6 +161,24 @@ def _confluent() -> Any:
     return confluent_kafka
 
 
+def librdkafka_connection(bootstrap: str) -> dict[str, Any]:
+    """librdkafka's settings for the brokers and this process's credentials, the same ones
+    `kafka.Connection.from_env` gives every aiokafka client (SASL when the cluster has it)."""
+    conn = kafka.Connection.from_env(bootstrap=bootstrap)
+    settings: dict[str, Any] = {"bootstrap.servers": conn.bootstrap}
+    auth = conn.auth
+    if auth.security_protocol != "PLAINTEXT":
+        settings.update(
+            {
+                "security.protocol": auth.security_protocol,
+                "sasl.mechanism": auth.sasl_mechanism,
+                "sasl.username": auth.username,
+                "sasl.password": auth.password,
+            }
+        )
+    return settings
+
+
 class ConfluentProducer:
     """librdkafka for an asyncio service: `produce()` only enqueues, so it runs on the loop; a
     thread blocks in `poll()` (which runs the delivery callbacks) and hands each poll's reports
@@ -168,7 +188,7 @@ class ConfluentProducer:
 
     def __init__(self, bootstrap: str, linger_ms: int) -> None:
         self.conf = {
-            "bootstrap.servers": bootstrap,
+            **librdkafka_connection(bootstrap),
             "client.id": "bench-kc-confluent",
             "enable.idempotence": True,
             "acks": "all",
@@ -261,7 +281,7 @@ class ConfluentReader:
 
     def __init__(self, bootstrap: str) -> None:
         self.conf = {
-            "bootstrap.servers": bootstrap,
+            **librdkafka_connection(bootstrap),
             "client.id": "bench-kc-confluent",
             # Required by librdkafka even without subscribe(); never joined, never committed.
             "group.id": f"llmstream-bench-kc-{uuid.uuid4().hex[:8]}",

@@ -4,7 +4,9 @@
   (scenario 1, zero-delay engine);
 - `<stamp>-tokens-per-s.png`: tokens/s vs concurrency, pipeline vs direct (median run, min-max
   bars; scenario 1), and SmolLM2 through the pipeline vs llama.cpp's server (scenario 3);
-- `<stamp>-paced-itl-cdf.png`: inter-token gap CDF, pipeline vs direct (scenario 2).
+- `<stamp>-paced-itl-cdf.png`: inter-token gap CDF, pipeline vs direct (scenario 2);
+- `<stamp>-litellm.png`: TTFT added by llmstream and by LiteLLM's proxy (p50 and p99) and
+  tokens/s of both vs concurrency, one column per backend (scenario 6).
 
 A plot whose scenario did not run is skipped.
 """
@@ -38,6 +40,9 @@ def write_all(record: dict[str, Any], folder: Path, stamp: str) -> list[Path]:
     paced = suites.get("paced", {}).get("result", {})
     if paced.get("scenarios"):
         written.append(_paced_itl(paced, folder / f"{stamp}-paced-itl-cdf.png"))
+    litellm = suites.get("litellm", {}).get("result", {})
+    if litellm.get("scenarios"):
+        written.append(_litellm(litellm["scenarios"], folder / f"{stamp}-litellm.png"))
     return written
 
 
@@ -137,6 +142,39 @@ def _paced_itl(paced: dict[str, Any], path: Path) -> Path:
     )
     _cdf_axes(ax, "inter-token gap (ms)")
     ax.set_ylabel("fraction of gaps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _litellm(scenarios: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    backends = list(dict.fromkeys(s["backend"] for s in scenarios))
+    fig, axes = plt.subplots(2, len(backends), figsize=(6 * len(backends), 8), squeeze=False)
+    proxies = {"llmstream": "tab:orange", "litellm": "tab:purple"}
+    for column, backend in enumerate(backends):
+        rows = [s for s in scenarios if s["backend"] == backend]
+        xs = [s["streams"] for s in rows]
+        ttft, tps = axes[0][column], axes[1][column]
+        for who, color in proxies.items():
+            for q, style in (("p50", "-"), ("p99", "--")):
+                ys = [s["added_ttft_ms"][who][q] for s in rows]
+                ttft.plot(xs, ys, style, marker="o", color=color, label=f"{who} {q}")
+            tps.plot(xs, [s[who]["tokens_per_s"] for s in rows], marker="o", color=color, label=who)
+        ttft.set_title(f"TTFT added to the {backend} backend")
+        ttft.set_ylabel("added TTFT (ms, median run)")
+        tps.set_title(f"tokens/s through the proxy, {backend} backend")
+        tps.set_ylabel("tokens/s (median run)")
+        tps.set_ylim(bottom=0)
+        for ax in (ttft, tps):
+            ax.set_xscale("log")
+            ax.minorticks_off()
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.set_xlabel("concurrent streams")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

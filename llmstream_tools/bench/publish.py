@@ -98,6 +98,7 @@ _PLOT_SUITES = {
     "ttft-cdf": ("pipeline",),
     "tokens-per-s": ("pipeline", "llamacpp"),
     "paced-itl-cdf": ("paced",),
+    "litellm": ("litellm",),
 }
 
 

@@ -197,7 +197,7 @@ async def test_litellm_suite_compares_both_proxies_on_both_backends(tmp_path: Pa
     out, _ = await bench(
         tmp_path, "litellm", "--litellm-streams", "1", "2", "--litellm-requests", "1",
         "--litellm-tokens", "8", "--litellm-llama-tokens", "4", "--litellm-repeat", "1",
-        "--no-plots", timeout_s=420,
+        timeout_s=420,
     )  # fmt: skip
     result = suite(tmp_path, "litellm")
     assert "skipped" not in result, result.get("skipped")
@@ -226,6 +226,8 @@ async def test_litellm_suite_compares_both_proxies_on_both_backends(tmp_path: Pa
     goals = result["goals"]
     assert len(goals) == 2 * len(scenarios)
     assert {g["result"] for g in goals} <= {"PASS", "MISS"}
+    (plot,) = combined(tmp_path)["plots"]
+    assert plot.endswith("-litellm.png") and is_png(tmp_path / plot)
     assert "| 6 LiteLLM synthetic | litellm | 2 | 2 | 0 |" in out
     assert "| 6 LiteLLM llamacpp | llmstream | 1 | 1 | 0 |" in out
     assert "llmstream vs LiteLLM proxy, llamacpp backend, 2 stream(s)" in out
