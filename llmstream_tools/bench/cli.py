@@ -44,6 +44,7 @@ SUITES: dict[str, str] = {
     "litellm": "llmstream_tools.bench.litellm_proxy",
     "noisy-neighbour": "llmstream_tools.bench.noisy_neighbour",
     "priority": "llmstream_tools.bench.priority",
+    "prefix-affinity": "llmstream_tools.bench.prefix_affinity",
 }
 
 RESULTS_DIR = Path("bench") / "results"
