@@ -1,4 +1,5 @@
-"""Quota key layout (shared with the gateway) and the settlement script's arguments."""
+"""Quota key layout (shared with the gateway), the settlement script's arguments and the
+reaper's choice."""
 
 from __future__ import annotations
 
