@@ -270,18 +270,20 @@ class SyntheticEngine(SlotEngine):
 
     async def _produce_ahead(self, seq: Sequence) -> AsyncGenerator[EngineStep, None]:
         """Zero delay: a task produces the tokens whether or not they are read; each read
-        takes everything produced since the previous one, merged."""
-        channel = StepChannel(asyncio.get_running_loop())
-        failure: list[Exception] = []
-        producer = asyncio.ensure_future(self._produce_into(seq, channel, failure))
+        takes everything produced since the previous one, merged (at most `max_step_tokens`:
+        the producer waits for the reader beyond that, so a step stays bounded)."""
+        ahead = _Ahead(StepChannel(asyncio.get_running_loop()))
+        producer = asyncio.ensure_future(self._produce_into(seq, ahead))
         try:
             while True:
-                step = await channel.get()
+                step = await ahead.channel.get()
+                ahead.taken()
                 if step.finish is Finish.ERROR:
                     if step.token_ids:  # produced before the failure: they were generated
                         step.finish = None
                         yield step
-                    raise failure[0]
+                    assert ahead.failure is not None
+                    raise ahead.failure
                 yield step
                 if step.finish is not None:
                     return
@@ -290,16 +292,18 @@ class SyntheticEngine(SlotEngine):
             with contextlib.suppress(asyncio.CancelledError):
                 await producer
 
-    async def _produce_into(
-        self, seq: Sequence, channel: StepChannel, failure: list[Exception]
-    ) -> None:
+    async def _produce_into(self, seq: Sequence, ahead: _Ahead) -> None:
         try:
             async with contextlib.aclosing(self._produce(seq)) as steps:
                 async for step in steps:
-                    channel.put(step)
+                    ahead.channel.put(step)
+                    ahead.unread += len(step.token_ids)
+                    while ahead.unread >= self.max_step_tokens:
+                        ahead.drained.clear()
+                        await ahead.drained.wait()
         except Exception as exc:  # the reader raises it, after the tokens produced before
-            failure.append(exc)
-            channel.put(EngineStep([], [], finish=Finish.ERROR, message=str(exc)))
+            ahead.failure = exc
+            ahead.channel.put(EngineStep([], [], finish=Finish.ERROR, message=str(exc)))
 
     async def _produce(self, seq: Sequence) -> AsyncGenerator[EngineStep, None]:
         req = seq.req
@@ -362,6 +366,22 @@ class SyntheticEngine(SlotEngine):
         if waiter is None or waiter.done():
             return
         await asyncio.wait((waiter,), timeout=delay)
+
+
+class _Ahead:
+    """What the zero-delay producer and its reader share."""
+
+    __slots__ = ("channel", "drained", "failure", "unread")
+
+    def __init__(self, channel: StepChannel) -> None:
+        self.channel = channel
+        self.unread = 0  # tokens put and not yet taken
+        self.drained = asyncio.Event()
+        self.failure: Exception | None = None
+
+    def taken(self) -> None:
+        self.unread = 0
+        self.drained.set()
 
 
 def _fake_logprobs(token_id: int, top_n: int) -> TokenLogprobs:

@@ -143,7 +143,7 @@ async def test_zero_delay_a_slow_reader_gets_merged_steps_with_every_token_once(
     ids = [t for s in steps for t in s.token_ids]
     assert ids == expected_ids(r, 200)
     assert [lp.token_id for s in steps for lp in s.logprobs or []] == ids
-    assert len(steps) < 200 and max(len(s.token_ids) for s in steps) > 1
+    assert len(steps) < 200 and 1 < max(len(s.token_ids) for s in steps) <= eng.max_step_tokens
     assert steps[-1].finish is Finish.LENGTH and all(s.finish is None for s in steps[:-1])
     assert eng.running == 0 and eng.active_requests() == frozenset()
 
@@ -191,3 +191,16 @@ async def test_zero_delay_failure_after_merged_tokens_streams_them_first() -> No
             for _ in range(20):  # slow enough that all 6 tokens and the failure are merged
                 await asyncio.sleep(0)
     assert len(got) == 6 and steps < 6
+
+
+async def test_zero_delay_steps_stay_bounded_for_a_stalled_reader() -> None:
+    eng = await engine(ttft_ms=0, max_step_tokens=4)
+    r = req(n=50, temperature=0.0)
+    sizes: list[int] = []
+    got: list[int] = []
+    async for step in eng.generate(r):
+        sizes.append(len(step.token_ids))
+        got.extend(step.token_ids)
+        await asyncio.sleep(0.005)  # the producer runs far ahead, then waits for the reader
+    assert got == expected_ids(r, 50)
+    assert max(sizes) == 4 and len(sizes) < 50
