@@ -14,8 +14,8 @@ instead of the plumbing. Properties:
   ``itl_ms == 0`` tokens come as fast as the event loop runs the sequence (one per loop
   iteration, produced by a task of its own, like a real engine's decode thread): a reader
   that takes longer than that (a gRPC write in flight) gets every token produced meanwhile
-  in one merged step (``StepChannel``), one that keeps up gets one token per step. Used to
-  measure overhead.
+  in one merged step (``StepChannel``; the producer runs at most ``max_step_tokens`` ahead),
+  one that keeps up gets one token per step. Used to measure overhead.
 - Vocabulary: ids 0-255 are single bytes, 256-258 special tokens (256 is end-of-sequence,
   never generated), then whole words. Text prompts tokenize to one token per UTF-8 byte.
   The generator regularly emits multi-byte characters byte by byte (é, ü, €, 😀) so that
