@@ -17,9 +17,9 @@ Rebuild (Redis lost or suspect): the counters of the current windows are recompu
 per tenant in one script, with the reservation records (one per unfinished request, what a
 settlement takes back); pending outbox settlements are marked settled first, since the rebuilt
 numbers already contain their usage. Here the reservation can only come from the events: it is
-clamped to the tenant tier's `tokens_per_day` (no reservation above it can have been admitted;
-a tenant unknown to PostgreSQL counts 0), so a forged `reserved_tokens` cannot lock a tenant
-out either.
+clamped to the tenant tier's `tokens_per_day` (no reservation above it can have been admitted),
+so a forged `reserved_tokens` cannot lock a tenant out either (a tenant PostgreSQL does not
+know has no tier to clamp to, and no gateway admits it).
 """
 
 from __future__ import annotations
@@ -182,7 +182,9 @@ _TIERS = sql.SQL(
     "LEFT JOIN public.tenants tn ON tn.id = r.tenant_id"
     " LEFT JOIN public.quota_tiers qt ON qt.name = tn.tier"
 )
-_CLAMPED_RESERVED = sql.SQL("LEAST(r.reserved_tokens, coalesce(qt.tokens_per_day, 0))")
+_CLAMPED_RESERVED = sql.SQL(
+    "LEAST(r.reserved_tokens, coalesce(qt.tokens_per_day, r.reserved_tokens))"
+)
 
 
 async def rebuild_from_postgres(

@@ -64,6 +64,9 @@ async def traffic(
     for p in plans:
         pipe.incrby(quota_keys.tokens_day(p.tenant_id, at_ms), p.reserved_tokens)
         pipe.incrby(quota_keys.tokens_month(p.tenant_id, at_ms), p.reserved_tokens)
+        # The gateway records each reservation: what its settlement takes back.
+        pipe.zadd(quota_keys.reservations(p.tenant_id), {p.request_id: at_ms})
+        pipe.hset(quota_keys.reserved(p.tenant_id), p.request_id, p.reserved_tokens)
     await pipe.execute()
     producer = await new_producer(bootstrap)
     chunks = 12

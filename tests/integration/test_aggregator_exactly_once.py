@@ -107,6 +107,9 @@ async def test_settlement_is_idempotent(redis_client: aioredis.Redis) -> None:
     await redis_client.set(day, 100)
     await redis_client.set(month, 1000)
     await redis_client.zadd(quota_keys.streams(tenant), {"r1": at + 60_000})
+    # The gateway's record of the reservation: what the settlement takes back.
+    await redis_client.zadd(quota_keys.reservations(tenant), {"r1": at})
+    await redis_client.hset(quota_keys.reserved(tenant), "r1", 40)
     settler = QuotaSettler(redis_client)
     s = Settlement("r1", tenant, at, reserved_tokens=40, used_tokens=15)
     assert await settler.settle([s]) == 1
@@ -269,6 +272,6 @@ async def test_redis_outage_defers_settlement_without_blocking_billing(
             await asyncio.wait_for(task, 60)
     at = codec.event_time_ms(codec.new_event("x", "y"))
     used = sum(p.prompt_tokens + synthetic.used_tokens(p)[1] for p in plans)
-    reserved = sum(p.reserved_tokens for p in plans)
-    # Nobody reserved in this test: the counter holds used - reserved, applied exactly once.
-    assert int(await redis_client.get(quota_keys.tokens_day(tenant, at)) or 0) == used - reserved
+    # Nobody reserved in this test (no reservation recorded): a settlement takes nothing back
+    # (never the events' reserved_tokens), so the counter holds the usage, applied exactly once.
+    assert int(await redis_client.get(quota_keys.tokens_day(tenant, at)) or 0) == used

@@ -29,6 +29,9 @@ async def reserve(client: aioredis.Redis, plans: list[synthetic.RequestPlan], at
         pipe.incrby(quota_keys.tokens_day(p.tenant_id, at_ms), p.reserved_tokens)
         pipe.incrby(quota_keys.tokens_month(p.tenant_id, at_ms), p.reserved_tokens)
         pipe.zadd(quota_keys.streams(p.tenant_id), {p.request_id: at_ms + 60_000})
+        # The gateway records each reservation: what its settlement takes back.
+        pipe.zadd(quota_keys.reservations(p.tenant_id), {p.request_id: at_ms})
+        pipe.hset(quota_keys.reserved(p.tenant_id), p.request_id, p.reserved_tokens)
     await pipe.execute()
 
 
