@@ -7,7 +7,8 @@ consecutive deltas of a request into one `token_delta` event. Policy (pure, cloc
   (idle pipeline: no added latency);
 - otherwise it waits in the buffer until the previous event is acknowledged, the oldest
   buffered delta is `max_delay_s` old, or the buffer holds `max_bytes` of text — whichever
-  comes first.
+  comes first. `max_delay_s=inf`: only the acknowledgement or the size (natural batching;
+  the emitter then arms no timer).
 
 Every token id and every character goes into exactly one event, in order.
 """

@@ -2,8 +2,16 @@
 
 Every send goes through one lock, so events leave in call order (aiokafka appends to the
 partition's batch in `send` order). A delta that arrives while the previous event is not yet
-acknowledged waits in the coalescer; a timer (the coalescing delay) and the previous event's
-acknowledgement both trigger the flush, so the hot path creates no task per token. Every send
+acknowledged waits in the coalescer; the previous event's acknowledgement triggers the flush
+(natural batching: the deltas that arrived meanwhile leave as one event), and so does a timer
+when the coalescing delay is finite (`coalesce_s=inf`: no timer at all). The hot path creates
+no task per token.
+
+Why the acknowledgement is the moment to flush: aiokafka keeps one produce request in flight
+per broker (its sender skips nodes with a request in flight), so a record appended while the
+previous event's request is in flight leaves with the next request whether it was appended
+early (by a timer) or at the acknowledgement; flushing early only cuts the same tokens into
+more events. Every send
 first asks the worker's `ProduceGate` (worker/lease.py): a worker that may have lost its
 partitions writes nothing until the group confirms it.
 
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -139,8 +148,9 @@ class Emitter:
             self._armed = True
             deadline = self.coalescer.deadline()
             assert deadline is not None
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(max(0.0, deadline - now), self._fire)
+            if math.isfinite(deadline):
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(max(0.0, deadline - now), self._fire)
             if self._last is not None:
                 self._last.add_done_callback(self._on_ack)
 

@@ -186,3 +186,19 @@ async def test_compact_token_events_fold_like_full_ones() -> None:
     full_bytes = sum(len(v) for *_, v in (await one_attempt(compact=False))[1].sent[1:-1])
     compact_bytes = sum(len(v) for *_, v in producer.sent[1:-1])
     assert compact_bytes < full_bytes
+
+
+async def test_unbounded_delay_flushes_on_acks_only_without_a_timer() -> None:
+    em, producer = make(ack_s=0.01, coalesce_ms=float("inf"))
+    for i in range(30):
+        await em.push(f"t{i} ", [i])
+        assert em._timer is None  # natural batching: nothing on the loop's timer heap
+        await asyncio.sleep(0.001)
+    await em.settle()  # the acknowledgements of what was sent; the last one flushes the tail
+    await em.settle()  # ... in a flush task, which this waits for
+    assert em.coalescer.empty
+    events = decoded(producer)
+    assert 1 < len(events) < 30  # merged while an event was in flight
+    assert "".join(e.token_delta.text for e in events) == "".join(f"t{i} " for i in range(30))
+    assert [t for e in events for t in e.token_delta.token_ids] == list(range(30))
+    assert [e.token_delta.seq for e in events] == list(range(1, len(events) + 1))
