@@ -43,10 +43,11 @@ SERVICES = ("gateway", "worker", "aggregator")
 USERS = (ADMIN, BROKER, *SERVICES)
 
 # Topic and consumer-group name prefixes of tests and benchmarks that start services with names
-# of their own (`test.agg.<hex>.prompts`, group `test-...`): each service principal may read
-# and write them, so those runs work under the service's own principal. Local infra only
-# (compose and k8s grant the platform names alone).
+# of their own (`test.agg.<hex>.prompts`, groups `agg-cli-<hex>`, `g-<hex>`): each service
+# principal may read and write them, so those runs work under the service's own principal.
+# Local infra only (compose and k8s grant the platform names alone).
 TEST_PREFIXES = ("test", "bench")
+TEST_GROUP_PREFIXES = (*TEST_PREFIXES, "agg-", "g-")
 
 
 def credentials_file() -> Path:
@@ -221,12 +222,16 @@ def matrix(test_prefixes: bool = True) -> list[Grant]:
         ("aggregator", "topic", dlq, "write"),
     ]
     grants = [Grant(p, r, n, "prefixed", op) for p, r, n, op in rows]
-    for prefix in TEST_PREFIXES if test_prefixes else ():
+    if test_prefixes:
         for service in SERVICES:
             grants += [
-                Grant(service, "topic", prefix, "prefixed", "read"),
-                Grant(service, "topic", prefix, "prefixed", "write"),
-                Grant(service, "group", prefix, "prefixed", "read"),
+                Grant(service, "topic", prefix, "prefixed", op)
+                for prefix in TEST_PREFIXES
+                for op in ("read", "write")
+            ]
+            grants += [
+                Grant(service, "group", prefix, "prefixed", "read")
+                for prefix in TEST_GROUP_PREFIXES
             ]
     return grants
 
