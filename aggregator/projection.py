@@ -181,14 +181,22 @@ def bill_for(entry: Stored) -> Bill | None:
     # Events without event_time (not written by llmstream code) fall back to the submit time.
     submitted_at = s.submitted_at_ms or 0
     billed_at = s.finished_at_ms if s.finished_at_ms is not None else submitted_at
+    # Billing policy (docs/gateway.md): a request that failed or was cancelled before it
+    # started (no model server streamed it: cancelled before start, no model server could take
+    # it, refused before the stream, a worker crash) owes nothing; the usage its terminal event
+    # reports is the gateway's estimate, kept in the requests row. Its bill row has 0 tokens,
+    # and settlement frees its whole reservation.
+    started = (
+        s.attempts > 0 or s.last_seq > 0 or s.status not in (Status.FAILED, Status.CANCELLED)
+    ) or s.status not in (Status.FAILED, Status.CANCELLED)
     return Bill(
         request_id=s.request_id,
         tenant_id=s.tenant_id,
         model=s.model,
         status=s.status.value,
         finish_reason=s.finish_reason,
-        prompt_tokens=s.prompt_tokens,
-        completion_tokens=s.completion_tokens,
+        prompt_tokens=s.prompt_tokens if started else 0,
+        completion_tokens=s.completion_tokens if started else 0,
         billed_at_ms=billed_at,
         submitted_at_ms=submitted_at,
         reserved_tokens=s.reserved_tokens,

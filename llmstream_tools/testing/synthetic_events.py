@@ -148,7 +148,10 @@ def interleaved(
 
 
 def used_tokens(p: RequestPlan) -> tuple[int, int]:
-    """(prompt, completion) the terminal event bills."""
+    """(prompt, completion) the request is billed: nothing for one that failed before it
+    started (the billing policy, docs/gateway.md)."""
+    if p.outcome == "failed" and p.n_tokens == 0:
+        return 0, 0
     return p.prompt_tokens, p.n_tokens
 
 

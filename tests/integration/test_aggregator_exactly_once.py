@@ -142,7 +142,7 @@ async def test_quota_rebuild_from_postgres(db: str, redis_client: aioredis.Redis
         )
         cur = await conn.execute("SELECT count(*) FROM quota_outbox")
         assert (await cur.fetchone() or (None,))[0] == 0
-    used = sum(p.prompt_tokens + p.n_tokens for p in done)
+    used = sum(sum(synthetic.used_tokens(p)) for p in done)
     reserved = sum(p.reserved_tokens for p in running)
     assert summary["pending_marked"] == 6 and summary["streams"] == 3
     assert int(await redis_client.get(quota_keys.tokens_day(tenant, now)) or 0) == used + reserved
@@ -271,7 +271,7 @@ async def test_redis_outage_defers_settlement_without_blocking_billing(
             stop.set()
             await asyncio.wait_for(task, 60)
     at = codec.event_time_ms(codec.new_event("x", "y"))
-    used = sum(p.prompt_tokens + synthetic.used_tokens(p)[1] for p in plans)
+    used = sum(sum(synthetic.used_tokens(p)) for p in plans)
     # Nobody reserved in this test (no reservation recorded): a settlement takes nothing back
     # (never the events' reserved_tokens), so the counter holds the usage, applied exactly once.
     assert int(await redis_client.get(quota_keys.tokens_day(tenant, at)) or 0) == used

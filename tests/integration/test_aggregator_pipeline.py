@@ -123,7 +123,7 @@ async def test_thousand_requests_are_billed_exactly_once(
         )
         count, distinct, prompt, completion = (await cur.fetchone()) or ()
         assert count == distinct == len(plans)
-        assert prompt == sum(p.prompt_tokens for p in plans)
+        assert prompt == sum(synthetic.used_tokens(p)[0] for p in plans)
         assert completion == sum(synthetic.used_tokens(p)[1] for p in plans)
 
         # Prices: model-a priced at the 2000 row (0.5 / 1.5 per 1k); model-b has no price.
@@ -134,7 +134,7 @@ async def test_thousand_requests_are_billed_exactly_once(
         rows = await cur.fetchall()
         expected_a = sum(
             (
-                Decimal(p.prompt_tokens) * Decimal("0.5") / 1000
+                Decimal(synthetic.used_tokens(p)[0]) * Decimal("0.5") / 1000
                 + Decimal(synthetic.used_tokens(p)[1]) * Decimal("1.5") / 1000
                 for p in plans
                 if p.model == "model-a"

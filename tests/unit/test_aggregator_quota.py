@@ -1,5 +1,5 @@
-"""Quota key layout (shared with the gateway), the settlement script's arguments and the
-reaper's choice."""
+"""Quota key layout (shared with the gateway), the settlement script's arguments, the reaper's
+choice and the billing policy of requests that never started."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import datetime as dt
 
 import pytest
 
+from aggregator.projection import Stored, bill_for
 from aggregator.quota_settlement import settle_args
 from aggregator.reservation_reaper import Reservation, reap_keys, to_reap
 from aggregator.store import Settlement
-from llmstream import quota_keys
+from llmstream import codec, quota_keys
+from llmstream.fold import RequestState, fold
+from llmstream.v1 import common_pb2, events_pb2
 
 
 def ms(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> int:
@@ -73,3 +76,40 @@ def test_settlement_targets_the_windows_of_the_submit_time() -> None:
     # the event's reserved_tokens.
     assert args[:2] == ["r1", 37]
     assert args[2] == ms(2026, 4, 2) and args[3] == ms(2026, 4, 2)
+
+
+def _event(rid: str, kind: str) -> events_pb2.Event:
+    e = codec.new_event(rid, "t1", "test")
+    e.event_time.FromMilliseconds(1_700_000_000_000)
+    if kind == "submitted":
+        e.submitted.model = "m"
+        e.submitted.reserved_tokens = 40
+    elif kind == "started":
+        e.started.attempt = 1
+    elif kind == "failed":
+        e.failed.code = "model_unavailable"
+        e.failed.usage.prompt_tokens = 7  # the gateway's estimate
+    elif kind == "cancelled":
+        e.completed.finish_reason = common_pb2.FINISH_REASON_CANCELLED
+        e.completed.usage.prompt_tokens = 7
+    elif kind == "stop":
+        e.completed.finish_reason = common_pb2.FINISH_REASON_STOP
+        e.completed.usage.prompt_tokens = 7
+    return e
+
+
+def test_billing_policy_requests_that_never_started_owe_nothing() -> None:
+    def bill(*kinds: str) -> tuple[int, int] | None:
+        state = RequestState(request_id="r")
+        for kind in kinds:
+            fold(state, _event("r", kind))
+        b = bill_for(Stored(state))
+        return None if b is None else (b.prompt_tokens, b.used_tokens)
+
+    # Failed or cancelled before any model server streamed it: billed 0, reservation freed.
+    assert bill("submitted", "failed") == (0, 0)
+    assert bill("submitted", "cancelled") == (0, 0)
+    # Once started, the reported usage is billed whatever the outcome; a completion always.
+    assert bill("submitted", "started", "failed") == (7, 7)
+    assert bill("submitted", "started", "cancelled") == (7, 7)
+    assert bill("submitted", "stop") == (7, 7)
