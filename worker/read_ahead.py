@@ -111,12 +111,14 @@ class ReadAhead:
                 run = entry.item
                 self._charged[id(run)] = entry.cost
             self.bytes -= self._sizes.pop(id(run), 0)
+            tenant = run.submit.tenant_id
             if alive(run):
-                tenant = run.submit.tenant_id
                 self._running[tenant] = self._running.get(tenant, 0) + 1
                 self.running += 1
                 return run
-            self._charged.pop(id(run), None)
+            charged = self._charged.pop(id(run), None)
+            if charged is not None:  # never ran: nothing to charge
+                self._queue.settle(tenant, charged, 0.0, float(run.submit.submitted.share or 1))
 
     def ended(self, run: Run, generated_tokens: int) -> None:
         """A started run ended: its tenant is charged what it really generated."""

@@ -194,8 +194,9 @@ def test_window_starts_fairly_and_skips_dead_runs() -> None:
     window.add(run_of("b0", "B", 5), 10, 0.0)
     dead = {"a0"}
     started = window.take(3, 0.0, lambda r: r.request_id not in dead)
-    assert [r.request_id for r in started] == ["b0", "a1", "a2"]
+    assert [r.request_id for r in started] == ["a1", "b0", "a2"]  # a0 dead: A owes nothing
     assert len(window) == 2 and window.bytes == 20
+    assert window._queue.counter("A") == 2 * 10  # a0 never ran: not charged
 
 
 def test_continuing_runs_skip_the_line() -> None:
