@@ -29,7 +29,7 @@ from websockets.exceptions import InvalidStatus
 
 from gateway import auth
 from gateway.server import Gateway
-from llmstream import apikeys, codec
+from llmstream import apikeys, codec, kafka
 from llmstream.v1 import common_pb2
 from llmstream_tools.testing import gateway as testing
 from llmstream_tools.testing.gateway import Client, FakeWorker, Topics
@@ -91,7 +91,9 @@ async def test_sessions_minted_by_writing_redis_are_refused(
 
 async def produce_forged(t: Topics, partition: int, events: list[Any]) -> None:
     """Events written straight into the tokens topic by anything that can reach Kafka."""
-    producer = AIOKafkaProducer(bootstrap_servers=t.bootstrap, acks="all")
+    # This process's credentials (tests: the admin principal) stand for any that may write
+    # the tokens topic: a worker's, stolen, or a broker without authentication.
+    producer = AIOKafkaProducer(**kafka.Connection(t.bootstrap).client_kwargs("forger"), acks="all")
     await producer.start()
     try:
         for ev in events:
@@ -132,7 +134,9 @@ async def test_a_token_event_with_another_tenants_id_is_not_delivered(
 
 async def prompt_events(t: Topics) -> list[Any]:
     """Every event in the prompts topic, to its end."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=t.bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        **kafka.Connection(t.bootstrap).client_kwargs("counter"), enable_auto_commit=False
+    )
     await consumer.start()
     try:
         tps = [TopicPartition(t.prompts, p) for p in range(t.partitions)]
