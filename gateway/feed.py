@@ -165,7 +165,7 @@ class TokenFeed:
         ended: list[str] = []  # terminal events of this replica's own partitions
         for rec in records:
             try:
-                event = codec.decode(rec.value)
+                event = codec.decode_record(rec)  # compact token events: id from the key
             except codec.DecodeError as exc:
                 self._undecodable(rec, str(exc))
                 continue

@@ -57,6 +57,7 @@ class Rec:
     offset: int
     partition: int = 0
     topic: str = TOPIC
+    timestamp: int = 1_700_000_000_000
 
 
 def delta(rid: str, seq: int) -> events_pb2.Event:
@@ -396,3 +397,15 @@ async def test_outcome_labels_are_bounded_whatever_an_event_says() -> None:
         ev.failed.code = code
         f.deliver(records([ev]), Source.OWNED, f.router.deliver)
     assert f.metrics.requests == {"context_overflow": 1, "other": 1}
+
+
+async def test_compact_token_events_take_their_request_id_from_the_record_key() -> None:
+    f = new_feed()
+    box = Outbox(100)
+    f.follow(Watch("r1", box, tenant_id="t1"))
+    compact = codec.TokenDeltaEncoder(codec.new_event("r1", "t1", "w"), compact=True)
+    forged = codec.TokenDeltaEncoder(codec.new_event("r1", "t2", "w"), compact=True)
+    values = [compact.value(1, "<1>", [1]), forged.value(2, "FORGED", [2])]
+    f.deliver([Rec(v, b"r1", i) for i, v in enumerate(values)], Source.OWNED, f.router.deliver)
+    assert [(x["seq"], x["text"]) for x in frames(box)] == [(1, "<1>")]
+    assert f.metrics.foreign_events == 1  # the compact shape keeps the tenant id
