@@ -1,4 +1,5 @@
-"""Local infrastructure for development and tests: Kafka, PostgreSQL, Redis.
+"""Local infrastructure for development and tests: Kafka, PostgreSQL, Redis (and Prometheus
+on request: `up(OPTIONAL)`, `llmstream infra up --with-prometheus`).
 
 `up()` starts what is missing (or reuses what runs), `down()` stops only what llmstream
 started, `status()` reports. Servers pointed to by LLMSTREAM_KAFKA_BOOTSTRAP (other than the
@@ -13,15 +14,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from . import _kafka, _postgres, _redis
+from . import _kafka, _postgres, _prometheus, _redis
 from ._common import ComponentStatus, InfraError, record, state_lock
 from ._topics import ensure_topics
 
 __all__ = [
     "COMPONENTS",
+    "OPTIONAL",
     "ComponentStatus",
     "InfraError",
     "KafkaNode",
+    "PrometheusServer",
     "apply_kafka_acls",
     "down",
     "ensure_topics",
@@ -30,6 +33,7 @@ __all__ = [
     "kafka_pid",
     "start_component",
     "start_kafka_node",
+    "start_prometheus",
     "status",
     "stop_component",
     "stop_kafka_node",
@@ -37,16 +41,22 @@ __all__ = [
 ]
 
 COMPONENTS: tuple[str, ...] = ("kafka", "postgres", "redis")
+# Started only when asked for; `down()` stops them too, `status()` lists them while they run.
+OPTIONAL: tuple[str, ...] = ("prometheus",)
+PrometheusServer = _prometheus.Server
+start_prometheus = _prometheus.start_private
 
 _STATUS: dict[str, Callable[[], ComponentStatus]] = {
     "kafka": _kafka.status,
     "postgres": _postgres.status,
     "redis": _redis.status,
+    "prometheus": _prometheus.status,
 }
 _STOP: dict[str, Callable[[bool], bool]] = {
     "kafka": _kafka.stop,
     "postgres": _postgres.stop,
     "redis": _redis.stop,
+    "prometheus": _prometheus.stop,
 }
 
 
@@ -55,9 +65,11 @@ def _check_names(components: Sequence[str]) -> list[str]:
         components = [components]
     names = []
     for name in components:
-        if name not in COMPONENTS:
+        if name not in COMPONENTS + OPTIONAL:
             raise InfraError(
-                "infra", f"unknown component {name!r}", f"use one of {', '.join(COMPONENTS)}"
+                "infra",
+                f"unknown component {name!r}",
+                f"use one of {', '.join(COMPONENTS + OPTIONAL)}",
             )
         if name not in names:
             names.append(name)
@@ -86,10 +98,12 @@ def up(components: Sequence[str] = COMPONENTS, brokers: int | None = None) -> li
         if kafka_wait is not None:
             results["kafka"] = kafka_wait()
             record(kafka_bootstrap=results["kafka"].address, **_kafka.authorize())
+        if "prometheus" in names:
+            results["prometheus"] = _prometheus.up()
     return [results[name] for name in names]
 
 
-def down(components: Sequence[str] = COMPONENTS) -> list[str]:
+def down(components: Sequence[str] = COMPONENTS + OPTIONAL) -> list[str]:
     """Stop what llmstream started (per the pid files); data is kept. Returns what stopped.
 
     External servers and servers started by anything else are never touched.
@@ -97,14 +111,15 @@ def down(components: Sequence[str] = COMPONENTS) -> list[str]:
     names = _check_names(components)
     stopped: list[str] = []
     with state_lock():
-        for name in ("kafka", "redis", "postgres"):
+        for name in ("prometheus", "kafka", "redis", "postgres"):
             if name in names and _STOP[name](False):
                 stopped.append(name)
     return stopped
 
 
 def status() -> list[ComponentStatus]:
-    return [_STATUS[name]() for name in COMPONENTS]
+    optional = [s for s in (_STATUS[name]() for name in OPTIONAL) if s.running]
+    return [_STATUS[name]() for name in COMPONENTS] + optional
 
 
 def stop_component(name: str, kill: bool = False) -> bool:

@@ -27,6 +27,12 @@ def main(argv: Sequence[str]) -> int:
         help="Kafka nodes of a new local cluster (default 1; 3: replication factor 3, "
         "min.insync.replicas 2). A cluster keeps the size it was first started with.",
     )
+    up.add_argument(
+        "--with-prometheus",
+        action="store_true",
+        help="also a local Prometheus scraping `llmstream up`'s services with the alerting "
+        "rules of deploy/prometheus/rules (docs/operations.md)",
+    )
     sub.add_parser("down", help="stop what `infra up` started (data is kept)")
     sub.add_parser("status", help="each component with its address and state")
     init = sub.add_parser(
@@ -56,7 +62,8 @@ def main(argv: Sequence[str]) -> int:
                 print(f"{s.name:<10} {s.address:<45} {s.state}")
             return 0 if all(s.state.startswith("running") for s in statuses) else 3
         if args.action == "up":
-            for s in infra.up(brokers=args.brokers):
+            optional = infra.OPTIONAL if args.with_prometheus else ()
+            for s in infra.up((*infra.COMPONENTS, *optional), brokers=args.brokers):
                 print(f"{s.name:<10} {s.address:<45} {s.state}")
         infra.ensure_topics()
         if getattr(args, "acls", False):
