@@ -405,9 +405,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "WORKER_COALESCE_MS",
-        "5",
+        "inf",
         "Longest a model delta waits to be merged with the next ones while Kafka acknowledges "
-        "the request's previous event.",
+        "the request's previous event. inf: no timer, natural batching (aiokafka keeps one "
+        "request in flight per broker, so flushing earlier only splits the same batch); "
+        "0: never merge.",
     ),
     Setting("WORKER_COALESCE_BYTES", "4096", "Largest text of one merged token event (bytes)."),
     Setting(
