@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import psycopg
 import pytest
 import redis.asyncio as aioredis
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
 
 from aggregator.metrics import AggregatorMetrics
-from aggregator.quota_settlement import QuotaSettler
+from aggregator.quota_settlement import QuotaSettler, rebuild_from_postgres
 from aggregator.reservation_reaper import ReservationReaper
 from aggregator.store import Settlement
 from gateway import prompts
@@ -152,20 +156,66 @@ async def test_the_reaper_takes_back_only_reservations_whose_request_never_reach
             "'running')",
             (logged, tenant),
         )
-    metrics = AggregatorMetrics()
+    reader = InMemoryMetricReader()
+    metrics = AggregatorMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"))
     reaper = ReservationReaper(redis_client, sql.Identifier("requests"), 600.0, metrics)
     before = await counters(redis_client, tenant, old)
-    async with await psycopg.AsyncConnection.connect(db_env, autocommit=True) as conn:
-        reaped = await reaper.reap(conn, now)
+    async with AsyncConnectionPool(db_env, min_size=1, max_size=1, open=False) as pool:
+        reaped = await reaper.maybe_reap(pool, force=True)  # the aggregator's call
         assert (reaped.requests, reaped.tokens) == (1, 300)
-        again = await reaper.reap(conn, now)  # once only
+        again = await reaper.maybe_reap(pool, force=True)  # once only
         assert (again.requests, again.tokens) == (0, 0)
+    assert counter_values(reader) == {
+        "llmstream_aggregator_reaped_reservations": 1,
+        "llmstream_aggregator_reaped_reservation_tokens": 300,
+    }
     after = await counters(redis_client, tenant, old)
     assert after["day"] == before["day"] - 300
     assert await redis_client.zscore(quota_keys.reservations(tenant), lost) is None
     assert await redis_client.zscore(quota_keys.streams(tenant), lost) is None
     for kept in (logged, young):
         assert await redis_client.hget(quota_keys.reserved(tenant), kept) == b"300"
+
+
+def counter_values(reader: InMemoryMetricReader) -> dict[str, int]:
+    """The reaper's counters as the aggregator exports them."""
+    data: Any = reader.get_metrics_data()
+    out: dict[str, int] = {}
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                if m.name.startswith("llmstream_aggregator_reaped"):
+                    out[m.name] = int(sum(p.value for p in m.data.data_points))
+    return out
+
+
+async def test_a_rebuild_records_unfinished_reservations_clamped_to_the_tier(
+    db_env: str, redis_client: aioredis.Redis
+) -> None:
+    tenant, _key = await testing.new_key("free")  # tokens_per_day 50,000
+    now = int(time.time() * 1000)
+    forged, fair = f"req_{uuid.uuid4().hex}", f"req_{uuid.uuid4().hex}"
+    with psycopg.connect(db_env, autocommit=True) as conn:
+        for rid, reserved in ((forged, 10**12), (fair, 700)):
+            conn.execute(
+                "INSERT INTO requests (request_id, tenant_id, model, status, submitted_at,"
+                " reserved_tokens) VALUES (%s, %s, 'm', 'running', now(), %s)",
+                (rid, tenant, reserved),
+            )
+    async with await psycopg.AsyncConnection.connect(db_env, autocommit=True) as conn:
+        await rebuild_from_postgres(
+            conn,
+            QuotaSettler(redis_client),
+            sql.Identifier("requests"),
+            sql.Identifier("quota_outbox"),
+            now,
+        )
+    # The forged reservation counts the tier's daily bound at most: no negative, no lock-out
+    # beyond what a real reservation could do; both are recorded for their settlement.
+    assert (await counters(redis_client, tenant, now))["day"] == 50_000 + 700
+    recorded: Any = await redis_client.hgetall(quota_keys.reserved(tenant))
+    assert recorded == {forged.encode(): b"50000", fair.encode(): b"700"}
+    assert await redis_client.zcard(quota_keys.reservations(tenant)) == 2
 
 
 async def test_settlement_takes_back_the_recorded_reservation_not_the_events_claim(
