@@ -161,8 +161,8 @@ async def fetch_backlog(
         for kind, (start, end) in ranges.items():
             # Off the clock: every partition fetched once (its last record, the topic's last:
             # nothing to prefetch), so the clock sees fetching, not metadata and connections;
-            # then back to the start. librdkafka sends the seek's fetch only when the long poll
-            # in flight ends (<= fetch max wait), aiokafka at once: records/s counts from the
+            # then back to the start. librdkafka fetches from the new position only when the
+            # long poll in flight ends (<= fetch max wait), aiokafka at once: records/s from the
             # first batch on (the delivery rate once records flow), the CPU from the seek.
             await reader.assign({tp: offset - 1 for tp, offset in end.items()})
             await read(reader, len(end))

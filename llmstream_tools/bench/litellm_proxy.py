@@ -286,11 +286,13 @@ async def _llamacpp(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]
                 llamacpp.llama_cpp_server(model_path, threads, tmp) as server,
                 litellm_proxy(args.litellm_venv, "smollm2", server, tmp) as (proxy, master),
             ):
+                # llama.cpp's server sends no `usage`, and LiteLLM then estimates one with a
+                # tokenizer of its own (62 for 64 tokens once): both count streamed events.
                 targets: list[Target] = [
                     _openai(stack.gateway_port, "smollm2", "llmstream", key),
                     DirectTarget(stack.model_server, "smollm2", label="llmstream backend"),
-                    _openai(proxy, "smollm2", "litellm", master),
-                    _openai(server, "", "litellm backend"),
+                    OpenAITarget("127.0.0.1", proxy, "smollm2", label="litellm", api_key=master),
+                    OpenAITarget("127.0.0.1", server, label="litellm backend"),
                 ]
                 scenario = await _measure(
                     targets, args, backend="llamacpp", streams=streams,

@@ -124,7 +124,8 @@ class OpenAITarget(Target):
                         sample.end = now
                         continue
                     obj = json.loads(payload)
-                    if obj.get("usage"):
+                    # Only when asked for: LiteLLM puts a zero `usage` in every chunk otherwise.
+                    if self.include_usage and obj.get("usage"):
                         usage_tokens = int(obj["usage"].get("completion_tokens", 0))
                     choice = (obj.get("choices") or [{}])[0]
                     text = choice.get("text")

@@ -106,3 +106,51 @@ async def test_openai_target_reads_chunked_events_and_reconnects() -> None:
         assert len(s.gaps) == 1
     assert requests[0] == {"prompt": "Once", "max_tokens": 2, "stream": True, "temperature": 0.0}
     assert len(requests) == 2
+
+
+def _litellm_event(text: str | None, usage: int, finish: str | None = None) -> bytes:
+    """LiteLLM's shape: no `text` in the finish chunk, a `usage` in every chunk (zero unless
+    asked for), a choice without text in the usage chunk."""
+    choice: dict[str, object] = {"index": 0}
+    if text is not None:
+        choice["text"] = text
+    if finish is not None:
+        choice["finish_reason"] = finish
+    body = {"choices": [choice], "usage": {"completion_tokens": usage}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+async def _one_response(stream: bytes, target_kw: dict[str, object], prompt: str) -> Sample:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(f"{len(stream):x}\r\n".encode() + stream + b"\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    target = OpenAITarget("127.0.0.1", server.sockets[0].getsockname()[1], **target_kw)  # type: ignore[arg-type]
+    try:
+        await target.open(1)
+        return await target.stream(0, prompt, 3)
+    finally:
+        await target.close()
+        server.close()
+
+
+async def test_openai_target_reads_usage_only_when_asked_and_checks_the_text() -> None:
+    stream = (
+        _litellm_event("Once", 0) + _litellm_event(" upon", 0) + _litellm_event(" a", 0)
+        + _litellm_event(None, 0, "length") + b"data: [DONE]\n\n"
+    )  # fmt: skip
+    counted = await _one_response(stream, {}, "p")
+    assert (counted.error, counted.tokens, len(counted.gaps)) == ("", 3, 2)
+    asked = stream.replace(b'"finish_reason": "length"}], "usage": {"completion_tokens": 0}',
+                           b'"finish_reason": "length"}], "usage": {"completion_tokens": 7}')  # fmt: skip
+    assert (await _one_response(asked, {"include_usage": True}, "p")).tokens == 7
+    right = await _one_response(stream, {"expect": lambda p: "Once upon a"}, "p")
+    assert right.error == ""
+    wrong = await _one_response(stream, {"expect": lambda p: "Once upon the"}, "p")
+    assert wrong.error == "wrong text"
