@@ -1,7 +1,9 @@
-"""Grafana, Prometheus and collector configs in deploy/ cannot run here (no Docker); check them
-against the code instead: the dashboard only queries metrics the services declare, through a
-provisioned datasource; every annotated Kubernetes pod is scraped on a port it serves; the
-collector forwards traces to Jaeger."""
+"""Grafana, Prometheus and collector configs in deploy/ checked against the code: the dashboard
+and the alerting rules only query metrics the services declare (the dashboard through a
+provisioned datasource); every alert has a runbook; every annotated Kubernetes pod is scraped
+on a port it serves; the collector forwards traces to Jaeger. (A real Prometheus runs the
+dashboard's queries and the alerts in tests/integration/test_prometheus.py; promtool unit-tests
+the rules in tests/prometheus.)"""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from llmstream import config
 from llmstream_tools import metric_catalog
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,6 +71,57 @@ def test_dashboard_queries_only_declared_metrics() -> None:
         "gateway_sockets",
     ):
         assert name in used, f"the dashboard does not show {name}"
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [
+        rule
+        for path in sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+    ]
+
+
+def test_alert_rules_query_only_declared_metrics() -> None:
+    known = declared_series()
+    rules = alert_rules()
+    for rule in rules:
+        expr = rule["expr"]
+        names = METRIC.findall(LABELS.sub("", expr))
+        assert names, f"{rule['alert']}: no llmstream metric in {expr!r}"
+        for name in names:
+            assert name in known, f"{rule['alert']}: {name} is not declared by any service"
+        assert rule["annotations"]["runbook"] == f"docs/operations.md#{rule['alert'].lower()}"
+    # The SLOs of issue 20, each with an alert.
+    assert {r["alert"] for r in rules} == {
+        "TimeToFirstTokenP99High",
+        "PromptLagGrowing",
+        "BillingLagHigh",
+        "BillingStalled",
+        "DeadLetterRecords",
+        "WorkerRetriesExhausted",
+        "ModelServerNotServing",
+        "GatewaySocketsNearCap",
+    }
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    headings = {
+        line[4:].strip()
+        for line in (REPO / "docs" / "operations.md").read_text().splitlines()
+        if line.startswith("### ")
+    }
+    for rule in alert_rules():
+        assert rule["alert"] in headings, f"docs/operations.md has no `### {rule['alert']}`"
+
+
+def test_socket_cap_alert_is_80_percent_of_the_default_cap() -> None:
+    # The cap is not exported as a series: the rule carries it as a number.
+    (rule,) = [r for r in alert_rules() if r["alert"] == "GatewaySocketsNearCap"]
+    threshold = re.fullmatch(r".*\(gateway_sockets\) > (\d+)", rule["expr"].strip())
+    assert threshold is not None, rule["expr"]
+    (default,) = [s.default for s in config.SETTINGS if s.name == "GATEWAY_MAX_SOCKETS"]
+    assert int(threshold.group(1)) == int(default) * 8 // 10
 
 
 def test_dashboard_uses_provisioned_datasources() -> None:
