@@ -335,6 +335,7 @@ def authorize() -> dict[str, object]:
         return {}
     if _kafka_auth.active():
         apply_acls()
+        _kafka_auth.write_client_configs()
     return _kafka_auth.record_values()
 
 

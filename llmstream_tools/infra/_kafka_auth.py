@@ -122,6 +122,28 @@ def record_values() -> dict[str, Any]:
     }
 
 
+def write_client_configs() -> tuple[Path, Path]:
+    """`kafka/admin.properties` (Kafka's own tools: `--command-config`) and
+    `kafka/kcat.properties` (`kcat -F`, SASL/PLAIN: see the module docstring), both 0600, with
+    the `admin` user, for operators of the local infra (docs/security.md)."""
+    password = ensure()[ADMIN]
+    scram = "org.apache.kafka.common.security.scram.ScramLoginModule"
+    java, kcat = kafka_dir() / "admin.properties", kafka_dir() / "kcat.properties"
+    write_text(
+        java,
+        f"security.protocol={PROTOCOL}\nsasl.mechanism={MECHANISM}\n"
+        f"sasl.jaas.config={_jaas(scram, ADMIN, password)}\n",
+        mode=0o600,
+    )
+    write_text(
+        kcat,
+        f"security.protocol={PROTOCOL}\nsasl.mechanism=PLAIN\n"
+        f"sasl.username={ADMIN}\nsasl.password={password}\n",
+        mode=0o600,
+    )
+    return java, kcat
+
+
 def _jaas(module: str, user: str, password: str, extra: str = "") -> str:
     return f'{module} required username="{user}" password="{password}"{extra};'
 

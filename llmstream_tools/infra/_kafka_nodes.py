@@ -9,6 +9,8 @@ Layout:
   $LLMSTREAM_STATE_DIR/kafka/kafka.pid              pid of the broker started by llmstream
   $LLMSTREAM_STATE_DIR/kafka/credentials.json       SASL/SCRAM users and passwords (0600,
                                                     generated once, before the first format)
+  $LLMSTREAM_STATE_DIR/kafka/admin.properties       the admin user for Kafka's tools
+  $LLMSTREAM_STATE_DIR/kafka/kcat.properties        ... and for `kcat -F` (both 0600)
   $LLMSTREAM_STATE_DIR/kafka/brokers                nodes of the cluster (absent: 1)
   $LLMSTREAM_STATE_DIR/kafka/node-<N>/              the same files for node N >= 2, with its
                                                     ports (`port`, `controller.port`)

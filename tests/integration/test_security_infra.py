@@ -191,6 +191,7 @@ def test_credentials_are_private_files_and_on_no_command_line() -> None:
     state = config.state_dir()
     files = [state / "infra.json", state / "kafka/credentials.json", state / "redis/users.json"]
     files += [state / "redis/users.acl", state / "kafka/server.properties"]
+    files += [state / "kafka/admin.properties", state / "kafka/kcat.properties"]
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {
         f.name: "0o600" for f in files
     }
