@@ -471,14 +471,14 @@ class Admission:
                 submitted_event(plan, req, route, self.gateway_id), done.write
             )
         except Exception as exc:
-            self.metrics.submits["failed"] += 1
-            if not surely_not_written(exc, done.write):
+            if not surely_not_written(exc, done.write):  # counted "unknown" by `submit`
                 log.warning(
                     "prompt write outcome unknown: reservation kept",
                     extra=telemetry.fields(request_id=plan.request_id, error=repr(exc)),
                 )
                 raise
             log.exception("producing a prompt failed")
+            self.metrics.submits["failed"] += 1
             raise errors.internal(
                 "could not queue the request", request_id=plan.request_id
             ) from exc
