@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import time
@@ -24,7 +25,7 @@ import redis.asyncio as aioredis
 
 from gateway.errors import UNAUTHORIZED, GatewayError
 from gateway.quota import Limits
-from llmstream import apikeys
+from llmstream import apikeys, telemetry
 
 SESSION_COOKIE = "llmstream_session"
 
@@ -223,6 +224,8 @@ def origin_allowed(
 # ---- browser sessions ---------------------------------------------------------------------
 
 SECRET_BYTES = 32
+REFUSED_LOG_EVERY_MS = 10_000
+log = logging.getLogger("gateway")
 
 
 class SessionSecretError(RuntimeError):
@@ -304,7 +307,7 @@ class Sessions:
     """Browser sessions: `gw:session:<sha256(id)>` -> a signed "key_id tenant_id created_ms
     mac" (`seal_session`); a sliding TTL (`ttl_s`, refreshed on use) within an absolute
     lifetime (`max_s` from sign-in). A value that does not verify under the server's secrets is
-    refused like a missing one: writing Redis is not enough to mint a session."""
+    refused like a missing one (and logged): writing Redis is not enough to mint a session."""
 
     def __init__(
         self,
@@ -321,9 +324,28 @@ class Sessions:
         self.max_ms = max_s * 1000
         self.prefix = prefix
         self.clock_ms = clock_ms
+        self._refused_count = 0
+        self._refused_logged_ms = -REFUSED_LOG_EVERY_MS
 
     def _key(self, session_id: str) -> str:
         return self.prefix + hashlib.sha256(session_id.encode()).hexdigest()
+
+    def _refused(self, now_ms: int, raw: str) -> None:
+        """A session record that does not verify: forged (something wrote Redis), past its
+        absolute lifetime, or signed by a replica with another secret file (every replica must
+        read the same one). Refused, left in place (its TTL ends it), logged at most every
+        REFUSED_LOG_EVERY_MS with the count since."""
+        self._refused_count += 1
+        if now_ms - self._refused_logged_ms < REFUSED_LOG_EVERY_MS:
+            return
+        fields = raw.split(" ")
+        log.warning(
+            "session refused: its value does not verify, or its lifetime ended",
+            extra=telemetry.fields(
+                refused=self._refused_count, signed_shape=len(fields) == 4 and fields[2].isdigit()
+            ),
+        )
+        self._refused_logged_ms, self._refused_count = now_ms, 0
 
     def ttl_at(self, created_ms: int, now_ms: int) -> int:
         """The sliding TTL, cut at the absolute end (seconds, at least 1)."""
@@ -351,7 +373,7 @@ class Sessions:
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
         value = open_session(self.secrets, key, text, now, self.max_ms)
         if value is None:
-            await self.client.delete(key)
+            self._refused(now, text)
             return None
         await self.client.expire(key, self.ttl_at(value.created_ms, now))
         return value.key_id, value.tenant_id
