@@ -1,9 +1,10 @@
 """A real Prometheus (Debian's package, `make prometheus`) scraping a running local stack:
 every PromQL expression of the Grafana dashboard returns a series under traffic, and the
 alerting rules of deploy/prometheus/rules fire in Prometheus's own /api/v1/alerts when the
-fault they name happens: the aggregator stopped while requests finish (BillingStalled), a
-record dead-lettered (DeadLetterRecords), the workers stopped while prompts arrive
-(PromptLagGrowing).
+fault they name happens: a record dead-lettered (DeadLetterRecords), the aggregator stopped
+while requests finish (BillingStalled), the model server stopped (ModelServerNotServing, and
+WorkerRetriesExhausted for a request submitted then), the workers stopped while prompts arrive
+(PromptLagGrowing). Each alert is inactive before its fault.
 
 The rules are the deployed ones with one change: every `for:` is FOR (seconds, not minutes), so
 an alert goes from pending to firing within the test; their expressions and range windows are
@@ -19,7 +20,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,11 @@ INTERVAL_S = 1.0
 FOR = "2s"
 RATE_WINDOW = "30s"
 WORKERS = 2
+
+
+def alert_names(paths: list[Path]) -> set[str]:
+    groups = [g for p in paths for g in yaml.safe_load(p.read_text())["groups"]]
+    return {r["alert"] for g in groups for r in g["rules"] if "alert" in r}
 
 
 def rules_variant(out: Path) -> list[Path]:
@@ -66,11 +72,17 @@ def dashboard_exprs() -> list[str]:
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[tuple[Stack, dict[str, int]]]:
     """The stack and every process's /metrics port. The gateway watches the workers' prompt lag
-    only with LLMSTREAM_GATEWAY_MAX_PROMPT_LAG set: a bound no test traffic comes near."""
+    only with LLMSTREAM_GATEWAY_MAX_PROMPT_LAG set: a bound no test traffic comes near. The
+    workers announce the model once (at start) for the whole test: with the model server or
+    the workers gone, the gateway's catalog would otherwise drop the model after 3 announce
+    intervals and refuse the prompts the faults need. Two retries: a request meets
+    model_unavailable sooner."""
     gateway_metrics = free_port()
     env = {
         "LLMSTREAM_GATEWAY_METRICS_PORT": str(gateway_metrics),
         "LLMSTREAM_GATEWAY_MAX_PROMPT_LAG": "1000000",
+        "LLMSTREAM_CATALOG_ANNOUNCE_S": "600",
+        "LLMSTREAM_WORKER_RETRIES": "2",
     }
     async with local_stack(tmp_path, workers=WORKERS, metrics=True, extra_env=env) as s:
         ports = dict(s.metrics_ports)
@@ -123,7 +135,7 @@ async def alert_state(server: infra.PrometheusServer, name: str) -> str | None:
     return "firing" if "firing" in states else next(iter(states), None)
 
 
-async def until(what: str, cond: Callable[[], Any], within_s: float = 60.0) -> None:
+async def until(what: str, cond: Callable[[], Awaitable[bool]], within_s: float = 60.0) -> None:
     """Await `cond()` (a coroutine function) to be true; the time limit is a hang guard."""
     end = time.monotonic() + within_s
     while not await cond():
@@ -164,6 +176,12 @@ async def test_dashboard_queries_and_alerts_on_a_real_prometheus(
     st, ports = stack
     prom = prometheus
 
+    def inactive(name: str) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return await alert_state(prom, name) is None
+
+        return check
+
     # Prometheus sees every process, and has loaded and evaluated every rule.
     async def targets_up() -> bool:
         active = (await asyncio.to_thread(api, prom, "targets"))["activeTargets"]
@@ -173,10 +191,13 @@ async def test_dashboard_queries_and_alerts_on_a_real_prometheus(
     jobs = {r["metric"]["job"] for r in await query(prom, "up == 1")}
     assert jobs == {"gateway", "model-server", "worker", "aggregator"}
 
+    deployed = alert_names(sorted((REPO / "deploy" / "prometheus" / "rules").glob("*.yml")))
+
     async def rules_ok() -> bool:
         groups = (await asyncio.to_thread(api, prom, "rules"))["groups"]
         rules = [r for g in groups for r in g["rules"]]
-        return len(rules) == 8 and all(r["health"] == "ok" for r in rules)
+        loaded = {r["name"] for r in rules if r["type"] == "alerting"}
+        return loaded == deployed and all(r["health"] == "ok" for r in rules)
 
     await until("every rule evaluated", rules_ok)
 
@@ -217,7 +238,7 @@ async def test_dashboard_queries_and_alerts_on_a_real_prometheus(
         )
 
     await until("bills written", billing)
-    assert await alert_state(prom, "BillingStalled") is None
+    await until("BillingStalled inactive while bills flow", inactive("BillingStalled"))
     st.kill("aggregator")
 
     async def billing_stalled() -> bool:
@@ -228,17 +249,39 @@ async def test_dashboard_queries_and_alerts_on_a_real_prometheus(
     stop.set()
     assert await busy > 0
 
-    # Fault 2: the workers stopped while prompts arrive. Every prompt finished first, no alert.
+    # Fault 2: the model server stopped; a request submitted then fails after its retries.
+    for name in ("ModelServerNotServing", "WorkerRetriesExhausted"):
+        await until(f"{name} inactive", inactive(name))
+    st.kill("model-server")
+    c = await Client.connect(st.gateway_port, key)
+    try:
+        await c.submit("no-model-server", max_tokens=8)
+        accepted = await c.wait_ref("no-model-server", 20)
+        assert accepted["type"] == "accepted", accepted
+        rid = accepted["request_id"]
+        await c.wait(lambda: c.streams[rid].done is not None, 60)
+        done = c.streams[rid].done
+        assert done is not None and done["error_code"] == "model_unavailable", done
+    finally:
+        await c.close()
+
+    async def model_server_alerts() -> bool:
+        states = [
+            await alert_state(prom, name)
+            for name in ("ModelServerNotServing", "WorkerRetriesExhausted")
+        ]
+        return states == ["firing", "firing"]
+
+    await until("ModelServerNotServing and WorkerRetriesExhausted firing", model_server_alerts)
+
+    # Fault 3: the workers stopped while prompts arrive. Every prompt finished first, no alert.
     async def caught_up() -> bool:
         lag = await query(prom, "max(gateway_prompt_lag)")
         return bool(lag) and float(lag[0]["value"][1]) == 0
 
     await until("prompt lag 0", caught_up)
 
-    async def lag_quiet() -> bool:
-        return await alert_state(prom, "PromptLagGrowing") is None
-
-    await until("PromptLagGrowing inactive", lag_quiet)
+    await until("PromptLagGrowing inactive", inactive("PromptLagGrowing"))
     for i in range(WORKERS):
         st.kill(f"worker-{i}")
     waiting = await Client.connect(st.gateway_port, key)
