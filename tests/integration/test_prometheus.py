@@ -200,6 +200,7 @@ async def test_dashboard_queries_and_alerts_on_a_real_prometheus(
         return loaded == deployed and all(r["health"] == "ok" for r in rules)
 
     await until("every rule evaluated", rules_ok)
+    await until("DeadLetterRecords inactive", inactive("DeadLetterRecords"))
 
     # Traffic: a closed loop, one request longer than the model's context (a failure outcome
     # and a refused Generate call) and one undecodable record (a bad event, a dead letter).
