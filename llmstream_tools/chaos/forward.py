@@ -106,6 +106,7 @@ class Forwarder:
         self.delay_s = 0.0  # per direction
         self.servers: list[asyncio.Server] = []
         self.relays: set[asyncio.Task[None]] = set()
+        self.writers: set[asyncio.StreamWriter] = set()  # both sides of every relay
 
     async def _connect(self, inner: bool, address: tuple[str, int]) -> socket.socket:
         sock = self.ns.socket(inner)
@@ -130,23 +131,43 @@ class Forwarder:
                 except (OSError, TimeoutError):
                     return  # the client sees its connection closed: nothing reached it
                 up_reader, up_writer = await asyncio.open_connection(sock=upstream, limit=CHUNK)
+                self.writers |= {writer, up_writer}
+                pipes = [
+                    asyncio.create_task(self._pipe(reader, up_writer, delay)),
+                    asyncio.create_task(self._pipe(up_reader, writer, delay)),
+                ]
                 try:
-                    await asyncio.gather(
-                        self._pipe(reader, up_writer, delay), self._pipe(up_reader, writer, delay)
-                    )
+                    # An EOF passes on (the other direction may go on: a half close); an
+                    # error in either direction ends both.
+                    for finished in asyncio.as_completed(pipes):
+                        if not await finished:
+                            break
                 finally:
+                    for pipe in pipes:
+                        pipe.cancel()
+                    await asyncio.gather(*pipes, return_exceptions=True)
                     up_writer.close()
+                    self.writers.discard(up_writer)
             finally:
                 writer.close()
+                self.writers.discard(writer)
                 self.relays.discard(task)
 
         self.servers.append(await asyncio.start_server(accepted, sock=sock, limit=CHUNK))
 
     async def _pipe(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: bool
-    ) -> None:
-        """Copy until EOF; on a delayed route each chunk leaves `delay_s` after it arrived."""
+    ) -> bool:
+        """Copy until EOF (True) or an error on either side (False); on a delayed route each
+        chunk leaves `delay_s` after it arrived."""
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(QUEUE_CHUNKS)
+
+        async def receive() -> None:
+            while True:
+                data = await reader.read(CHUNK)
+                await queue.put((time.monotonic(), data))
+                if not data:
+                    return
 
         async def send() -> None:
             while True:
@@ -154,27 +175,19 @@ class Forwarder:
                 if delay and self.delay_s:
                     await asyncio.sleep(max(0.0, arrived + self.delay_s - time.monotonic()))
                 if not data:
-                    with contextlib.suppress(OSError):
-                        writer.write_eof()
+                    writer.write_eof()
                     return
                 writer.write(data)
                 await writer.drain()
 
-        sender = asyncio.create_task(send())
+        tasks = [asyncio.create_task(receive()), asyncio.create_task(send())]
         try:
-            while True:
-                data = await reader.read(CHUNK)
-                await queue.put((time.monotonic(), data))
-                if not data:
-                    break
-            await sender
-        except OSError:
-            # A reset: close the other side too, so that the opposite pipe (reading it) ends.
-            writer.close()
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            return not any(t.exception() is not None for t in done)
         finally:
-            sender.cancel()
-            with contextlib.suppress(BaseException):
-                await sender
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def start(self, routes: Sequence[Route], inbound: Sequence[int]) -> None:
         for r in routes:
@@ -243,8 +256,12 @@ async def _main(args: argparse.Namespace) -> None:
     finally:
         for server in fwd.servers:
             server.close()
-        for task in list(fwd.relays):
-            task.cancel()
+        # Closed connections end their relays (an EOF each way), which cancelling them would
+        # not do cleanly: asyncio's stream server asks a cancelled handler for its exception.
+        for writer in list(fwd.writers):
+            writer.close()
+        if fwd.relays:
+            await asyncio.wait(list(fwd.relays), timeout=5)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
