@@ -6,8 +6,10 @@ are printed from it, so documentation cannot drift from the code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -555,10 +557,17 @@ ADMIN = "admin"
 _declared: list[str] = []
 
 
-def declare_principal(name: str) -> None:
-    """A service names itself once at start (`llmstream.runner.run`), so that, run by hand, it
-    authenticates as itself with the credentials of the infra record."""
+@contextlib.contextmanager
+def acting_as(name: str) -> Iterator[None]:
+    """While a service runs (`llmstream gateway|worker|...`), this process is that service:
+    run by hand, it authenticates as itself with the credentials of the infra record. Restored
+    afterwards (a `--help` in a test process must not leave it behind)."""
+    previous = list(_declared)
     _declared[:] = [name]
+    try:
+        yield
+    finally:
+        _declared[:] = previous
 
 
 def principal() -> str:

@@ -8,6 +8,7 @@ commands (infra, up, tenants, keys, config).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -84,17 +85,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in DELEGATED:
         parser.error(f"unknown command {command!r}")
     module_name, _help = DELEGATED[command]
-    if command in SERVICES:
-        # A service authenticates to Kafka and Redis as itself (its user in the infra record of
-        # `llmstream infra up`), named before it reads any setting.
-        config.declare_principal(command)
     module = importlib.import_module(module_name)
     # `tenants` and `keys` share one module; it needs to know which was asked for.
     entry: Callable[[Sequence[str]], int] = module.main
+    # A service authenticates to Kafka and Redis as itself (its user in the infra record of
+    # `llmstream infra up`), named before it reads any setting.
+    acting = config.acting_as(command) if command in SERVICES else contextlib.nullcontext()
     try:
-        if module_name == "llmstream_tools.admin":
-            return int(entry([command, *rest]))
-        return int(entry(rest))
+        with acting:
+            if module_name == "llmstream_tools.admin":
+                return int(entry([command, *rest]))
+            return int(entry(rest))
     except ports.PortInUse as exc:
         print(f"llmstream {command}: {exc}", file=sys.stderr)
         return 1

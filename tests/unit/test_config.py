@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmstream import config
+from llmstream_tools import cli
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -74,8 +75,13 @@ def test_tooling_is_admin_a_declared_service_itself_and_the_variable_wins(
 ) -> None:
     assert config.principal() == "admin"
     assert config.kafka_auth() == config.KafkaAuth("SASL_PLAINTEXT", "SCRAM-SHA-512", "admin", "ka")
-    config.declare_principal("worker")
-    assert config.kafka_auth().username == "worker"
+    with config.acting_as("worker"):
+        assert config.kafka_auth().username == "worker"
+        monkeypatch.setenv("LLMSTREAM_PRINCIPAL", "gateway")
+        assert config.kafka_auth().username == "gateway"
+    assert config.principal() == "gateway"
+    monkeypatch.delenv("LLMSTREAM_PRINCIPAL")
+    assert config.principal() == "admin"
     monkeypatch.setenv("LLMSTREAM_PRINCIPAL", "gateway")
     assert config.kafka_auth() == config.KafkaAuth(
         "SASL_PLAINTEXT", "SCRAM-SHA-512", "gateway", "kg"
@@ -120,3 +126,10 @@ def test_no_credentials_anywhere_is_plaintext(
     monkeypatch.setenv("LLMSTREAM_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
     with pytest.raises(config.ConfigError, match="needs LLMSTREAM_KAFKA_USERNAME"):
         config.kafka_auth()
+
+
+def test_a_service_command_acts_as_its_service_only_while_it_runs(record: Path) -> None:
+    """`llmstream worker --help` in a test process leaves the process the tooling's admin."""
+    with pytest.raises(SystemExit):
+        cli.main(["worker", "--help"])
+    assert config.principal() == "admin"
