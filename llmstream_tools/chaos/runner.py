@@ -464,12 +464,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--soak",
         type=_duration,
+        metavar="DURATION",
         help="soak for this long (e.g. 30m): steady traffic, a fault every --soak-gap, RSS and "
         "fds of every process judged for growth",
     )
     parser.add_argument(
         "--soak-gap",
         type=_duration,
+        metavar="DURATION",
         help=f"steady traffic between two faults of a soak (default {d.soak_gap_s:g}s)",
     )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
