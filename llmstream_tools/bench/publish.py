@@ -177,10 +177,12 @@ def publish(root: Path, run: Path) -> list[Path]:
     for plot in data.get("plots", []):
         shutil.copyfile(run.with_name(plot), folder / plot)
     src = str(PUBLISHED_DIR / run.name)
+    # A suite the run skipped (its engine not installed) measured nothing: its blocks stay.
+    measured = [n for n, suite in data["suites"].items() if "skipped" not in suite["result"]]
     changed = []
     for doc in documents(root):
         text = doc.read_text()
-        new = rendered(repointed(text, root, src, list(data["suites"])), root)
+        new = rendered(repointed(text, root, src, measured), root)
         if new != text:
             doc.write_text(new)
             changed.append(doc)

@@ -149,7 +149,10 @@ def _run(tmp: Path, suites: dict[str, list[dict[str, str]]], plots: list[str]) -
         "seconds": 9.0,
         "load_average_at_start": [1.0, 1.0, 1.0],
         "load_average_at_end": [2.0, 1.0, 1.0],
-        "suites": {n: {"suite": n, "result": {"facts": f}} for n, f in suites.items()},
+        "suites": {
+            n: {"suite": n, "result": {"facts": f} if f else {"skipped": "not installed"}}
+            for n, f in suites.items()
+        },
         "plots": plots,
     }
     for plot in plots:
@@ -172,10 +175,12 @@ def test_render_wraps_a_single_suite(tmp_path: Path) -> None:
 def test_publish_repoints_every_block_of_the_suites_the_run_measured(tmp_path: Path) -> None:
     old_sse = _suite_file(tmp_path, "sse", [{"what": "sse tokens/s", "value": "1"}])
     old_kc = _suite_file(tmp_path, "kafka-clients", [{"what": "records/s", "value": "7"}])
+    old_engines = _suite_file(tmp_path, "engines", [{"what": "vLLM tokens/s", "value": "5"}])
     (tmp_path / "docs" / "a.md").write_text(
         f"<!-- bench-results: {old_sse} -->\n<!-- /bench-results -->\n"
         "<!-- bench-results: - suites=worker -->\n<!-- /bench-results -->\n"
         f"<!-- bench-results: {old_kc} -->\n<!-- /bench-results -->\n"
+        f"<!-- bench-results: {old_engines} -->\n<!-- /bench-results -->\n"
         "    <!-- bench-results: docs/results/<stamp>.json -->\n"  # an example, indented
     )
     (tmp_path / "README.md").write_text(
@@ -189,6 +194,7 @@ def test_publish_repoints_every_block_of_the_suites_the_run_measured(tmp_path: P
             "sse": [{"what": "sse tokens/s", "value": "2"}],
             "worker": [{"what": "worker µs/token", "value": "3"}],
             "pipeline": [{"what": "pipeline tokens/s", "value": "4"}],
+            "engines": [],  # skipped: see below
         },
         ["20261208T000000Z-ttft-cdf.png", "20261208T000000Z-paced-itl-cdf.png"],
     )
@@ -198,11 +204,14 @@ def test_publish_repoints_every_block_of_the_suites_the_run_measured(tmp_path: P
     assert (tmp_path / new).is_file()
     assert (tmp_path / "docs/results/20261208T000000Z-ttft-cdf.png").is_file()
     doc = (tmp_path / "docs" / "a.md").read_text()
-    assert publish.blocks(doc) == [(new, ["sse"]), (new, ["worker"]), (old_kc, None)]
+    assert publish.blocks(doc) == [
+        (new, ["sse"]), (new, ["worker"]), (old_kc, None), (old_engines, None),
+    ]  # fmt: skip
     assert "| sse tokens/s | 2 |" in doc and "| worker µs/token | 3 |" in doc
     assert "pipeline tokens/s" not in doc and "ttft-cdf" not in doc  # only the named suites
     assert "Commit aaaaaaaaaaaa;" in doc  # the run's commit is quoted with its figures
     assert "| records/s | 7 |" in doc  # kafka-clients was not in the run: untouched
+    assert "| vLLM tokens/s | 5 |" in doc  # engines was skipped in the run: untouched
     readme = (tmp_path / "README.md").read_text()
     assert publish.blocks(readme) == [(new, ["pipeline", "sse"])]
     assert "| pipeline tokens/s | 4 |" in readme and "| sse tokens/s | 2 |" in readme
