@@ -36,6 +36,7 @@ from model_server.metrics import ServerMetrics
 from model_server.registry import ModelHandle, ModelRegistry, ModelState
 from model_server.types import Finish, TokenLogprobs
 from model_server.validation import parse_prompt, parse_start, prepare, tokenize_prompt
+from model_server.worker_watch import Roster, Watcher
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self.registry = registry
         self.metrics = metrics
         self.state = state
+        self.roster = Roster()
 
     async def _reject(
         self, context: grpc.aio.ServicerContext[Any, Any], err: ModelServerError, model: str
@@ -302,6 +304,54 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             raise
         except Exception as exc:  # the RPC ended; the main task handles that
             log.debug("control stream ended: %r", exc)
+
+    async def WatchWorkers(  # type: ignore[override]  # writes with context.write()
+        self,
+        request_iterator: Any,
+        context: grpc.aio.ServicerContext[
+            model_service_pb2.WatchWorkersRequest, model_service_pb2.WatchWorkersResponse
+        ],
+    ) -> None:
+        """Until the worker's stream ends: after a message with `leaving`, a departure; else a
+        loss, told to the other watchers of its group (worker/liveness.py evicts the dead
+        member)."""
+        watcher = self.roster.attach()
+        # The worker counts its watch as established once these arrive (no message may come
+        # for a long time).
+        await context.send_initial_metadata(())
+        sender = asyncio.create_task(self._send_notices(context, watcher))
+        leaving = False
+        try:
+            while True:
+                msg = await context.read()
+                if msg is grpc.aio.EOF:
+                    # A dead client's stream ends like this too (then the call is cancelled):
+                    # only a message with `leaving` before it makes it a departure.
+                    return
+                watcher.presence.CopyFrom(msg.presence)
+                leaving = msg.leaving
+        finally:
+            sender.cancel()
+            if leaving or self.state.draining:
+                # This server stopping cancels every watch: that says nothing about the workers.
+                self.roster.left(watcher)
+            else:
+                told = self.roster.lost(watcher)
+                log.info(
+                    "worker watch broke: worker presumed dead",
+                    extra=telemetry.fields(
+                        worker_id=watcher.presence.worker_id,
+                        member_id=watcher.presence.member_id,
+                        group=watcher.presence.group,
+                        told=told,
+                    ),
+                )
+
+    @staticmethod
+    async def _send_notices(context: grpc.aio.ServicerContext[Any, Any], watcher: Watcher) -> None:
+        with contextlib.suppress(Exception):  # the RPC ended; the reading side handles that
+            while True:
+                await context.write(await watcher.outbox.get())
 
     async def ListModels(
         self,

@@ -6,7 +6,8 @@ coalesced `token_delta`s (seq 1..n) and exactly one terminal event to the reques
 partition. This module owns the Kafka side: fetching, rebalances, commits, dead letters,
 shutdown. See docs/worker.md for the guarantees and how each is achieved.
 
-Background loops (cancel lookahead, committer, lease watchdog) run under a `Supervisor`: if one
+Background loops (cancel lookahead, committer, lease watchdog, the model servers' worker watch
+of worker/liveness.py) run under a `Supervisor`: if one
 dies, the worker stops at once and exits 1, so the orchestrator restarts it instead of it running
 on without cancels or commits. The fetch loop is `run`'s own body: its failure ends `run`.
 
@@ -33,11 +34,12 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from llmstream import catalog, codec, kafka, telemetry
 from llmstream.runner import Shutdown
 from llmstream.supervisor import Supervisor
-from llmstream.v1 import events_pb2
+from llmstream.v1 import events_pb2, model_service_pb2
 from worker.cancels import CancelLookahead, EarlyCancels
 from worker.executor import Executor
 from worker.gatekeeper import Gatekeeper
 from worker.lease import TICK_S, ProduceGate
+from worker.liveness import GroupEvictor, PeerWatch
 from worker.metrics import WorkerMetrics
 from worker.models import ModelServers
 from worker.partitions import Partitions, PartitionState
@@ -53,6 +55,10 @@ log = logging.getLogger("worker")
 COMMIT_INTERVAL_S = 0.1
 FETCH_TIMEOUT_MS = 100  # how often the fetch loop looks at the in-flight bound and shutdown
 REPLY_METADATA_TIMEOUT_S = 10.0
+# Heartbeats of the group member. A rebalance reaches a member with its next heartbeat, and
+# every member must rejoin before it completes: this bounds how long a rebalance started by
+# another worker (a lost worker evicted, docs/worker.md "Fast takeover") waits for this one.
+HEARTBEAT_INTERVAL_MS = 300
 # The offsets read when partitions are assigned, right after a rebalance (a broker that has just
 # restarted may be slow): past this the worker stops rather than run untracked partitions.
 ASSIGNMENT_READ_LIMIT_S = 60.0
@@ -71,7 +77,11 @@ class KafkaClients:
         conn = kafka.Connection(s.bootstrap)
         return cls(
             consumer=kafka.group_consumer(
-                conn, s.worker_id, s.group, session_timeout_ms=s.session_timeout_ms
+                conn,
+                s.worker_id,
+                s.group,
+                session_timeout_ms=s.session_timeout_ms,
+                heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
             ),
             producer=kafka.event_producer(conn, s.worker_id),
             takeover=kafka.reader(conn, f"{s.worker_id}-takeover"),
@@ -143,6 +153,19 @@ class Worker:
             on_fatal=self.fail,
             gate=self.gate,
         )
+        # Fast takeover (worker/liveness.py): the model servers report a watcher whose stream
+        # broke; this worker evicts that member from the group instead of waiting for its
+        # session timeout.
+        self.evictor = GroupEvictor(self.clients.consumer, s.group)
+        self.peer_watch = PeerWatch(
+            self.models,
+            s.model_servers,
+            s.worker_id,
+            s.group,
+            on_lost=self._worker_lost,
+            on_broken=self._watch_broken,
+        )
+        self._evictions: set[asyncio.Task[None]] = set()
         self.dead_letters = kafka.DeadLetterWriter(self.clients.producer, s.dlq_topic, s.worker_id)
         # The tier check (worker/tiers.py): `tiers` given, or PostgreSQL's when it is on.
         self.pg_tiers: PgTiers | None = None
@@ -190,6 +213,7 @@ class Worker:
                 self.supervisor.spawn(self.lookahead.run(), "cancel-lookahead")
                 self.supervisor.spawn(self._commit_loop(), "committer")
                 self.supervisor.spawn(self._lease_watchdog(), "lease-watchdog")
+                self.supervisor.spawn(self.peer_watch.run(), "peer-watch")
                 # The gateways' model catalog (docs/events.md): what our replicas serve.
                 stubs = {r: self.models.stub(r) for r in s.model_servers}
                 self.supervisor.spawn(
@@ -306,12 +330,32 @@ class Worker:
             for tp in assigned:
                 self.partitions.assign(tp, int(ends.get(tp, 0)), committed[tp], generation)
             self.gate.confirm()  # a fresh assignment: the group counts this worker in
+            self.peer_watch.set_membership(self.evictor.own_member_id(), generation)
             log.info(
                 "partitions assigned",
                 extra=telemetry.fields(
                     partitions=sorted(tp.partition for tp in assigned), generation=generation
                 ),
             )
+
+    # ---------------------------------------------------------------- fast takeover
+
+    def _worker_lost(self, lost: model_service_pb2.WorkerPresence) -> None:
+        """A model server saw another worker's watch break: evict it from the group."""
+        task = asyncio.create_task(self.evictor.evict(lost), name="evict")
+        self._evictions.add(task)
+        task.add_done_callback(self._evictions.discard)
+
+    def _watch_broken(self, replica: str) -> None:
+        """To that replica this worker may look dead, and the others may have evicted it:
+        nothing more is produced until a commit with its generation succeeds."""
+        if self._stop_wanted():
+            return
+        self.gate.lose()
+        log.warning(
+            "watch of a model server broke: producing paused until the group confirms this worker",
+            extra=telemetry.fields(replica=replica),
+        )
 
     # ---------------------------------------------------------------- consuming
 

@@ -27,7 +27,8 @@ class GroupConsumer:
     """Assigns `TP` when it starts; fetches nothing."""
 
     def __init__(self) -> None:
-        self._coordinator = SimpleNamespace(generation=4)  # what aiokafka's consumer holds
+        # What aiokafka's consumer holds (the fence's generation, the evictable member id).
+        self._coordinator = SimpleNamespace(generation=4, member_id="w-member-1")
         self.listener: Any = None
         self.assigned: set[TopicPartition] = set()
         self.commits: list[dict[TopicPartition, int]] = []
