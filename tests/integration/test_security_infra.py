@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
-from aiokafka.errors import TopicAuthorizationFailedError
+from aiokafka.conn import create_conn
+from aiokafka.errors import SaslAuthenticationFailed, TopicAuthorizationFailedError
 from redis.exceptions import AuthenticationError, NoPermissionError
 
 from llmstream import config, kafka, topics
@@ -94,6 +95,20 @@ async def test_kcat_without_credentials_can_neither_write_nor_read(
         assert proc.returncode != 0, (mode, out, err)
         assert "broker might require SASL authentication" in err.decode(), (mode, err)
         assert b"forged" not in out
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-512", "PLAIN"])
+async def test_kafka_refuses_a_wrong_password(kafka_bootstrap: str, mechanism: str) -> None:
+    host, port = kafka_bootstrap.split(",")[0].rsplit(":", 1)
+    with pytest.raises(SaslAuthenticationFailed, match="Authentication failed"):
+        await create_conn(
+            host,
+            int(port),
+            security_protocol="SASL_PLAINTEXT",
+            sasl_mechanism=mechanism,
+            sasl_plain_username="gateway" if mechanism != "PLAIN" else config.ADMIN,
+            sasl_plain_password="not-the-password",
+        )
 
 
 # (principal, action, topic role): what the matrix refuses. Each refusal is the broker's
