@@ -31,6 +31,7 @@ __all__ = [
     "kafka_bootstrap",
     "kafka_nodes",
     "kafka_pid",
+    "optional_status",
     "start_component",
     "start_kafka_node",
     "start_prometheus",
@@ -41,7 +42,8 @@ __all__ = [
 ]
 
 COMPONENTS: tuple[str, ...] = ("kafka", "postgres", "redis")
-# Started only when asked for; `down()` stops them too, `status()` lists them while they run.
+# Started only when asked for; `down()` stops them too, `optional_status()` lists them while
+# they run.
 OPTIONAL: tuple[str, ...] = ("prometheus",)
 PrometheusServer = _prometheus.Server
 start_prometheus = _prometheus.start_private
@@ -118,8 +120,12 @@ def down(components: Sequence[str] = COMPONENTS + OPTIONAL) -> list[str]:
 
 
 def status() -> list[ComponentStatus]:
-    optional = [s for s in (_STATUS[name]() for name in OPTIONAL) if s.running]
-    return [_STATUS[name]() for name in COMPONENTS] + optional
+    return [_STATUS[name]() for name in COMPONENTS]
+
+
+def optional_status() -> list[ComponentStatus]:
+    """The OPTIONAL components that run."""
+    return [s for s in (_STATUS[name]() for name in OPTIONAL) if s.running]
 
 
 def stop_component(name: str, kill: bool = False) -> bool:

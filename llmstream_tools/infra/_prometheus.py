@@ -63,7 +63,8 @@ LOCAL_INTERVAL_S = 5.0
 
 
 def prometheus_dir() -> Path:
-    return component_dir(NAME)
+    # Not created here: `infra status` and `down` only read it.
+    return config.state_dir() / NAME
 
 
 def pid_file() -> Path:
@@ -252,7 +253,7 @@ def status() -> ComponentStatus:
 
 def up() -> ComponentStatus:
     """Start (or reuse) the local Prometheus; its targets are rewritten for `llmstream up`."""
-    directory = prometheus_dir()
+    directory = component_dir(NAME)
     write_targets(directory / "targets", local_ports())
     if pid() is not None:
         return status()

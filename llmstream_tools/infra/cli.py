@@ -58,7 +58,7 @@ def main(argv: Sequence[str]) -> int:
             return 0
         if args.action == "status":
             statuses = infra.status()
-            for s in statuses:
+            for s in statuses + infra.optional_status():
                 print(f"{s.name:<10} {s.address:<45} {s.state}")
             return 0 if all(s.state.startswith("running") for s in statuses) else 3
         if args.action == "up":
