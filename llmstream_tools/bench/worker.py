@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -114,7 +113,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, float]]:
             for coalesce_ms in args.coalesce_ms:
                 res = await run_case(tmp, addr, streams, args.tokens, coalesce_ms)
                 res["itl_ms"] = args.itl_ms
-                print(json.dumps(res), file=sys.stderr, flush=True)
+                print(res, file=sys.stderr, flush=True)
                 results.append(res)
     finally:
         server.kill()
@@ -131,9 +130,21 @@ def add_arguments(group: Any) -> None:
         "--worker-coalesce-ms",
         type=float,
         nargs="+",
-        default=[0.0, 5.0],
-        help="coalescing windows to compare (0 = no coalescing)",
+        default=[0.0, float("inf")],
+        help="coalescing windows to compare (0: never merge; inf, the default of "
+        "LLMSTREAM_WORKER_COALESCE_MS: natural batching, no timer)",
     )
+
+
+def _json_ms(ms: float) -> float | str:
+    """JSON has no infinity."""
+    return "inf" if ms == float("inf") else ms
+
+
+def _coalescing(ms: float) -> str:
+    if ms == float("inf"):
+        return "natural batching (no timer)"
+    return "never merged" if ms == 0 else f"coalescing window {ms:g} ms"
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -160,9 +171,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     facts = [
         {
             "what": f"worker CPU per token, {r['streams']} streams at {r['itl_ms']:g} ms/token, "
-            f"coalescing {r['coalesce_ms']:g} ms",
+            + _coalescing(r["coalesce_ms"]),
             "value": f"{r['worker_cpu_us_per_token']} µs ({r['tokens_per_event']} tokens/event)",
         }
         for r in results
     ]
-    return {"cases": results, "facts": facts}
+    cases = [{**r, "coalesce_ms": _json_ms(r["coalesce_ms"])} for r in results]
+    return {"cases": cases, "facts": facts}
