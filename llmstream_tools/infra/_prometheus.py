@@ -100,15 +100,23 @@ def binary() -> str:
 # --------------------------------------------------------------------------- configuration
 
 
+def duration(seconds: float) -> str:
+    """Prometheus's duration syntax takes whole numbers only: 5s, 500ms."""
+    ms = round(seconds * 1000)
+    if ms <= 0:
+        raise InfraError(NAME, f"interval {seconds} s is not positive", "use at least 1 ms")
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
 def config_text(
     targets_dir: Path, rules: Sequence[Path], scrape_s: float, evaluation_s: float
 ) -> str:
     """prometheus.yml: one job per service, its targets from targets_dir/<job>.json."""
     cfg = {
         "global": {
-            "scrape_interval": f"{scrape_s:g}s",
-            "scrape_timeout": f"{min(scrape_s, 10.0):g}s",
-            "evaluation_interval": f"{evaluation_s:g}s",
+            "scrape_interval": duration(scrape_s),
+            "scrape_timeout": duration(min(scrape_s, 10.0)),
+            "evaluation_interval": duration(evaluation_s),
         },
         "rule_files": [str(p) for p in rules],
         "scrape_configs": [

@@ -44,6 +44,17 @@ def test_generated_config_passes_promtool_with_the_rules(tmp_path: Path) -> None
     assert [g["labels"]["process"] for g in gateways] == ["gateway", "gateway-1"]
 
 
+def test_intervals_in_prometheus_duration_syntax() -> None:
+    assert [_prometheus.duration(s) for s in (5.0, 0.5, 1.25, 0.001)] == [
+        "5s",
+        "500ms",
+        "1250ms",
+        "1ms",
+    ]
+    with pytest.raises(InfraError, match="not positive"):
+        _prometheus.duration(0.0)
+
+
 def test_a_process_of_no_known_service_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InfraError, match="no scrape job for process 'redis'"):
         _prometheus.write_targets(tmp_path, {"redis": 6379})
