@@ -283,12 +283,13 @@ def _log_lines(stack: Stack, name: str, text: str) -> int:
 
 
 async def _until_serving(stack: Stack, name: str, assigned_before: int) -> None:
-    """A gateway answers /readyz through the forwarder; a worker logged a new assignment."""
+    """A gateway answers /readyz (through the forwarder when it is in a namespace); a worker
+    logged a new assignment."""
     argv = stack.commands[name]
     end = time.monotonic() + READY_WITHIN_S
     while time.monotonic() < end:
         if stack.procs[name].poll() is not None:
-            raise RuntimeError(f"{name} exited in its namespace; see {stack.tmp}/{name}.log")
+            raise RuntimeError(f"{name} exited during start-up; see {stack.tmp}/{name}.log")
         if argv[0] == "gateway":
             url = f"http://127.0.0.1:{_listen_ports(argv)[0]}/readyz"
             with contextlib.suppress(OSError):
@@ -297,7 +298,7 @@ async def _until_serving(stack: Stack, name: str, assigned_before: int) -> None:
         elif await asyncio.to_thread(_log_lines, stack, name, ASSIGNED) > assigned_before:
             return
         await asyncio.sleep(0.3)
-    raise TimeoutError(f"{name} not serving in its namespace within {READY_WITHIN_S:.0f} s")
+    raise TimeoutError(f"{name} not serving within {READY_WITHIN_S:.0f} s after its start")
 
 
 @contextlib.asynccontextmanager
@@ -321,7 +322,10 @@ async def isolated(stack: Stack, name: str) -> AsyncIterator[Link]:
             await fwd.close()
     finally:
         await asyncio.to_thread(ns.delete)
-        stack.start(name)  # back on the host's network, as it was
+        # Back on the host's network, as it was, and serving before the next phase begins.
+        assigned = await asyncio.to_thread(_log_lines, stack, name, ASSIGNED)
+        stack.start(name)
+        await _until_serving(stack, name, assigned)
 
 
 # ---------------------------------------------------------------------------- the faults
