@@ -1,4 +1,4 @@
-"""OpenTelemetry instruments of the gateway, served on its main port at `/metrics`.
+"""OpenTelemetry instruments of the gateway, served at `/metrics` on its own port (`LLMSTREAM_GATEWAY_METRICS_PORT`).
 
 The hot path (every token event, every frame) only bumps plain ints on `GatewayMetrics`;
 observable instruments read them when Prometheus scrapes, so counting costs nothing per token.
