@@ -1,4 +1,5 @@
-"""OpenTelemetry instruments of the gateway, served at `/metrics` on its own port (`LLMSTREAM_GATEWAY_METRICS_PORT`).
+"""OpenTelemetry instruments of the gateway, served at `/metrics` on its own port
+(`LLMSTREAM_GATEWAY_METRICS_PORT`, never the public one).
 
 The hot path (every token event, every frame) only bumps plain ints on `GatewayMetrics`;
 observable instruments read them when Prometheus scrapes, so counting costs nothing per token.
