@@ -13,13 +13,13 @@ PROTOS := $(shell find proto -name '*.proto')
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: system-deps tools up test down status deps proto js-deps vllm lint typecheck buflint pytest unit bench chaos clean readme-config
+.PHONY: system-deps tools up test down status deps proto js-deps vllm litellm lint typecheck buflint pytest unit bench chaos clean readme-config
 
 # ENGINE=vllm|synthetic|llamacpp picks the model server's engine (default: LLMSTREAM_ENGINE).
 up: deps proto $(if $(filter vllm,$(ENGINE)),vllm)
 	$(BIN)/llmstream up $(if $(ENGINE),--engine $(ENGINE))
 
-test: deps proto vllm js-deps
+test: deps proto vllm litellm js-deps
 	$(BIN)/llmstream infra up
 	@# -k: report every failing check in one run, not just the first.
 	$(MAKE) --no-print-directory -k lint typecheck buflint pytest
@@ -89,9 +89,18 @@ pytest:
 unit: deps proto
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit
 
-bench: deps proto
+# The LiteLLM proxy for `llmstream bench litellm` (side by side with llmstream), in its own
+# virtualenv: its dependency pins must not touch the main one.
+LITELLM_VENV ?= .venv-litellm
+litellm: $(LITELLM_VENV)/.installed
+
+$(LITELLM_VENV)/.installed: deploy/local/litellm.sh
+	@LITELLM_VENV=$(LITELLM_VENV) deploy/local/litellm.sh
+	touch $@
+
+bench: deps proto litellm
 	$(BIN)/llmstream infra up
-	$(BIN)/llmstream bench
+	$(BIN)/llmstream bench --profile --litellm-venv $(LITELLM_VENV)
 
 # Fault injection (~11 min, 3 brokers): on a private Kafka/PostgreSQL/Redis instance of its
 # own (the shared one is never touched); prints the table of README's Reliability section.
