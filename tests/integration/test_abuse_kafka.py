@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from llmstream import codec, config
+from llmstream import codec, config, kafka
 from llmstream.v1 import common_pb2, events_pb2
 from llmstream_tools import stack
 from llmstream_tools.testing.gateway import Client
@@ -125,7 +125,7 @@ async def dead_letters(
     """Headers of the records on the dead-letter topic, read at least to its current end and
     then until `enough(headers)`."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+        **kafka.Connection(bootstrap).client_kwargs("test"), group_id=None, enable_auto_commit=False
     )
     await consumer.start()
     try:
@@ -176,7 +176,9 @@ async def test_garbage_on_every_topic_is_dead_lettered_or_skipped(tmp_path: Path
         before = (await c.wait_ref("before", 20))["request_id"]
         await c.wait(lambda: c.streams[before].done is not None, 30)
 
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=2 << 20)
+        producer = AIOKafkaProducer(
+            **kafka.Connection(bootstrap).client_kwargs("test"), max_request_size=2 << 20
+        )
         await producer.start()
         try:
             bad = undecodable()

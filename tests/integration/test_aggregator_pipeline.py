@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from aggregator.service import Aggregator, Settings
-from llmstream import codec, quota_keys
+from llmstream import codec, kafka, quota_keys
 from llmstream_tools.testing import synthetic_events as synthetic
 from llmstream_tools.testing.aggregator import Topics, new_producer, produce
 from llmstream_tools.testing.aggregator import wait_caught_up as caught_up
@@ -248,7 +248,9 @@ async def test_bad_events_are_counted_parked_and_never_billed(
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(
-        topics.dlq, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest"
+        topics.dlq,
+        **kafka.Connection(kafka_bootstrap).client_kwargs("test"),
+        auto_offset_reset="earliest",
     )
     await consumer.start()
     try:

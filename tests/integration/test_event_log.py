@@ -8,7 +8,7 @@ import uuid
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from llmstream import codec
+from llmstream import codec, kafka
 from llmstream.fold import Status, fold_all
 from llmstream.v1 import common_pb2, events_pb2
 
@@ -43,7 +43,10 @@ async def test_events_round_trip_through_kafka_and_fold(
 ) -> None:
     requests = {f"r-{uuid.uuid4().hex[:8]}": 5 + i for i in range(20)}
     producer = AIOKafkaProducer(
-        bootstrap_servers=kafka_bootstrap, enable_idempotence=True, acks="all", linger_ms=2
+        **kafka.Connection(kafka_bootstrap).client_kwargs("test"),
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=2,
     )
     await asyncio.wait_for(producer.start(), 15)
     try:
@@ -71,7 +74,9 @@ async def test_events_round_trip_through_kafka_and_fold(
     assert len(metadata) == len(all_events)
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+        **kafka.Connection(kafka_bootstrap).client_kwargs("test"),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
     )
     await asyncio.wait_for(consumer.start(), 15)
     try:

@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from llmstream import apikeys, config
+from llmstream import apikeys, config, kafka
 from llmstream_tools import stack
 from llmstream_tools.testing.gateway import Client
 
@@ -43,7 +43,7 @@ def _http(url: str, method: str, headers: dict[str, str]) -> tuple[int, str, str
 
 async def topic_bytes(bootstrap: str, topics: dict[str, int]) -> bytes:
     """Every value, key and header of every record of `topics` (name -> partitions)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    consumer = AIOKafkaConsumer(**kafka.Connection(bootstrap).client_kwargs("test"), group_id=None)
     await consumer.start()
     try:
         tps = [TopicPartition(t, p) for t, n in topics.items() for p in range(n)]

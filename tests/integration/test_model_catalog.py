@@ -44,7 +44,9 @@ async def models_topic(monkeypatch: pytest.MonkeyPatch, kafka_bootstrap: str) ->
 
 
 async def cleanup_policy(bootstrap: str, topic: str) -> str:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    admin = AIOKafkaAdminClient(
+        **kafka.Connection(bootstrap).client_kwargs("test"), request_timeout_ms=10000
+    )
     await asyncio.wait_for(admin.start(), T)
     try:
         [response] = await asyncio.wait_for(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from llmstream import kafka
 from llmstream.ports import free_port
 from llmstream_tools.testing.worker import (
     Proc,
@@ -100,7 +101,9 @@ async def committed_equals_end(topics: Topics, within_s: float = 10.0) -> bool:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=topics.bootstrap, group_id=topics.group, enable_auto_commit=False
+        **kafka.Connection(topics.bootstrap).client_kwargs("test"),
+        group_id=topics.group,
+        enable_auto_commit=False,
     )
     await consumer.start()
     try:
@@ -194,7 +197,7 @@ async def test_poison_records_go_to_dlq(
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     procs.append(start_worker(tmp_path, topics.env([model_server]), "w0"))
-    producer = AIOKafkaProducer(bootstrap_servers=topics.bootstrap)
+    producer = AIOKafkaProducer(**kafka.Connection(topics.bootstrap).client_kwargs("test"))
     await producer.start()
     future_version = submit_event("r-future", "x", 5, topics.tokens, 0)
     future_version.schema_version = 99
@@ -226,7 +229,9 @@ async def test_poison_records_go_to_dlq(
     assert got.partitions["r-future"] == {0}
 
     consumer = AIOKafkaConsumer(
-        topics.dlq, bootstrap_servers=topics.bootstrap, auto_offset_reset="earliest"
+        topics.dlq,
+        **kafka.Connection(topics.bootstrap).client_kwargs("test"),
+        auto_offset_reset="earliest",
     )
     await consumer.start()
     try:
