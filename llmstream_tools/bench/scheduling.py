@@ -20,7 +20,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from llmstream import codec, config
+from llmstream import codec, config, kafka
 from llmstream.fold import finish_reason_name, is_terminal
 from llmstream.ports import free_port
 from llmstream_tools.testing.worker import (
@@ -147,12 +147,13 @@ async def model_server(ttft_ms: float, itl_ms: float) -> AsyncIterator[str]:
 async def case(servers: Sequence[str], **env: str) -> AsyncIterator[Case]:
     """A fresh worker (settings `env`) over fresh topics, warmed up by one request."""
     topics = await create_topics(config.kafka_bootstrap())
+    conn = kafka.Connection.from_env(bootstrap=topics.bootstrap)
     producer = AIOKafkaProducer(
-        bootstrap_servers=topics.bootstrap, enable_idempotence=True, acks="all", linger_ms=0
+        **conn.client_kwargs("bench-sched"), enable_idempotence=True, acks="all", linger_ms=0
     )
     consumer = AIOKafkaConsumer(
         topics.tokens,
-        bootstrap_servers=topics.bootstrap,
+        **conn.client_kwargs("bench-sched-reader"),
         group_id=None,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
