@@ -135,11 +135,17 @@ async def alert_state(server: infra.PrometheusServer, name: str) -> str | None:
     return "firing" if "firing" in states else next(iter(states), None)
 
 
-async def until(what: str, cond: Callable[[], Awaitable[bool]], within_s: float = 60.0) -> None:
-    """Await `cond()` (a coroutine function) to be true; the time limit is a hang guard."""
+async def until(
+    what: str | Callable[[], str], cond: Callable[[], Awaitable[bool]], within_s: float = 60.0
+) -> None:
+    """Await `cond()` (a coroutine function) to be true; the time limit is a hang guard.
+    `what` (or what it returns then) says what was awaited."""
     end = time.monotonic() + within_s
     while not await cond():
-        assert time.monotonic() < end, f"not within {within_s:.0f} s: {what}"
+        if time.monotonic() > end:
+            raise AssertionError(
+                f"not within {within_s:.0f} s: {what if isinstance(what, str) else what()}"
+            )
         await asyncio.sleep(0.3)
 
 
@@ -183,11 +189,17 @@ async def test_dashboard_queries_and_alerts_on_a_real_prometheus(
         return check
 
     # Prometheus sees every process, and has loaded and evaluated every rule.
-    async def targets_up() -> bool:
-        active = (await asyncio.to_thread(api, prom, "targets"))["activeTargets"]
-        return len(active) == len(ports) and all(t["health"] == "up" for t in active)
+    seen: list[dict[str, Any]] = []
 
-    await until("every target scraped", targets_up)
+    async def targets_up() -> bool:
+        seen[:] = (await asyncio.to_thread(api, prom, "targets"))["activeTargets"]
+        return len(seen) == len(ports) and all(t["health"] == "up" for t in seen)
+
+    def targets() -> str:
+        states = {t["labels"]["process"]: t["health"] + " " + t["lastError"] for t in seen}
+        return f"every target of {sorted(ports)} scraped; Prometheus: {states}"
+
+    await until(targets, targets_up)
     jobs = {r["metric"]["job"] for r in await query(prom, "up == 1")}
     assert jobs == {"gateway", "model-server", "worker", "aggregator"}
 
