@@ -13,13 +13,14 @@ PROTOS := $(shell find proto -name '*.proto')
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: system-deps tools up test down status deps proto js-deps vllm litellm lint typecheck buflint pytest unit bench chaos clean readme-config
+.PHONY: system-deps tools up test down status deps proto js-deps vllm litellm prometheus lint typecheck buflint pytest unit bench chaos clean readme-config
 
 # ENGINE=vllm|synthetic|llamacpp picks the model server's engine (default: LLMSTREAM_ENGINE).
-up: deps proto $(if $(filter vllm,$(ENGINE)),vllm)
-	$(BIN)/llmstream up $(if $(ENGINE),--engine $(ENGINE))
+# PROMETHEUS=1 also starts a local Prometheus with the alerting rules (docs/operations.md).
+up: deps proto $(if $(filter vllm,$(ENGINE)),vllm) $(if $(PROMETHEUS),prometheus)
+	$(if $(PROMETHEUS),$(BIN)/llmstream infra up --with-prometheus &&) $(BIN)/llmstream up $(if $(ENGINE),--engine $(ENGINE))
 
-test: deps proto vllm litellm js-deps
+test: deps proto vllm litellm prometheus js-deps
 	$(BIN)/llmstream infra up
 	@# -k: report every failing check in one run, not just the first.
 	$(MAKE) --no-print-directory -k lint typecheck buflint pytest
@@ -88,6 +89,10 @@ pytest:
 
 unit: deps proto
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit
+
+# Debian's Prometheus (with promtool) when missing: the alert-rule tests and --with-prometheus.
+prometheus:
+	@deploy/local/prometheus.sh
 
 # The LiteLLM proxy for `llmstream bench litellm` (side by side with llmstream), in its own
 # virtualenv: its dependency pins must not touch the main one.
