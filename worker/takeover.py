@@ -2,8 +2,8 @@
 
 Before a submit that an earlier owner may have served starts, the worker reads the request's
 reply partition of the tokens topic, from the submit's timestamp minus a margin to the current
-end, and folds the request's events with the shared `llmstream.fold.fold`. One read per reply
-partition per fetched batch.
+end, and folds the request's events with the shared `llmstream.fold.fold`. One read of all the
+reply partitions of a fetched batch.
 """
 
 from __future__ import annotations
@@ -60,39 +60,52 @@ class TakeoverReader:
         self._read_limit_s = read_limit_s
 
     async def lookup(self, runs: Iterable[Run]) -> None:
-        """Sets each run's `prior`: its folded events, None if the log holds none."""
+        """Sets each run's `prior`: its folded events, None if the log holds none. One read for
+        every reply partition of the batch at once (a takeover moves requests of every reply
+        partition together, and each read is a few round trips)."""
         by_tp: dict[TopicPartition, list[Run]] = {}
         for run in runs:
             by_tp.setdefault(reply_partition(run, self._tokens_topic), []).append(run)
+        since = {
+            tp: max(0, min(r.record_ts for r in group) - self._margin_ms)
+            for tp, group in by_tp.items()
+        }
+        wanted = {r.request_id.encode() for group in by_tp.values() for r in group}
+        states = await self._read(since, wanted)
         for tp, group in by_tp.items():
-            since = max(0, min(r.record_ts for r in group) - self._margin_ms)
-            states = await self._read(tp, since, {r.request_id.encode() for r in group})
             for run in group:
                 run.prior = states.get(run.request_id.encode())
             log.info(
                 "takeover lookup",
                 extra=telemetry.fields(
-                    reply_partition=tp.partition, requests=len(group), with_events=len(states)
+                    reply_partition=tp.partition,
+                    requests=len(group),
+                    with_events=sum(1 for r in group if r.prior is not None),
                 ),
             )
 
     async def _read(
-        self, tp: TopicPartition, since_ms: int, wanted: set[bytes]
+        self, since_ms: dict[TopicPartition, int], wanted: set[bytes]
     ) -> dict[bytes, RequestState]:
+        tps = list(since_ms)
         found = await asyncio.wait_for(
-            self._consumer.offsets_for_times({tp: since_ms}), kafka.CALL_TIMEOUT_S
+            self._consumer.offsets_for_times(since_ms), kafka.CALL_TIMEOUT_S
         )
-        end = (await kafka.end_offsets(self._consumer, [tp]))[tp]
-        hit = found.get(tp)
-        start = hit.offset if hit is not None else end
+        ends = await kafka.end_offsets(self._consumer, tps)
+        ranges = []
+        for tp in tps:
+            hit = found.get(tp)
+            ranges.append(
+                kafka.PartitionRange(tp, hit.offset if hit is not None else ends[tp], ends[tp])
+            )
         states: dict[bytes, RequestState] = {}
         try:
             # A timeout cancels the read inside `read_range`, which ends the generator too.
             async with asyncio.timeout(self._read_limit_s):
-                async for records in kafka.read_range(
-                    self._consumer, [kafka.PartitionRange(tp, start, end)]
-                ):
+                async for records in kafka.read_range(self._consumer, ranges):
                     fold_records(states, records, wanted)
         except TimeoutError:
-            raise RuntimeError(f"takeover: cannot read {tp} up to offset {end}") from None
+            raise RuntimeError(
+                f"takeover: cannot read {', '.join(str(r.tp) for r in ranges)} up to their ends"
+            ) from None
         return states
