@@ -50,7 +50,9 @@ def summary(record: dict[str, Any]) -> str:
         f"{opts['itl_ms']:g} ms), {record['seconds'] / 60:.0f} min on {cpus} CPUs; "
         + ("every request kept." if record["ok"] else "**not every fault passed** (below).")
     )
-    lines = [head, "", record["table"], "", "Recovery goals (issue 18):", ""]
+    lines = [head, "", record["table"]]
+    if any(r["goal"] for r in results):
+        lines += ["", "Recovery goals (issue 18):", ""]
     for r in results:
         if r["goal"]:
             goal = GOALS[r["goal"]]

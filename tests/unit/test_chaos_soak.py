@@ -146,6 +146,7 @@ def test_a_soak_record_renders_its_growth_and_verdict() -> None:
     assert "`llmstream chaos --soak 10m`" in text
     assert "Soak: 10 min, 2 faults (rotation: worker, redis)" in text
     assert "more than 25% (at least 32 MiB)" in text and "**1 process(es) grew**: gateway" in text
+    assert "Recovery goals" not in text  # no phase had one
 
 
 def test_a_skipped_link_fault_says_why() -> None:
