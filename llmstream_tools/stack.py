@@ -94,7 +94,7 @@ class Stack:
     # model_servers[0] == model_server.
     gateway_ports: list[int] = field(default_factory=list)
     model_servers: list[str] = field(default_factory=list)
-    # process name -> port of its /metrics (a gateway's is its main port); `metrics=True`.
+    # process name -> port of its /metrics (a gateway's is not its public port); `metrics=True`.
     metrics_ports: dict[str, int] = field(default_factory=dict)
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
@@ -219,11 +219,10 @@ async def local_stack(
         )  # fmt: skip
         if metrics:
             for name, argv in commands.items():
-                if argv[0] == "gateway":
-                    stack.metrics_ports[name] = int(argv[argv.index("--port") + 1])
-                else:  # a later --metrics-port overrides the "0" some commands carry
-                    stack.metrics_ports[name] = free_port()
-                    argv += ["--metrics-port", str(stack.metrics_ports[name])]
+                # A later --metrics-port overrides the "0" some commands carry; a gateway
+                # serves /metrics only on a port of its own, never on its public one.
+                stack.metrics_ports[name] = free_port()
+                argv += ["--metrics-port", str(stack.metrics_ports[name])]
         for name in commands:
             stack.start(name)
         for port in gw_ports:

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from llmstream import config
+from llmstream_tools import local_ports
 from llmstream_tools import promstats as ps
 
 SERVICES = ("gateway", "model_server", "worker", "aggregator")
@@ -34,7 +35,7 @@ def _local(host: str) -> str:
 def default_targets() -> dict[str, list[str]]:
     """Where `make up` (llmstream up) serves each service's /metrics."""
     return {
-        "gateway": [f"{_local(config.get('GATEWAY_HOST'))}:{config.get('GATEWAY_PORT')}"],
+        "gateway": [f"{_local(config.get('GATEWAY_HOST'))}:{local_ports.gateway_metrics_port()}"],
         "model_server": [
             f"{_local(config.get('MODEL_SERVER_HOST'))}:{config.get('MODEL_SERVER_METRICS_PORT')}"
         ],

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from llmstream import config
+from llmstream_tools import local_ports
 from model_server import vllm_env
 
 
@@ -160,6 +161,7 @@ def main(argv: Sequence[str]) -> int:
     # The browser page preselects the model this run's model server serves.
     env = os.environ.copy()
     env.setdefault(config.PREFIX + "GATEWAY_DEFAULT_MODEL", _served_model(args.engine))
+    env[config.PREFIX + "GATEWAY_METRICS_PORT"] = str(local_ports.gateway_metrics_port())
     logs = config.state_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     stop = False

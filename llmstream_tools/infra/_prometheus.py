@@ -9,8 +9,7 @@ two days kept). A plain child process in its own session, never the package's sy
 What is scraped lives in targets/<job>.json (file-based service discovery): Prometheus reloads
 them when they change, so whoever knows the ports (`write_targets`) points a running Prometheus
 at them without a restart. `up()` writes the ports `llmstream up` serves /metrics on (the
-LLMSTREAM_*_METRICS_PORT settings; the gateway's only when LLMSTREAM_GATEWAY_METRICS_PORT is
-set). Jobs are named as in deploy/prometheus/prometheus.yml (gateway, model-server, worker,
+LLMSTREAM_*_METRICS_PORT settings; the gateway's from llmstream_tools.local_ports). Jobs are named as in deploy/prometheus/prometheus.yml (gateway, model-server, worker,
 aggregator), which the rules' `up{job=...}` terms rely on.
 """
 
@@ -31,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from llmstream import config
+from llmstream_tools.local_ports import gateway_metrics_port
 
 from ._common import (
     ComponentStatus,
@@ -157,9 +157,9 @@ def local_ports() -> dict[str, int]:
         "model-server": "MODEL_SERVER_METRICS_PORT",
         "worker": "WORKER_METRICS_PORT",
         "aggregator": "AGGREGATOR_METRICS_PORT",
-        "gateway": "GATEWAY_METRICS_PORT",
     }
     ports = {process: config.get_int(name) for process, name in settings.items()}
+    ports["gateway"] = gateway_metrics_port()
     return {process: port for process, port in ports.items() if port > 0}
 
 

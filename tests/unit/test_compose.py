@@ -98,8 +98,10 @@ def metrics_endpoint(svc: dict[str, Any]) -> tuple[str, int]:
         return str(env.get(config.PREFIX + name, config.get(name)))
 
     kind = command[0]
-    if kind == "gateway":  # /metrics on the main port
-        return setting("GATEWAY_HOST"), int(setting("GATEWAY_PORT"))
+    if kind == "gateway":  # /metrics on a port of its own (0: off), never the public one
+        port = _flag(command, "--metrics-port") or setting("GATEWAY_METRICS_PORT")
+        assert int(port) not in (0, int(setting("GATEWAY_PORT"))), svc
+        return setting("GATEWAY_HOST"), int(port)
     if kind == "model-server":
         host = _flag(command, "--metrics-host") or _flag(command, "--host")
         port = _flag(command, "--metrics-port") or setting("MODEL_SERVER_METRICS_PORT")

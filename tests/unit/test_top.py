@@ -8,7 +8,7 @@ import math
 import pytest
 
 from llmstream import config
-from llmstream_tools import promstats, top
+from llmstream_tools import local_ports, promstats, top
 
 HIST = """\
 # HELP h_seconds x
@@ -149,7 +149,9 @@ def test_summary_without_a_window_has_totals_and_lifetime_percentiles() -> None:
 
 def test_default_targets_are_where_make_up_serves_metrics() -> None:
     t = top.default_targets()
-    assert t["gateway"] == [f"127.0.0.1:{config.get('GATEWAY_PORT')}"]
+    # The gateway's /metrics is never its public port: `llmstream up` gives it one of its own.
+    assert t["gateway"] == [f"127.0.0.1:{local_ports.gateway_metrics_port()}"]
+    assert local_ports.gateway_metrics_port() != config.get_int("GATEWAY_PORT")
     assert t["model_server"] == [f"127.0.0.1:{config.get('MODEL_SERVER_METRICS_PORT')}"]
     assert t["worker"] == [f"127.0.0.1:{config.get('WORKER_METRICS_PORT')}"]
     assert t["aggregator"] == [f"127.0.0.1:{config.get('AGGREGATOR_METRICS_PORT')}"]
