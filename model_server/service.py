@@ -335,6 +335,14 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             if leaving or self.state.draining:
                 # This server stopping cancels every watch: that says nothing about the workers.
                 self.roster.left(watcher)
+                if leaving:
+                    log.info(
+                        "worker watch ended: the worker left",
+                        extra=telemetry.fields(
+                            worker_id=watcher.presence.worker_id,
+                            member_id=watcher.presence.member_id,
+                        ),
+                    )
             else:
                 told = self.roster.lost(watcher)
                 log.info(

@@ -12,8 +12,8 @@ event or decides who owns a partition — the group still does).
 
 - `Evictions` (pure): whom to evict — not this worker, not another group, each member once.
 - `PeerWatch`: the `WatchWorkers` streams (one per replica, reconnecting with backoff); says
-  who this worker is (`set_membership` after every assignment) and says goodbye (`leaving`)
-  when it stops, so a worker that leaves on purpose is not reported.
+  who this worker is (`set_membership` after every assignment) and says goodbye (`leave`:
+  `leaving`) before it stops, so a worker that leaves on purpose is not reported.
 - `GroupEvictor`: sends the `LeaveGroup` for a lost member and requests this member's rejoin.
 """
 
@@ -77,8 +77,11 @@ class PeerWatch:
         self._on_lost = on_lost
         self._on_broken = on_broken
         self.presence = model_service_pb2.WorkerPresence(worker_id=worker_id, group=group)
+        self.leaving = False
         # Set (and replaced) at every change: each stream's writer sends the new presence.
         self._changed = asyncio.Event()
+        # One per established stream, set when it has ended: what `leave` waits for.
+        self._open: dict[str, asyncio.Event] = {}
 
     def set_membership(self, member_id: str, generation: int) -> None:
         """After every assignment: the member id and generation other workers would evict."""
@@ -88,19 +91,40 @@ class PeerWatch:
             member_id=member_id,
             generation=generation,
         )
+        self._changed_now()
+
+    def _changed_now(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    async def leave(self) -> None:
+        """Before this worker leaves the group on purpose: a last message with `leaving` on
+        every stream, and the servers' end of them (each waited for up to GOODBYE_TIMEOUT_S).
+        Best effort: a replica that misses it reports this worker lost, and evicting a member
+        that has left is a no-op. (Cancelling the watch instead would cancel its RPCs: grpc
+        cancels a call whose pending read is cancelled, and the servers would see a death.)"""
+        self.leaving = True
+        self._changed_now()
+        ended = [asyncio.ensure_future(e.wait()) for e in self._open.values()]
+        if ended:
+            try:
+                await asyncio.wait(ended, timeout=GOODBYE_TIMEOUT_S)
+            finally:
+                for waiter in ended:
+                    waiter.cancel()
+
     async def run(self) -> None:
-        """Watches every replica until cancelled (then says goodbye to each)."""
+        """Watches every replica until cancelled."""
         async with asyncio.TaskGroup() as tasks:
             for replica in self._replicas:
                 tasks.create_task(self._watch_forever(replica), name=f"watch {replica}")
 
     async def _watch_forever(self, replica: str) -> None:
         delay = WATCH_BACKOFF_S[0]
-        while True:
+        while not self.leaving:
             established = await self._watch(replica)
+            if self.leaving:
+                break
             if established:
                 # The server may have reported this worker lost (a broken link looks like a
                 # dead process to it): the caller pauses producing until the group confirms.
@@ -108,59 +132,49 @@ class PeerWatch:
                 delay = WATCH_BACKOFF_S[0]
             await asyncio.sleep(delay)
             delay = min(delay * 2, WATCH_BACKOFF_S[1])
+        await asyncio.Event().wait()  # left: nothing more to watch until the worker stops
 
     async def _watch(self, replica: str) -> bool:
-        """One stream until it breaks; True if it had been established (the server answered
+        """One stream until it ends; True if it had been established (the server answered
         with its headers)."""
         call = self._models.stub(replica).WatchWorkers()
-        established = False
+        ended = asyncio.Event()
         writer: asyncio.Task[None] | None = None
         try:
             await call.wait_for_connection()
-            established = True
+            self._open[replica] = ended
             writer = asyncio.create_task(self._write_presence(call))
             while True:
                 msg = await call.read()
                 if msg is grpc.aio.EOF:
-                    return established
+                    return True
                 self._on_lost(msg.lost)
         except grpc.aio.AioRpcError as exc:
             log.debug(
                 "worker watch ended",
                 extra=telemetry.fields(replica=replica, code=exc.code().name),
             )
-            return established
-        except asyncio.CancelledError:
-            if writer is not None:
-                writer.cancel()
-                await asyncio.wait([writer])
-            if established:
-                await self._goodbye(call, self.presence)
-            raise
+            return replica in self._open
         finally:
+            ended.set()
+            self._open.pop(replica, None)
             if writer is not None:
                 writer.cancel()
             call.cancel()
 
     async def _write_presence(self, call: Any) -> None:
-        """Sends the presence now and after each change."""
-        while True:
-            changed = self._changed
-            await call.write(model_service_pb2.WatchWorkersRequest(presence=self.presence))
-            await changed.wait()
-
-    @staticmethod
-    async def _goodbye(call: Any, presence: model_service_pb2.WorkerPresence) -> None:
-        """A last presence with `leaving`, half-close, and wait for the server to end the
-        stream: a departure, not a death. Best effort: a replica that misses it reports this
-        worker lost, and the eviction of a member that already left is a no-op."""
-        leaving = model_service_pb2.WatchWorkersRequest(presence=presence, leaving=True)
-        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, TimeoutError):
-            async with asyncio.timeout(GOODBYE_TIMEOUT_S):
-                await call.write(leaving)
-                await call.done_writing()
-                while await call.read() is not grpc.aio.EOF:
-                    pass
+        """Sends the presence now and after each change; after a `leaving` one, half-closes."""
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):  # the call ended
+            while True:
+                changed = self._changed
+                leaving = self.leaving
+                await call.write(
+                    model_service_pb2.WatchWorkersRequest(presence=self.presence, leaving=leaving)
+                )
+                if leaving:
+                    await call.done_writing()
+                    return
+                await changed.wait()
 
 
 class GroupEvictor:

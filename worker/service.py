@@ -224,6 +224,7 @@ class Worker:
                 await self._wind_down()
             finally:
                 await self._abandon(self.partitions.runs())
+                await self.peer_watch.leave()  # a departure, not a death (worker/liveness.py)
                 await self.supervisor.stop()
                 await self._last_commit()
                 await c.consumer.stop()  # leaves the group: the partitions move at once

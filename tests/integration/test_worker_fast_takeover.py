@@ -1,6 +1,7 @@
 """Fast takeover (docs/worker.md): kill -9 of one of two workers while both stream; the model
 servers report its broken watch, the survivor evicts it from the consumer group and continues
-its requests at once, without waiting for the session timeout.
+its requests at once, without waiting for the session timeout. A worker stopped with SIGTERM
+says goodbye instead: nobody is told, nobody evicted.
 
 Real Kafka, two real synthetic model servers paced like a model (20 ms per token) and two
 worker processes. Every request must complete with the text and token ids of an uninterrupted
@@ -146,3 +147,32 @@ async def test_kill9_worker_is_evicted_and_its_streams_continue_at_once(
         f"\nworker kill -9, {N_REQUESTS} streams, {taken_over} on the killed worker: longest "
         f"silence p50 {p50:.2f} s, p99 {p99:.2f} s, max {silences[-1]:.2f} s"
     )
+
+
+async def wait_logged(proc: Proc, text: str, within_s: float = 30.0) -> None:
+    """Until `text` is in the process's log (the timeout only guards against a hang)."""
+    end = time.monotonic() + within_s
+    while text not in proc.log_path.read_text(errors="replace"):
+        assert time.monotonic() < end, f"not logged: {text}\n{proc.log()}"
+        await asyncio.sleep(0.1)
+
+
+async def test_sigterm_is_a_goodbye_not_a_death(
+    topics: Topics, procs: list[Proc], tmp_path: Path
+) -> None:
+    port = free_port()
+    server = start_model_server(tmp_path, port, itl_ms=ITL_MS, ttft_ms=ITL_MS)
+    procs.append(server)
+    addr = f"127.0.0.1:{port}"
+    await wait_model_server(addr)
+    env = topics.env([addr], LLMSTREAM_WORKER_SESSION_TIMEOUT_MS="10000")
+    w0 = start_worker(tmp_path, env, "w0")
+    w1 = start_worker(tmp_path, env, "w1")
+    procs += [w0, w1]
+    await wait_assigned([w0, w1], topics.partitions)
+
+    assert await asyncio.to_thread(w0.term, 30) == 0
+    await wait_logged(server, '"worker watch ended: the worker left", "worker_id": "w0"')
+    await wait_assigned([w1], topics.partitions)  # w0 left the group itself
+    assert "presumed dead" not in server.log_path.read_text(errors="replace")
+    assert evictions(w1) == []
