@@ -208,3 +208,15 @@ def test_redis_has_the_users_of_the_local_infra_and_no_default_user() -> None:
         "gateway-1": "//gateway",
         "aggregator": "//aggregator",
     }
+
+
+def test_gateways_share_one_session_secret() -> None:
+    """A session made on one replica verifies on the other: both read one secret file."""
+    c = compose()
+    gateways = {n: s for n, s in c["services"].items() if s.get("command", [None])[0] == "gateway"}
+    assert len(gateways) == 2
+    for svc in gateways.values():
+        assert svc["secrets"] == ["session-secret"]
+        assert svc["environment"]["LLMSTREAM_SESSION_SECRET_FILE"] == "/run/secrets/session-secret"
+    default = c["secrets"]["session-secret"]["file"].split(":-", 1)[1].rstrip("}")
+    assert len((REPO / default).read_text().strip()) >= 32

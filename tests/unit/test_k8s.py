@@ -91,12 +91,20 @@ def containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+# Secrets mounted as files, not read as variables (envFrom).
+FILE_SECRETS = ("llmstream-session",)
+
+
+def _file_secret(doc: dict[str, Any]) -> bool:
+    return doc["kind"] == "Secret" and doc["metadata"]["name"].rsplit("-", 1)[0] in FILE_SECRETS
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_commands_flags_and_variables_exist(overlay: str) -> None:
     docs = render(overlay)
     known = {s.env for s in config.SETTINGS}
     for doc in docs:
-        if doc["kind"] in ("ConfigMap", "Secret"):
+        if doc["kind"] in ("ConfigMap", "Secret") and not _file_secret(doc):
             data = doc.get("data", {})
             assert set(data) <= known, f"{doc['metadata']['name']}: {set(data) - known}"
     for owner, container in containers(docs):
@@ -193,7 +201,7 @@ def test_dev_secrets_name_each_principal_and_its_redis_user() -> None:
             k: base64.b64decode(v).decode() for k, v in d["data"].items()
         }
         for d in render("dev")
-        if d["kind"] == "Secret"
+        if d["kind"] == "Secret" and not _file_secret(d)
     }
     assert {n: s["LLMSTREAM_KAFKA_USERNAME"] for n, s in secrets.items()} == PRINCIPALS
     assert len({s["LLMSTREAM_KAFKA_PASSWORD"] for s in secrets.values()}) == len(PRINCIPALS)
@@ -203,3 +211,23 @@ def test_dev_secrets_name_each_principal_and_its_redis_user() -> None:
         if "LLMSTREAM_REDIS_URL" in s
     }
     assert redis_users == {"llmstream-gateway": "gateway", "llmstream-aggregator": "aggregator"}
+
+
+def test_every_gateway_replica_reads_one_session_secret_file() -> None:
+    """Sessions made on one replica verify on the others: the same Secret, mounted where
+    LLMSTREAM_SESSION_SECRET_FILE points, in every gateway pod."""
+    docs = render("dev")
+    (gateway,) = [
+        d
+        for d in docs
+        if d["metadata"]["name"] == "llmstream-gateway" and d["kind"] == "StatefulSet"
+    ]
+    pod = gateway["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    path = {e["name"]: e.get("value") for e in container["env"]}["LLMSTREAM_SESSION_SECRET_FILE"]
+    (mount,) = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    secret_name = volume["secret"]["secretName"]
+    (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == secret_name]
+    key = path.rsplit("/", 1)[1]
+    assert len(base64.b64decode(secret["data"][key])) >= 32
