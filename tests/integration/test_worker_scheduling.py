@@ -95,8 +95,8 @@ async def test_a_quiet_tenant_starts_before_a_burst_drains(
     order = await run_worker(
         topics, procs, tmp_path, [paced_server], [*burst, quiet], LLMSTREAM_WORKER_MAX_INFLIGHT="2"
     )
-    # Log order would start B 31st; fair share starts it at once (B has nothing running: the
-    # overdraft) or with the first free slot.
+    # Log order would start B 31st; fair share starts it at once (B is below its share of the
+    # slots: the overdraft) or with the first free slot.
     assert order.index(quiet.request_id) <= 3, order
 
 
@@ -132,7 +132,7 @@ async def test_interactive_overtakes_queued_batch(
 async def test_aging_starts_batch_under_continuous_interactive_load(
     topics: Topics, procs: list[Proc], tmp_path: Path, paced_server: str
 ) -> None:
-    # One tenant: fair share (and its overdraft for a tenant with nothing running) stays out.
+    # One tenant: fair share (and its overdraft for tenants below their share) stays out.
     batch = submit(topics, "tenant-a", 0, priority=-1)
     chats = [submit(topics, "tenant-a", i, priority=1) for i in range(1, 21)]
     order = await run_worker(

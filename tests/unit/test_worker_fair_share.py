@@ -226,13 +226,13 @@ def test_ended_run_is_charged_what_it_generated() -> None:
         window.add(r, 10, 0.0)
     assert [r.request_id for r in window.take(2, 0.0, lambda r: True)] == ["a0", "b0"]
     # a0 stopped after 1 token, b0 used all 100: A is now far behind B, so A gets the slot
-    # (and B, with nothing running, the overdraft).
+    # (and B, below its share of the one slot, the overdraft).
     window.ended(a0, 1)
     window.ended(b[0], 100)
     assert [r.request_id for r in window.take(1, 0.0, lambda r: True)] == ["a1", "b1"]
 
 
-def test_overdraft_starts_a_newcomer_beyond_full_slots_once() -> None:
+def test_overdraft_starts_a_tenant_below_its_share_beyond_full_slots() -> None:
     window = ReadAhead(capacity=100, max_bytes=1 << 20, aging_s=30)
     for i in range(10):
         window.add(run_of(f"a{i}", "A", i), 10, 0.0)
@@ -241,12 +241,33 @@ def test_overdraft_starts_a_newcomer_beyond_full_slots_once() -> None:
     assert window.take(4, 0.0, alive) == []
     b0 = run_of("b0", "B", 10)
     window.add(b0, 10, 0.0)
-    # Every slot is A's; B has nothing running: it starts in the overdraft (1 of 4 slots/16).
+    # Every slot is A's; B runs nothing (its share: 2 of 4): it starts in the overdraft (1 of
+    # 4 slots / 16, at least 1).
     assert window.take(4, 0.0, alive) == [b0]
     window.add(run_of("b1", "B", 11), 10, 0.0)
     window.add(run_of("c0", "C", 12), 10, 0.0)
-    # B runs already; C would be a newcomer but the overdraft is used up.
+    # C is below its share too, but the overdraft is used up.
     assert window.take(4, 0.0, alive) == []
     assert window.running == 5
     window.ended(b0, 10)
     assert [r.request_id for r in window.take(4, 0.0, alive)] == ["c0"]
+
+
+def test_overdraft_follows_the_weighted_share() -> None:
+    window = ReadAhead(capacity=100, max_bytes=1 << 20, aging_s=30)
+    alive = lambda r: True  # noqa: E731
+    for i in range(40):
+        window.add(run_of(f"a{i}", "A", i), 10, 0.0)
+    assert len(window.take(32, 0.0, alive)) == 32
+    # B (weight 1 of 2) may run up to 16 of the 32 slots; the overdraft is 2 (32 / 16).
+    for i in range(3):
+        window.add(run_of(f"b{i}", "B", 100 + i), 10, 0.0)
+    assert [r.request_id for r in window.take(32, 0.0, alive)] == ["b0", "b1"]
+    assert window.running == 34
+    # As A's runs end, overdraft room frees and B, still below its share, takes it; A's own
+    # starts wait until fewer than 32 run.
+    started = []
+    for _ in range(3):
+        window.ended(run_of("a-any", "A", 0), 10)
+        started += [r.request_id for r in window.take(32, 0.0, alive)]
+    assert started == ["b2"]
