@@ -99,12 +99,15 @@ class CancelLookahead:
 
     async def _follow_assignment(self) -> None:
         """Read exactly the worker's partitions; a new one from its committed offset."""
-        want = set(self._partitions.states)
+        # A snapshot: a rebalance may revoke partitions during the seeks below (they await);
+        # the next round follows the assignment it left.
+        states = dict(self._partitions.states)
+        want = set(states)
         if want == self._assigned:
             return
         self._consumer.assign(list(want))
         for tp in want - self._assigned:
-            start = self._partitions.states[tp].lookahead_from
+            start = states[tp].lookahead_from
             if start is None:
                 await self._consumer.seek_to_beginning(tp)
             else:
