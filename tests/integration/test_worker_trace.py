@@ -65,6 +65,15 @@ class Recorder(model_service_pb2_grpc.ModelServiceServicer):
     ) -> model_service_pb2.TokenizeResponse:
         return model_service_pb2.TokenizeResponse()
 
+    async def WatchWorkers(  # type: ignore[override]  # writes with context.write(), as ours
+        self, request_iterator: Any, context: Any
+    ) -> None:
+        """A model server that never reports a lost worker: the watch stays open until the
+        worker ends it."""
+        await context.send_initial_metadata(())
+        async for _ in request_iterator:
+            pass
+
 
 def parse(traceparent: str) -> tuple[str, str]:
     """(trace id, parent span id) of a W3C traceparent."""
