@@ -38,6 +38,10 @@ MAX_MESSAGES = 64
 MAX_STOP = 8
 MAX_STOP_CHARS = 64
 MAX_ID_CHARS = 128
+# What the server's `hello` offers and a client's `hello` may ask for (docs/protocol.md).
+TOKENS = "tokens"  # several tokens of one request in one `tokens` frame
+CAPABILITIES = (TOKENS,)
+MAX_CAPABILITIES = 16
 ROLES = frozenset({"system", "user", "assistant"})
 
 
@@ -75,6 +79,14 @@ class Resume:
 
 
 @dataclass(frozen=True)
+class Hello:
+    """A client's hello: the capabilities it takes (unknown ones are ignored)."""
+
+    capabilities: frozenset[str] = frozenset()
+    client_ref: str | None = None
+
+
+@dataclass(frozen=True)
 class Ping:
     data: Any = None
     # `{"type":"pong",...}` serialized at parse time: data that cannot be echoed (a lone
@@ -82,7 +94,7 @@ class Ping:
     reply: str = field(default="", compare=False)
 
 
-Message = Submit | Cancel | Resume | Ping
+Message = Submit | Cancel | Resume | Ping | Hello
 
 
 def _field(obj: dict[str, Any], name: str, ref: str | None, required: bool) -> Any:
@@ -258,6 +270,19 @@ def parse(frame: str | bytes, max_bytes: int = 65536) -> Message:
         assert rid is not None
         after = _int(obj, "after_seq", ref, 0, 2**32 - 1) or 0
         return Resume(rid, after, ref)
+    if kind == "hello":
+        caps = obj.get("capabilities", [])
+        if (
+            not isinstance(caps, list)
+            or len(caps) > MAX_CAPABILITIES
+            or not all(isinstance(c, str) and len(c) <= MAX_ID_CHARS for c in caps)
+        ):
+            raise ProtocolError(
+                f"`capabilities` must be a list of at most {MAX_CAPABILITIES} strings",
+                "capabilities",
+                ref,
+            )
+        return Hello(frozenset(caps) & frozenset(CAPABILITIES), ref)
     if kind == "ping":
         data = obj.get("data")
         try:
@@ -294,6 +319,7 @@ def hello(gateway_id: str, heartbeat_ms: int, tenant_id: str, default_model: str
             "tenant_id": tenant_id,
             "heartbeat_ms": heartbeat_ms,
             "default_model": default_model,
+            "capabilities": list(CAPABILITIES),
         }
     )
 
@@ -322,6 +348,16 @@ def token(request_id: str, seq: int, text: str) -> str:
     return (
         f'{{"type":"token","request_id":{_json_str(request_id)},"seq":{int(seq)},'
         f'"text":{_json_str(clean_text(text))}}}'
+    )
+
+
+def tokens(request_id: str, last_seq: int, texts: list[str]) -> str:
+    """Several consecutive tokens of one request (a socket that took the `tokens` capability):
+    `seq` is the last one's, as in `token`; `texts[i]` has seq `seq - len(texts) + 1 + i`."""
+    items = ",".join(_json_str(clean_text(t)) for t in texts)
+    return (
+        f'{{"type":"tokens","request_id":{_json_str(request_id)},"seq":{int(last_seq)},'
+        f'"texts":[{items}]}}'
     )
 
 

@@ -2,7 +2,11 @@
 
 - `Outbox`: a socket's bounded send queue. `put` refuses (and marks the socket overflowed)
   when the socket is `limit` frames behind; the shell then closes it with code 4008, so a
-  stalled reader never grows gateway memory beyond `limit` frames.
+  stalled reader never grows gateway memory beyond `limit` frames. A socket that opted in to
+  `tokens` frames (docs/protocol.md, `batch_tokens`) queues a watch's tokens in one
+  `TokenBatch` that grows while it waits (natural batching: whatever accumulated while the
+  previous sends were in flight leaves as one frame); each batched token counts as a frame
+  towards `limit`, so the memory bound is the same.
 - `Watch`: one socket (or stream) following one request. It folds every event it sees with
   the one fold (llmstream/fold.py), so redelivered or replayed events are dropped by seq, and
   queues a token frame per new seq above `after_seq` and one done frame at the terminal event,
@@ -39,6 +43,31 @@ class Frames(Protocol):
 WEBSOCKET_FRAMES: Frames = protocol.Frames()
 
 
+class TokenBatch:
+    """Consecutive tokens of one watch waiting in an outbox as one entry; it takes more tokens
+    until the sender takes it (`taken`), then renders as one frame."""
+
+    __slots__ = ("last_seq", "request_id", "taken", "texts")
+
+    def __init__(self, request_id: str, seq: int, text: str) -> None:
+        self.request_id = request_id
+        self.last_seq = seq
+        self.texts = [text]
+        self.taken = False
+
+    def add(self, seq: int, text: str) -> None:
+        self.last_seq = seq
+        self.texts.append(text)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def render(self) -> str:
+        if len(self.texts) == 1:  # a lone token keeps the v1 shape
+            return protocol.token(self.request_id, self.last_seq, self.texts[0])
+        return protocol.tokens(self.request_id, self.last_seq, self.texts)
+
+
 class Outbox:
     def __init__(
         self,
@@ -48,34 +77,75 @@ class Outbox:
     ) -> None:
         self.limit = limit
         self._on_overflow = on_overflow
-        self.frames: deque[str] = deque()
+        self.frames: deque[str | TokenBatch] = deque()
+        # Frames waiting, a batch counting as many as it holds tokens (what `limit` bounds).
+        self.queued = 0
+        # The socket takes `tokens` frames: a watch's pending tokens leave as one frame.
+        self.batch_tokens = False
         self.overflowed = False
         self.closed = False
         self.high_water = 0  # most frames ever queued (tests assert the bound)
         self._wake = wake
 
-    def put(self, frame: str) -> bool:
+    def _room(self) -> bool:
         if self.closed or self.overflowed:
             return False
-        if len(self.frames) >= self.limit:
+        if self.queued >= self.limit:
             self.overflow()
             return False
+        self.queued += 1
+        if self.queued > self.high_water:
+            self.high_water = self.queued
+        return True
+
+    def put(self, frame: str) -> bool:
+        if not self._room():
+            return False
         self.frames.append(frame)
-        if len(self.frames) > self.high_water:
-            self.high_water = len(self.frames)
         self._wake()
         return True
+
+    def put_token(
+        self, batch: TokenBatch | None, request_id: str, seq: int, text: str
+    ) -> TokenBatch | None:
+        """Queue a token in `batch` if it still waits here, else in a new batch; returns the
+        batch that holds it (None: refused, the socket is closed or overflowed)."""
+        if not self._room():
+            return None
+        # Only the next seq joins: a frame's seqs are implied by its last one (a gap in the
+        # log, counted by the fold, starts a new frame).
+        if batch is not None and not batch.taken and seq == batch.last_seq + 1:
+            batch.add(seq, text)
+            return batch  # its entry is queued already, the sender is awake
+        batch = TokenBatch(request_id, seq, text)
+        self.frames.append(batch)
+        self._wake()
+        return batch
+
+    def take(self) -> str:
+        """The next frame to send (the outbox must not be empty)."""
+        entry = self.frames.popleft()
+        if isinstance(entry, str):
+            self.queued -= 1
+            return entry
+        entry.taken = True
+        self.queued -= len(entry)
+        return entry.render()
+
+    def clear(self) -> None:
+        self.frames.clear()
+        self.queued = 0
 
     def overflow(self) -> None:
         if self.overflowed:
             return
         self.overflowed = True
-        self.frames.clear()  # free the memory now; the socket is being closed
+        self.clear()  # free the memory now; the socket is being closed
         self._wake()
         self._on_overflow()
 
     def __len__(self) -> int:
-        return len(self.frames)
+        return self.queued
 
 
 class Watch:
@@ -108,6 +178,8 @@ class Watch:
         # socket (the gateway's client-side latency histograms).
         self.on_first_token: Callable[[], None] | None = None
         self.on_done: Callable[[], None] | None = None
+        # Its tokens waiting in a batching outbox (more join it until the sender takes it).
+        self._batch: TokenBatch | None = None
 
     def accepts(self, event: events_pb2.Event) -> bool:
         """Is the event this watch's tenant's? (another's is dropped, never applied)"""
@@ -142,10 +214,14 @@ class Watch:
         if event.HasField("token_delta") and state.last_seq > before:
             seq = event.token_delta.seq
             if seq > self.after_seq:
-                # A front end may render nothing for an event (no text yet: split UTF-8).
-                frame = self.frames.token(self.request_id, seq, event.token_delta.text)
-                if frame:
-                    self.outbox.put(frame)
+                text = event.token_delta.text
+                if self.outbox.batch_tokens:
+                    self._batch = self.outbox.put_token(self._batch, self.request_id, seq, text)
+                else:
+                    # A front end may render nothing for an event (no text yet: split UTF-8).
+                    frame = self.frames.token(self.request_id, seq, text)
+                    if frame:
+                        self.outbox.put(frame)
                 if self.on_first_token is not None:
                     self.on_first_token()
                     self.on_first_token = None

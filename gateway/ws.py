@@ -265,7 +265,7 @@ class WebSocketFrontEnd:
     def _disconnected(self, conn: Conn) -> None:
         self.conns.discard(conn)
         conn.outbox.closed = True
-        conn.outbox.frames.clear()
+        conn.outbox.clear()
         tenant = conn.principal.tenant_id
         self.tasks.spawn(self.quota.close_socket(tenant, conn.member))
         grace = not conn.drained and not self.draining()
@@ -304,6 +304,10 @@ class WebSocketFrontEnd:
     async def _dispatch(self, conn: Conn, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Ping):
             conn.outbox.put(msg.reply or protocol.pong(msg.data))
+            return
+        if isinstance(msg, protocol.Hello):
+            # Tokens queued from now on; a later hello without it turns batching off again.
+            conn.outbox.batch_tokens = protocol.TOKENS in msg.capabilities
             return
         try:
             conn.principal = await self.authenticator.recheck(conn.principal, conn.session_id)
@@ -417,7 +421,7 @@ class WebSocketFrontEnd:
                     # Encoded here, not by send_str: a lone surrogate that slipped through
                     # (protocol.parse refuses them) must not make the send fail and kill the
                     # socket; it becomes "?". The same one encode either way.
-                    frame = outbox.frames.popleft().encode("utf-8", "replace")
+                    frame = outbox.take().encode("utf-8", "replace")
                     # Waits while the client does not read (WRITE_CHECK_BYTES).
                     await ws.send_frame(frame, WSMsgType.TEXT)
                     n += 1

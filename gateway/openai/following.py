@@ -216,7 +216,7 @@ class Following:
         try:
             while not self.failed and not outbox.overflowed:
                 if outbox.frames:
-                    batch = [outbox.frames.popleft() for _ in range(min(WRITE_BATCH, len(outbox)))]
+                    batch = [outbox.take() for _ in range(min(WRITE_BATCH, len(outbox.frames)))]
                     # A lone surrogate that slipped through becomes "?" instead of failing.
                     await resp.write("".join(batch).encode("utf-8", "replace"))
                     continue
@@ -282,7 +282,7 @@ class Following:
             return
         self._closed = True
         self.outbox.closed = True
-        self.outbox.frames.clear()
+        self.outbox.clear()
         if self._catch_up is not None:
             self._catch_up.cancel()
         watch = self.watch

@@ -120,6 +120,8 @@
   function onFrame(f) {
     const rid = f.request_id;
     if (f.type === "hello") {
+      // Take several tokens of a request per frame when the gateway offers it.
+      if ((f.capabilities || []).includes("tokens")) send({ type: "hello", capabilities: ["tokens"] });
       // Preselect the deployment's model unless the user already chose one.
       const model = document.getElementById("model");
       if (f.default_model && !model.dataset.touched) model.value = f.default_model;
@@ -129,15 +131,18 @@
       delete pending[f.client_ref];
       panel(rid);
       save();
-    } else if (f.type === "token") {
+    } else if (f.type === "token" || f.type === "tokens") {
       const r = reqs[rid];
       if (!r || f.seq <= r.lastSeq) return;
+      // `tokens`: texts[i] has seq f.seq - texts.length + 1 + i; keep only the new ones.
+      const texts = f.type === "tokens" ? f.texts : [f.text];
+      const fresh = texts.slice(Math.max(0, texts.length - (f.seq - r.lastSeq))).join("");
       const now = performance.now();
       if (r.firstAt == null) {
         r.firstAt = now;
         if (r.sentAt != null && r.ttft == null) r.ttft = now - r.sentAt;
       }
-      r.text += f.text;
+      r.text += fresh;
       r.lastSeq = f.seq;
       r.status = "streaming";
       const secs = (now - r.firstAt) / 1000;

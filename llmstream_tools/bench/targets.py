@@ -73,7 +73,7 @@ class _Socket:
                 now = clock()
                 f = json.loads(raw)
                 kind = f.get("type")
-                if kind == "token":
+                if kind == "token" or kind == "tokens":  # `tokens`: several in one frame
                     p = self.by_id.get(f["request_id"])
                     if p is not None:
                         p.sample.message(now)
@@ -181,6 +181,9 @@ class GatewayTarget(Target):
             hello = json.loads(await asyncio.wait_for(ws.recv(), 60))
             if hello.get("type") != "hello":
                 raise RuntimeError(f"expected hello, got {hello}")
+            if "tokens" in hello.get("capabilities", []):
+                # Take what accumulated for a request in one frame (docs/protocol.md).
+                await ws.send(json.dumps({"type": "hello", "capabilities": ["tokens"]}))
             return ws
         raise AssertionError("unreachable")
 

@@ -267,6 +267,11 @@ class Client:
                     self.streams.setdefault(rid, Stream(rid))
                 elif kind == "token":
                     self.streams.setdefault(rid, Stream(rid)).tokens.append((f["seq"], f["text"]))
+                elif kind == "tokens":  # texts[i] has seq `seq - len(texts) + 1 + i`
+                    first = f["seq"] - len(f["texts"]) + 1
+                    self.streams.setdefault(rid, Stream(rid)).tokens.extend(
+                        enumerate(f["texts"], first)
+                    )
                 elif kind == "done":
                     self.streams.setdefault(rid, Stream(rid)).done = f
                 elif kind == "error":

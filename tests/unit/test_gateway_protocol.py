@@ -171,3 +171,23 @@ def test_server_frames() -> None:
         "retry_after_ms": 5,
     }
     assert json.loads(protocol.pong()) == {"type": "pong"}
+
+
+def test_client_hello_takes_known_capabilities_only() -> None:
+    msg = protocol.parse('{"type":"hello","capabilities":["tokens","future"],"client_ref":"h"}')
+    assert msg == protocol.Hello(frozenset({"tokens"}), "h")
+    assert protocol.parse('{"type":"hello"}') == protocol.Hello()
+    with pytest.raises(protocol.ProtocolError) as exc:
+        protocol.parse('{"type":"hello","capabilities":"tokens"}')
+    assert exc.value.field == "capabilities"
+
+
+def test_server_hello_offers_tokens_and_tokens_frame_shape() -> None:
+    assert json.loads(protocol.hello("gw", 15000, "t"))["capabilities"] == ["tokens"]
+    frame = json.loads(protocol.tokens("r", 9, ["a", '"b"\n', "\U0001f600"]))
+    assert frame == {
+        "type": "tokens",
+        "request_id": "r",
+        "seq": 9,
+        "texts": ["a", '"b"\n', "\U0001f600"],
+    }
