@@ -3,7 +3,7 @@
 PostgreSQL `text` and `jsonb` cannot hold NUL. A string with one in an event — a model may
 emit it, a client may put it in a model name, garbage on a topic may carry it — would fail its
 batch on every retry and stall the projection (and so billing) for everyone. `decode` is
-`codec.decode` plus that replacement; it only walks the event when the record's bytes contain a
+`codec.decode_record` plus that replacement; it only walks the event when the record's bytes contain a
 zero byte (a NUL in a string always does; token deltas almost never do), so it costs nothing
 on the hot path.
 """
@@ -22,9 +22,11 @@ NUL = "\x00"
 REPLACEMENT = "\ufffd"
 
 
-def decode(value: bytes | None) -> events_pb2.Event:
-    """`codec.decode(value)` with NULs in strings replaced (raises `codec.DecodeError`)."""
-    event = codec.decode(value)
+def decode(record: codec.Record) -> events_pb2.Event:
+    """`codec.decode_record(record)` with NULs in strings replaced (raises
+    `codec.DecodeError`)."""
+    event = codec.decode_record(record)
+    value = record.value
     if value is not None and b"\x00" in value:
         scrub(event)
     return event

@@ -1,7 +1,7 @@
 """Replay core: read a range of the topics, fold events into request state, rebuild the
 projection into another schema and compare it with the live one.
 
-The same code paths as the aggregator: `codec.decode`, `fold`, and for `--rebuild` the very
+The same code paths as the aggregator: `codec.decode_record`, `fold`, and for `--rebuild` the very
 `ProjectionStore.apply_batch` transaction, pointed at a separate schema.
 """
 
@@ -213,7 +213,7 @@ def fold_records(
             continue
         coords = coords_of(record)
         try:
-            event = codec.decode(record.value)
+            event = codec.decode_record(record)
         except codec.DecodeError as exc:
             into.bad.append(BadRecord(coords, str(exc)))
             continue
@@ -274,7 +274,7 @@ async def rebuild(
             coords = coords_of(record)
             batch.consumed(coords)
             try:
-                batch.events.append((coords, pgtext.decode(record.value)))
+                batch.events.append((coords, pgtext.decode(record)))
             except codec.DecodeError:
                 result.bad += 1
         outcome = await store.apply_batch(conn, batch)

@@ -316,7 +316,7 @@ class Aggregator:
             coords = Coords(r.topic, r.partition, r.offset, r.timestamp)
             batch.consumed(coords)
             try:
-                event = pgtext.decode(r.value)  # NUL-free strings: PostgreSQL refuses NUL
+                event = pgtext.decode(r)  # NUL-free strings: PostgreSQL refuses NUL
             except codec.DecodeError as exc:
                 undecodable.append((r, str(exc)))
                 continue

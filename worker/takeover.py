@@ -40,7 +40,7 @@ def fold_records(
         if rec.key not in wanted:
             continue
         try:
-            event = codec.decode(rec.value)
+            event = codec.decode_record(rec)
         except codec.DecodeError:
             continue
         states[rec.key] = fold(states.get(rec.key), event)

@@ -62,7 +62,7 @@ class Tracker:
             now = time.monotonic()
             for records in batch.values():
                 for rec in records:
-                    ev = codec.decode(rec.value)
+                    ev = codec.decode_record(rec)
                     timing = self.times.get(ev.request_id)
                     if timing is None:
                         continue

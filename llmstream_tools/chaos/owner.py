@@ -29,6 +29,9 @@ class OwnerTruth:
     parts: dict[int, str] = field(default_factory=dict)  # seq -> text
     owner: str = ""  # producer of the last `started` that counts
     taken_over: bool = False  # another worker started it while the zombie was out
+    # Fence generation -> the worker whose `started` carried it: compact token deltas name
+    # no producer (docs/events.md), their fence says whose attempt they belong to.
+    writers: dict[int, str] = field(default_factory=dict)
 
 
 def owner_truth(
@@ -40,7 +43,9 @@ def owner_truth(
     zombie's own next assignment (None: it never got one). Events the zombie created in that
     window are stale; a `started` drops the seqs above its `resumed_after_seq` (its attempt
     continues from there, whatever landed meanwhile) and makes its writer the owner; then the
-    owner's first delta per seq and its first terminal event count."""
+    owner's first delta per seq and its first terminal event count. An event without a
+    producer id (a compact token delta) was written by the worker whose `started` carried its
+    fence generation."""
     start, end = out_ms
     out: dict[str, OwnerTruth] = {}
     for ev in events:
@@ -49,7 +54,10 @@ def owner_truth(
             continue
         t = out.setdefault(ev.request_id, OwnerTruth())
         at = int(ev.event_time.ToMilliseconds())
-        if ev.producer_id == zombie and at >= start and (end is None or at < end):
+        if kind == "started":
+            t.writers[ev.fence.generation] = ev.producer_id
+        writer = ev.producer_id or t.writers.get(ev.fence.generation, "")
+        if writer == zombie and at >= start and (end is None or at < end):
             t.late_events += 1
             continue
         if kind == "started":
@@ -57,7 +65,7 @@ def owner_truth(
             t.owner = ev.producer_id
             after = ev.started.resumed_after_seq
             t.parts = {seq: text for seq, text in t.parts.items() if seq <= after}
-        elif t.usage is not None or ev.producer_id != t.owner:
+        elif t.usage is not None or writer != t.owner:
             continue
         elif kind == "token_delta":
             t.parts.setdefault(ev.token_delta.seq, ev.token_delta.text)

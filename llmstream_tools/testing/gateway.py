@@ -161,7 +161,7 @@ class FakeWorker:
             batch = await self.consumer.getmany(timeout_ms=100)
             for records in batch.values():
                 for rec in records:
-                    ev = codec.decode(rec.value)
+                    ev = codec.decode_record(rec)
                     if ev.HasField("submitted"):
                         self.submitted[ev.request_id] = ev
                         self._runs[ev.request_id] = asyncio.create_task(self._run(ev))

@@ -261,7 +261,7 @@ async def collect(
             batch = await consumer.getmany(timeout_ms=200)
             for tp, recs in batch.items():
                 for rec in recs:
-                    ev = codec.decode(rec.value)
+                    ev = codec.decode_record(rec)
                     assert rec.key == ev.request_id.encode()
                     out.events.setdefault(ev.request_id, []).append(ev)
                     out.partitions.setdefault(ev.request_id, set()).add(tp.partition)
@@ -271,7 +271,7 @@ async def collect(
         batch = await consumer.getmany(timeout_ms=300)
         for tp, recs in batch.items():
             for rec in recs:
-                ev = codec.decode(rec.value)
+                ev = codec.decode_record(rec)
                 out.events.setdefault(ev.request_id, []).append(ev)
                 out.partitions.setdefault(ev.request_id, set()).add(tp.partition)
     finally:
@@ -346,7 +346,7 @@ async def read_all(bootstrap: str, topic: str) -> list[events_pb2.Event]:
         ends = await consumer.end_offsets(list(consumer.assignment()))
         while True:
             batch = await consumer.getmany(timeout_ms=300)
-            out += [codec.decode(r.value) for recs in batch.values() for r in recs]
+            out += [codec.decode_record(r) for recs in batch.values() for r in recs]
             positions = {tp: await consumer.position(tp) for tp in ends}
             if all(positions[tp] >= ends[tp] for tp in ends):
                 return out

@@ -90,7 +90,7 @@ async def test_events_round_trip_through_kafka_and_fold(
             batch = await asyncio.wait_for(consumer.getmany(timeout_ms=500), 15)
             for tp, records in batch.items():
                 for record in records:
-                    event = codec.decode(record.value)
+                    event = codec.decode_record(record)
                     assert record.key == event.request_id.encode()
                     assert (
                         dict(record.headers)["event-type"] == str(event.WhichOneof("body")).encode()

@@ -153,7 +153,7 @@ async def prompt_events(t: Topics) -> list[Any]:
             if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
                 return out
             batch = await consumer.getmany(timeout_ms=500)
-            out += [codec.decode(r.value) for rs in batch.values() for r in rs]
+            out += [codec.decode_record(r) for rs in batch.values() for r in rs]
     finally:
         await consumer.stop()
 

@@ -337,6 +337,36 @@ def test_owner_truth_leaves_out_what_the_zombie_wrote_while_out() -> None:
     assert truth.late_events == 2 and truth.taken_over
 
 
+def test_owner_truth_finds_compact_deltas_writer_by_fence_generation() -> None:
+    # The same story with compact token deltas (docs/events.md): no producer id, only the
+    # fence; the writer is whoever's `started` carried that generation (A: 1, B: 2, A: 3).
+    def fenced(ev: events_pb2.Event, generation: int) -> events_pb2.Event:
+        ev.fence.generation = generation
+        if ev.HasField("token_delta"):
+            ev.ClearField("producer_id")
+        return ev
+
+    log = [
+        fenced(started("A", 100, 0), 1),
+        fenced(delta("A", 110, 1, "a"), 1),
+        fenced(delta("A", 120, 2, "b"), 1),
+        fenced(delta("A", 140, 3, "late-sent"), 1),
+        fenced(started("B", 210, 2), 2),
+        fenced(delta("B", 220, 3, "C"), 2),
+        fenced(delta("A", 300, 4, "x"), 1),  # the zombie, out of the group
+        fenced(done("A", 301, 4), 1),
+        fenced(delta("B", 230, 4, "D"), 2),
+        fenced(started("A", 410, 4), 3),
+        fenced(delta("A", 420, 5, "E"), 3),
+        fenced(done("A", 430, 5), 3),
+        fenced(done("B", 240, 4), 2),
+    ]
+    assert not any(e.producer_id for e in log if e.HasField("token_delta"))
+    (truth,) = owner_truth(log, "A", (200, 400)).values()
+    assert truth.text == "abCDE" and truth.last_seq == 5
+    assert truth.usage == (5, 5) and truth.late_events == 2 and truth.taken_over
+
+
 def test_the_bill_must_be_the_owners() -> None:
     (truth,) = owner_truth([started("B", 1, 0), done("B", 2, 3)], "A", (0, None)).values()
     v = judge_request(stream(GOOD), EXPECTED, logged(), BILL)
