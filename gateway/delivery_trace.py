@@ -2,8 +2,12 @@
 
 One CONSUMER span per request delivered here, from the first of its events that reached a
 socket to its terminal event, parented by the worker's `send <tokens>` span (the traceparent
-every token event carries). Span events mark the first token and the finish; there is no span
-per token. Open spans are bounded: a request whose terminal never arrives here (the client
+of the `started` and terminal events; compact token deltas carry none, docs/events.md). A
+socket that follows a request from its submit sees `started` first. One that resumes mid-stream
+may see a token delta first: its span then starts a trace of its own, marked
+`llmstream.delivery.unparented` (keeping every request's `started` trace here to find the
+parent would cost memory per request for a span that matters only on resumes). Span events
+mark the first token and the finish; there is no span per token. Open spans are bounded: a request whose terminal never arrives here (the client
 left, the watch moved to another replica) is ended when it is evicted, marked incomplete.
 """
 
@@ -45,6 +49,8 @@ class DeliverySpans:
                     "process", self.topic, partition=partition, key=rid, offset=offset
                 ),
             )
+            if not event.trace.traceparent:
+                span.set_attribute("llmstream.delivery.unparented", True)
             entry = (span, False)
             self._open[rid] = entry
             while len(self._open) > self.limit:

@@ -36,11 +36,12 @@ from worker.coalesce import Coalescer
 from worker.core import Envelope
 from worker.lease import ProduceGate
 
-# The compact token-event shape needs every reader of the tokens topic to decode with
-# `codec.decode_record` (the request id from the record key): the gateway's feed, the
-# aggregator (projection and `llmstream replay`), worker takeover and the test collectors.
-# Until they all do, token events keep the request id, event time, producer id and trace.
-COMPACT_TOKEN_EVENTS = False
+# The compact token-event shape (docs/events.md): every reader of the tokens topic decodes
+# with `codec.decode_record` (the request id from the record key, the event time from the
+# record timestamp): the gateway's feed, the aggregator (projection and `llmstream replay`),
+# worker takeover, the chaos checker and the test collectors. Trace context is on `started`
+# and the terminal events only.
+COMPACT_TOKEN_EVENTS = True
 
 
 class Producer(Protocol):

@@ -133,14 +133,19 @@ async def test_traceparent_reaches_grpc_metadata_and_events(
     assert client.parent is not None and client.parent.span_id == process.context.span_id
     assert produce_span.parent is not None
     assert produce_span.parent.span_id == process.context.span_id
-    # gRPC metadata carries the client span; every token event carries the produce span;
-    # the vendor's tracestate travels along both.
+    # gRPC metadata carries the client span; `started` and the terminal event carry the
+    # produce span (compact token deltas carry no trace, docs/events.md); the vendor's
+    # tracestate travels along both.
     assert parse(recorder.metadata[0]["traceparent"]) == (
         trace_id,
         f"{client.context.span_id:016x}",
     )
     assert recorder.metadata[0]["tracestate"] == "vendor=1"
-    for ev in got.events[rid]:
+    traced = [ev for ev in got.events[rid] if not ev.HasField("token_delta")]
+    assert [ev.WhichOneof("body") for ev in traced] == ["started", "completed"]
+    for ev in traced:
         assert parse(ev.trace.traceparent) == (trace_id, f"{produce_span.context.span_id:016x}")
         assert ev.trace.tracestate == "vendor=1"
+    deltas = [ev for ev in got.events[rid] if ev.HasField("token_delta")]
+    assert len(deltas) >= 1 and not any(ev.HasField("trace") for ev in deltas)
     assert [e.name for e in produce_span.events] == ["first_token", "finish"]
