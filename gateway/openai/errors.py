@@ -196,7 +196,14 @@ _FAILED_CODES = {
     "context_overflow": (400, INVALID_REQUEST_ERROR, "context_length_exceeded"),
     "model_not_found": (404, INVALID_REQUEST_ERROR, "model_not_found"),
     "model_unavailable": (503, SERVER_ERROR, "model_unavailable"),
+    # The worker's checks before any model call (docs/events.md `failed`): never billed.
+    "limit_exceeded": (400, INVALID_REQUEST_ERROR, "limit_exceeded"),  # beyond the tenant's tier
+    "unknown_tenant": (403, INVALID_REQUEST_ERROR, "unknown_tenant"),  # unknown or disabled
+    "tier_unavailable": (503, SERVER_ERROR, "tier_unavailable"),  # the tier could not be read
+    "dead_lettered": (500, SERVER_ERROR, "dead_lettered"),  # the submit was unreadable: DLQ
 }
+# Failed before any model call and for a passing reason: a retry is safe (and unbilled).
+_RETRYABLE_CODES = frozenset({"model_unavailable", "tier_unavailable"})
 
 
 def terminal_error(state: RequestState) -> OpenAIError | None:
@@ -224,5 +231,5 @@ def terminal_error(state: RequestState) -> OpenAIError | None:
         detail or "The model failed to generate a response.",
         error_type=kind,
         code=code,
-        should_retry=None if code == "model_unavailable" else False,
+        should_retry=None if code in _RETRYABLE_CODES else False,
     )

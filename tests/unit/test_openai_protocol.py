@@ -273,6 +273,10 @@ def state(
         (state(Status.FAILED, "error", "context_overflow", "prompt too long"), 400, "context_length_exceeded", "false"),
         (state(Status.FAILED, "error", "model_not_found"), 404, "model_not_found", "false"),
         (state(Status.FAILED, "error", "model_unavailable"), 503, "model_unavailable", None),
+        (state(Status.FAILED, "error", "limit_exceeded", "max_tokens above the tier"), 400, "limit_exceeded", "false"),
+        (state(Status.FAILED, "error", "unknown_tenant"), 403, "unknown_tenant", "false"),
+        (state(Status.FAILED, "error", "tier_unavailable"), 503, "tier_unavailable", None),
+        (state(Status.FAILED, "error", "dead_lettered"), 500, "dead_lettered", "false"),
         (state(Status.FAILED, "error", "internal"), 500, "internal_error", "false"),
         (state(Status.FAILED, "error", message="engine crashed"), 500, "internal_error", "false"),
     ],
@@ -288,6 +292,9 @@ def test_terminal_errors(
         retry_header,
     )
     ErrorObject.model_validate(err.body()["error"], strict=True)
+    assert err.body()["error"]["type"] == (
+        "invalid_request_error" if status < 500 else "server_error"
+    )
 
 
 def test_answers_are_not_errors() -> None:
