@@ -155,7 +155,10 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     async def _reject(
         self, context: grpc.aio.ServicerContext[Any, Any], err: ModelServerError, model: str
     ) -> NoReturn:
-        self.metrics.rejected.add(1, {"code": err.code, "model_name": model})
+        # The label is the client's choice: only a model this server has (current, loading or
+        # retiring) keeps its name, anything else is `other` (a bounded label set).
+        served = any(h.name == model for h in self.registry.handles())
+        self.metrics.rejected.add(1, {"code": err.code, "model_name": model if served else "other"})
         # Overload and draining are counted by the metric; logging each would flood the log.
         level = logging.DEBUG if err.code in QUIET_CODES else logging.INFO
         log.log(level, "generate rejected: %s %s", err.code, err)

@@ -272,6 +272,9 @@ async def test_metrics_follow_vllm_names_and_intervals() -> None:
         assert res.code == grpc.StatusCode.OK
         rejected = await generate(stub, start("m", temperature=5.0))
         assert rejected.code == grpc.StatusCode.INVALID_ARGUMENT
+        # A model name the client made up is not a label value of its own.
+        unknown = await generate(stub, start("made-up-model-1", max_tokens=1))
+        assert unknown.code == grpc.StatusCode.NOT_FOUND
         data = reader.get_metrics_data()
     points: dict[str, Any] = {}
     assert data is not None
@@ -290,8 +293,11 @@ async def test_metrics_follow_vllm_names_and_intervals() -> None:
     assert points["llmstream_generation_tokens"][0].value == 11
     success = points["llmstream_request_success"][0]
     assert success.attributes["finished_reason"] == "length" and success.value == 1
-    rej = points["llmstream_requests_rejected"][0]
-    assert rej.attributes["code"] == "INVALID_ARGUMENT"
+    rejections = {
+        (p.attributes["code"], p.attributes["model_name"]): p.value
+        for p in points["llmstream_requests_rejected"]
+    }
+    assert rejections == {("INVALID_ARGUMENT", "m"): 1, ("NOT_FOUND", "other"): 1}
     for name in (
         "llmstream_request_queue_time_seconds",
         "llmstream_request_prefill_time_seconds",
