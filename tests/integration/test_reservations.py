@@ -161,13 +161,16 @@ async def test_the_reaper_takes_back_only_reservations_whose_request_never_reach
     reaper = ReservationReaper(redis_client, sql.Identifier("requests"), 600.0, metrics)
     before = await counters(redis_client, tenant, old)
     async with AsyncConnectionPool(db_env, min_size=1, max_size=1, open=False) as pool:
+        # One pass covers every tenant of the shared Redis: reservations other tests left
+        # behind (their requests are in other schemas' logs) are old enough too, so this
+        # tenant's share is judged through its own keys below, the totals through the metrics.
         reaped = await reaper.maybe_reap(pool, force=True)  # the aggregator's call
-        assert (reaped.requests, reaped.tokens) == (1, 300)
+        assert reaped.requests >= 1 and reaped.tokens >= 300
         again = await reaper.maybe_reap(pool, force=True)  # once only
         assert (again.requests, again.tokens) == (0, 0)
     assert counter_values(reader) == {
-        "llmstream_aggregator_reaped_reservations": 1,
-        "llmstream_aggregator_reaped_reservation_tokens": 300,
+        "llmstream_aggregator_reaped_reservations": reaped.requests,
+        "llmstream_aggregator_reaped_reservation_tokens": reaped.tokens,
     }
     after = await counters(redis_client, tenant, old)
     assert after["day"] == before["day"] - 300
