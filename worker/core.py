@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import grpc
@@ -69,9 +68,6 @@ class Envelope:
         ev.started.resumed_after_seq = after_seq
         return ev
 
-    def delta_encoder(self) -> DeltaEncoder:
-        return DeltaEncoder(self)
-
     def delta(self, seq: int, text: str, token_ids: list[int]) -> events_pb2.Event:
         ev = self.event()
         ev.token_delta.seq = seq
@@ -118,28 +114,3 @@ def envelope_of(submit: events_pb2.Event, producer_id: str, generation: int) -> 
         tracestate=submit.trace.tracestate,
         generation=generation,
     )
-
-
-class DeltaEncoder:
-    """Fast path for the hot event: a `token_delta` record value and headers.
-
-    The envelope fields that never change within an attempt (schema version, ids, trace,
-    fence) are serialized once; each delta serializes only its event time and body and appends
-    them.
-    Protobuf parses concatenated encodings as one merged message, so the bytes equal what
-    `codec.encode(envelope.delta(...))` produces up to field order, and decode identically.
-    """
-
-    def __init__(self, envelope: Envelope) -> None:
-        template = envelope.event()
-        template.ClearField("event_time")
-        self._prefix = template.SerializeToString()
-        probe = envelope.delta(1, "", [])
-        self.headers = codec.headers(probe)
-
-    def value(self, seq: int, text: str, token_ids: list[int]) -> bytes:
-        ev = events_pb2.Event(
-            token_delta=events_pb2.TokenDelta(seq=seq, text=text, token_ids=token_ids)
-        )
-        ev.event_time.FromNanoseconds(time.time_ns())
-        return self._prefix + ev.SerializeToString()

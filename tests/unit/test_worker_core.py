@@ -205,15 +205,3 @@ def test_failure_codes() -> None:
     assert failure_code(grpc.StatusCode.INVALID_ARGUMENT, "exceeds context") == "context_overflow"
     assert failure_code(grpc.StatusCode.UNAVAILABLE, "") == "model_unavailable"
     assert failure_code(grpc.StatusCode.INTERNAL, "") == "internal"
-
-
-def test_fast_delta_encoding_decodes_like_the_codec() -> None:
-    env = Envelope("r1", "t1", "w1", traceparent="00-" + "c" * 32 + "-" + "d" * 16 + "-01")
-    enc = env.delta_encoder()
-    fast = codec.decode(enc.value(7, "héllo", [1, 2, 3]))
-    slow = env.delta(7, "héllo", [1, 2, 3])
-    assert fast.event_time.ToNanoseconds() > 0
-    fast.ClearField("event_time")
-    slow.ClearField("event_time")
-    assert fast == slow
-    assert enc.headers == codec.headers(slow)
