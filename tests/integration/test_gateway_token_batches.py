@@ -102,8 +102,9 @@ async def test_tokens_frames_v1_unchanged_and_resume_inside_a_batch(
             batches = _frames(behind, rid_b, "tokens")
             sent = len(batches) + len(_frames(behind, rid_b, "token"))
             print(
-                f"\n{last[rid_b]} seqs: live (tokens capability) {_count(batched, rid_b)} frames,"
-                f" v1 {_count(v1, rid_v1)} frames; reader behind {sent} frames"
+                f"\n1 ms/token: tokens capability {last[rid_b]} seqs live in"
+                f" {_count(batched, rid_b)} frames, behind in {sent} frames;"
+                f" v1 {last[rid_v1]} seqs in {_count(v1, rid_v1)} frames"
             )
             assert batches and sent < last[rid_b]
 
@@ -122,3 +123,47 @@ async def test_tokens_frames_v1_unchanged_and_resume_inside_a_batch(
                 await c.close()
     finally:
         worker.kill()
+
+
+async def test_paced_stream_takes_the_capability_without_change(
+    topics: wt.Topics, db_env: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Paced like a model (20 ms per token): nothing accumulates between sends, so a socket
+    with the capability gets the same stream as a v1 one, token by token."""
+    port = ports.free_port()
+    paced = wt.start_model_server(tmp_path, port, itl_ms=20, ttft_ms=20)
+    addr = f"127.0.0.1:{port}"
+    worker = None
+    try:
+        await wt.wait_model_server(addr)
+        worker = wt.start_worker(tmp_path, topics.env([addr]), "gw-paced-worker")
+        gt = testing.Topics(topics.bootstrap, topics.prompts, topics.tokens, topics.partitions)
+        s = testing.settings(gt, redis_url, db_env, "gw-paced", [0, 1, 2])
+        name = f"t-{uuid.uuid4().hex[:8]}"
+        await admin.create_tenant(name, "enterprise")
+        key = (await admin.create_key(name)).key
+        n = 40
+        reference, _ids = await wt.reference_text(addr, PROMPT, n)
+        async with testing.running(s):
+            batched, v1 = await _batching(s.port, key), await Client.connect(s.port, key)
+            for c in (batched, v1):
+                await c.submit("p", max_tokens=n, prompt=PROMPT, temperature=0)
+            counts = []
+            for c in (batched, v1):
+                rid = (await c.wait_ref("p", 30))["request_id"]
+                await c.wait(lambda c=c, rid=rid: c.streams[rid].done is not None, 60)
+                stream = c.streams[rid]
+                assert stream.done is not None
+                last = stream.done["last_seq"]
+                assert [q for q, _ in stream.tokens] == list(range(1, last + 1))
+                assert stream.text == reference
+                counts.append((last, _count(c, rid)))
+            print(f"\npaced 20 ms: tokens capability {counts[0]}, v1 {counts[1]} (seqs, frames)")
+            assert counts[1][0] == counts[1][1]  # v1: one frame per seq
+            assert counts[0][1] <= counts[0][0]
+            for c in (batched, v1):
+                await c.close()
+    finally:
+        if worker is not None:
+            worker.kill()
+        paced.kill()
