@@ -55,9 +55,12 @@ def _suites_filter(m: re.Match[str]) -> list[str] | None:
 
 
 def file_suites(root: Path, src: str) -> list[str]:
-    """The suites a result file holds (a chaos run is the suite `chaos`)."""
+    """The suites a result file holds (a chaos run is the suite `chaos`, a soak `soak`: a
+    different measure, so a document may show the latest soak beside the latest full run)."""
     data = json.loads((root / src).read_text())
-    return list(as_run_record(data)["suites"]) if data.get("suite") != "chaos" else ["chaos"]
+    if data.get("suite") == "chaos":
+        return ["soak"] if data.get("soak") else ["chaos"]
+    return list(as_run_record(data)["suites"])
 
 
 def shown_suites(root: Path, src: str, suites: list[str] | None) -> list[str]:
