@@ -137,7 +137,7 @@ def new_feed(owned: list[int] | None = None, max_resumes: int = 4) -> TokenFeed:
 
 
 def frames(box: Outbox) -> list[dict[str, Any]]:
-    return [json.loads(f) for f in box.frames]
+    return [json.loads(f if isinstance(f, str) else f.render()) for f in box.frames]
 
 
 def resume(f: TokenFeed, m: RequestMeta, after_seq: int, box: Outbox) -> Resumption:

@@ -82,7 +82,8 @@ def test_the_stream_opens_at_once_and_a_slow_reader_is_cut_off() -> None:
     parts = FakeParts()
     f = submitted(parts)
     assert f.watcher.startswith("gw/") and parts.feed.followed == [f.watch]
-    assert len(f.outbox) == 1 and f.outbox.frames[0].startswith("id: req_1:0\n")  # role chunk
+    role = f.outbox.frames[0]  # the role chunk: an SSE event, never a token batch
+    assert len(f.outbox) == 1 and isinstance(role, str) and role.startswith("id: req_1:0\n")
     transport = FakeTransport()
     f._transport = transport  # type: ignore[assignment]  # what stream() sets
     for _ in range(3):
