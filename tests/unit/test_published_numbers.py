@@ -1,7 +1,9 @@
 """Benchmark numbers in README.md and docs/*.md are generated from committed result files
 (llmstream_tools/bench/publish.py): a block that differs from its file's rendering was typed by
 hand or is stale (`llmstream bench --update-docs` regenerates it); two documents may not show
-the same suite from different runs; the benchmark sections hold no figure outside a block."""
+the same suite from different runs; the benchmark sections hold no figure outside a block, and
+no document holds a measurement-looking figure outside a block (settings are exact values;
+measurements are rates, per-token costs, approximations, ranges or percentiles)."""
 
 from __future__ import annotations
 
@@ -59,6 +61,29 @@ NOT_MEASURED = {
         "`--agg-rate` tokens/s",
     ],
     "README.md": [],
+}
+
+# What a measurement looks like in prose, unlike a setting ("default 10 s", "max 4 MiB"): a rate
+# or a per-token cost, an approximate value ("~8 ms", "about 3 %"), a range ("16-30 s") or a
+# percentile ("p99 27 ms", "42 ms p99").
+_NUM = r"\d[\d,.]*k?"
+_UNIT = r"(?:ms|µs|s|min|h|KiB|MiB|GiB|GB|MB|%)(?![\w/])"
+_RATE = r"(?:tokens|tok|events|records|requests|messages|frames)/s"
+MEASURED = re.compile(
+    rf"{_NUM}\s?(?:{_RATE}|µs\b|[x\u00d7] faster)"
+    rf"|(?:~|≈|about |around |roughly )\s?{_NUM}\s?(?:{_UNIT}|{_RATE})"
+    rf"|{_NUM}\s?(?:{_UNIT})?\s?[\u2013-]\s?{_NUM}\s?{_UNIT}"
+    rf"|\b[pP](?:50|90|95|99)\b[^.\n]{{0,20}}?{_NUM}\s?{_UNIT}"
+    rf"|{_NUM}\s?{_UNIT}\s?\(?(?:p50|p90|p95|p99|median|mean)\b"
+)
+# Measurement-looking figures anywhere in docs/*.md that are settings, scenarios, goals or
+# thresholds (besides NOT_MEASURED above, which applies to the whole document too).
+SETTINGS = {
+    "docs/benchmarks.md": ["paced at 200 and 2,000 records/s"],
+    "docs/operations.md": ["a p99 above 2 s over 5-minute windows"],  # an alert's threshold
+    "docs/worker.md": [
+        "A session of 1\u20131.5 s with heartbeats every\n~300 ms"
+    ],  # option not taken
 }
 
 
@@ -123,6 +148,60 @@ def test_every_exception_is_still_in_its_document() -> None:
             if doc == name
         )
         stale = [a for a in allowed if a not in sections]
+        assert not stale, f"{name}: exceptions no longer in the text: {stale}"
+
+
+def _hand_typed_measurements(name: str, text: str) -> list[str]:
+    body = publish.BLOCK.sub("", text)
+    body = re.sub(r"```.*?```", "", body, flags=re.S)  # commands and examples
+    for allowed in NOT_MEASURED.get(name, []) + SETTINGS.get(name, []):
+        body = body.replace(allowed, "")
+    return [m.group(0) for m in MEASURED.finditer(body)]
+
+
+@pytest.mark.parametrize("doc", sorted((ROOT / "docs").glob("*.md")), ids=lambda p: p.name)
+def test_no_document_holds_a_hand_typed_measurement(doc: Path) -> None:
+    name = f"docs/{doc.name}"
+    typed = _hand_typed_measurements(name, doc.read_text())
+    assert not typed, (
+        f"{name}: measurements typed by hand {typed}; quote them through a bench-results block "
+        "of a published run (llmstream bench --publish), or say what was measured without the "
+        "figure and where to measure it"
+    )
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "one stream ~17-21 tokens/s, four ~34 tokens/s aggregate",
+        "42 ms p99",
+        "p99 27.5 ms",
+        "engine start ~10 s instead of 16-30 s",
+        "An idle worker uses about 2\u20133 % of a core",
+        "27k tokens/s at 32 streams, ~26\u201339 µs server CPU per token",
+    ],
+)
+def test_a_typed_measurement_is_caught(sentence: str) -> None:
+    assert _hand_typed_measurements("docs/x.md", f"Measured: {sentence}.\n")
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "within `--start-timeout-s`, default 10 s",
+        "rises one class per 10 s waited",
+        "`--max-message-bytes` (4 MiB) for receive and send",
+        "every 5 s, stops taking requests",
+    ],
+)
+def test_a_setting_is_not_a_measurement(sentence: str) -> None:
+    assert _hand_typed_measurements("docs/x.md", f"{sentence}.\n") == []
+
+
+def test_every_setting_exception_is_still_in_its_document() -> None:
+    for name, allowed in SETTINGS.items():
+        text = (ROOT / name).read_text()
+        stale = [a for a in allowed if a not in text]
         assert not stale, f"{name}: exceptions no longer in the text: {stale}"
 
 
