@@ -145,17 +145,25 @@ def decode(
         raise DecodeError(
             f"schema_version {event.schema_version} is newer than supported {SCHEMA_VERSION}"
         )
+    body = event.WhichOneof("body")
+    # Only a token delta may leave its request id and time to the record (the compact shape):
+    # any other event without a request id is malformed, whatever its key says.
+    compact = body == "token_delta"
     if not event.request_id:
+        if not compact:
+            raise DecodeError(f"request_id missing (only a token delta may omit it; got {body})")
         if not key:
             raise DecodeError("request_id missing (neither in the value nor the record key)")
         try:
             event.request_id = key.decode()
         except UnicodeDecodeError:
             raise DecodeError("request_id missing and the record key is not UTF-8") from None
-    if timestamp_ms is not None and timestamp_ms >= 0 and not event.HasField("event_time"):
-        event.event_time.FromMilliseconds(timestamp_ms)
-    if event.WhichOneof("body") is None:
+    if body is None:
         raise DecodeError("event body missing or of an unknown kind")
+    # A record without a timestamp says -1.
+    has_time = event.HasField("event_time")
+    if compact and not has_time and timestamp_ms is not None and timestamp_ms >= 0:
+        event.event_time.FromMilliseconds(timestamp_ms)
     return event
 
 

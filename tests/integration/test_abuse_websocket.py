@@ -266,8 +266,11 @@ def invalid_others(draw: st.DrawFn) -> Frame:
         obj = {**extra, "type": draw(st.none() | not_str), "request_id": "r"}
         return Frame(dump(obj), ("invalid", "type"))
     unknown = draw(
-        st.text(max_size=60).filter(lambda t: t not in ("submit", "cancel", "resume", "ping"))
-        | st.sampled_from(["SUBMIT", "submit ", " ping", "hello", "token", "done", "v2.submit"])
+        # `hello` is a client frame too since the `tokens` capability (unanswered).
+        st.text(max_size=60).filter(
+            lambda t: t not in ("submit", "cancel", "resume", "ping", "hello")
+        )
+        | st.sampled_from(["SUBMIT", "submit ", " ping", "Hello", "token", "done", "v2.submit"])
     )
     return Frame(dump({**extra, "type": unknown}), ("invalid", "type"))
 
