@@ -291,7 +291,8 @@ async def _until_serving(stack: Stack, name: str, assigned_before: int) -> None:
         if stack.procs[name].poll() is not None:
             raise RuntimeError(f"{name} exited during start-up; see {stack.tmp}/{name}.log")
         if argv[0] == "gateway":
-            url = f"http://127.0.0.1:{_listen_ports(argv)[0]}/readyz"
+            # Its public port: /readyz is not served on its metrics port.
+            url = f"http://127.0.0.1:{argv[argv.index('--port') + 1]}/readyz"
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(urllib.request.urlopen, url, timeout=2)
                 return
