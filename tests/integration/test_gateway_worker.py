@@ -60,7 +60,9 @@ async def test_two_replicas_with_real_worker(
             # One socket drops mid-stream and resumes everything on the other replica.
             c0 = clients[0]
             rids0 = [(await c0.wait_ref(f"s{j}", 30))["request_id"] for j in range(10)]
-            await c0.wait(lambda: all(len(c0.streams[r].tokens) >= 3 for r in rids0), 30)
+            # Mid-stream: at least one token event each (a token event may carry many tokens
+            # now that the worker batches naturally; a stream may even be done already).
+            await c0.wait(lambda: all(c0.streams[r].tokens for r in rids0), 30)
             await c0.close()
             resumed = await Client.connect(sb.port, key)
             for r in rids0:
