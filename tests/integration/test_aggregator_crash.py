@@ -200,5 +200,11 @@ async def test_kill_dash_nine_never_double_bills_or_loses_a_bill(
     assert b"verify: MATCH" in out
     text = read_logs(tmp_path)
     assert "ledger refused duplicate bills" not in text
-    errors = [line for line in text.splitlines() if '"level": "error"' in line]
+    # aiokafka logs a heartbeat that meets a newer group generation at error level although it
+    # only rejoins (a killed member's session ending mid-rebalance): recoverable, not ours.
+    errors = [
+        line
+        for line in text.splitlines()
+        if '"level": "error"' in line and "will rejoin" not in line
+    ]
     assert not errors, errors[:5]
