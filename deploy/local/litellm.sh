@@ -23,6 +23,7 @@ say "litellm[proxy] $LITELLM_VERSION"
 pip_install "litellm[proxy]==$LITELLM_VERSION"
 
 # Fail here, not in the benchmark: the proxy's entry point and its server import.
+export LITELLM_LOCAL_MODEL_COST_MAP=True  # the checks below: no fetch of the cost map (no internet)
 "$VENV/bin/litellm" --help >/dev/null || fail "the litellm proxy does not start (see above)"
 "$PY" - <<'PYEOF' || fail "the LiteLLM virtualenv does not import (see above)"
 import importlib.metadata
