@@ -339,12 +339,13 @@ async def test_abort_ends_with_cancelled_with_or_without_a_final_output(silent: 
 
 async def test_stop_prefix_held_back_is_sent_when_the_stream_ends_otherwise() -> None:
     """A stream ending (LENGTH) while text is held back as a possible stop-string start sends
-    that text: it was generated text after all (vLLM does the same)."""
+    that text: it was generated text after all (vLLM does the same). It leaves with the step's
+    last tokens, not as a message of its own (natural batching, issue 21)."""
     standin = StandIn(script=[[0], [1]])
     engine = engine_with(standin)
     await engine.load()
     events = await run(engine, EngineRequest("r3", [0], 2, Sampling(temperature=0.0, stop=("bz",))))
     deltas = [e for e in events if isinstance(e, Delta)]
     assert "".join(d.text for d in deltas) == "ab"
-    assert deltas[-1].token_ids == [] and deltas[-1].text == "b"
-    assert [d.seq for d in deltas] == [1, 2, 3]
+    assert deltas[-1].token_ids == [1] and deltas[-1].text == "b"
+    assert [d.seq for d in deltas] == [1, 2]

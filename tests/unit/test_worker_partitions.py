@@ -131,6 +131,7 @@ class Record:
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
+    timestamp: int = -1  # a consumed record's milliseconds (-1: none); codec.decode_record reads it
 
 
 def record(event: events_pb2.Event) -> Record:
