@@ -353,8 +353,8 @@ async def test_tenant_socket_cap_spans_replicas(
             try:
                 c3 = await Client.connect(sb.port, key)
                 break
-            except InvalidStatus:
-                continue
+            except InvalidStatus as refused:  # still full: only the cap may refuse it
+                assert refused.response.status_code == 429
         else:
             raise AssertionError("socket slot not freed")
         for c in (c2, c3):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -76,9 +75,6 @@ def test_the_infra_requires_kafka_and_redis_credentials() -> None:
     assert config.redis_url("aggregator").startswith("redis://aggregator:")
 
 
-@pytest.mark.skipif(
-    not shutil.which("kcat"), reason="kcat comes from Debian (make test installs it)"
-)
 async def test_kcat_without_credentials_can_neither_write_nor_read(
     kafka_bootstrap: str, role_topics: dict[str, str]
 ) -> None:
