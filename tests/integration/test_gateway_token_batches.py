@@ -7,9 +7,8 @@ one `tokens` frame continues exactly after it."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from llmstream_tools import admin
 from llmstream_tools.testing import gateway as testing
 from llmstream_tools.testing import worker as wt
 from llmstream_tools.testing.gateway import Client
+from llmstream_tools.testing.worker_fixtures import synthetic_model_server, worker_topics
 
 pytestmark = pytest.mark.integration
 
@@ -27,21 +27,11 @@ PROMPT, N = "tell me a long story", 400
 
 @pytest.fixture(scope="module")
 def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = ports.free_port()
-    proc = wt.start_model_server(tmp_path_factory.mktemp("gms"), port, itl_ms=1, ttft_ms=0)
-    addr = f"127.0.0.1:{port}"
-    try:
-        asyncio.run(wt.wait_model_server(addr))
+    with synthetic_model_server(tmp_path_factory.mktemp("gms"), itl_ms=1, ttft_ms=0) as addr:
         yield addr
-    finally:
-        proc.kill()
 
 
-@pytest.fixture
-async def topics(kafka_bootstrap: str) -> AsyncIterator[wt.Topics]:
-    t = await wt.create_topics(kafka_bootstrap)
-    yield t
-    await wt.delete_topics(t)
+topics = worker_topics
 
 
 async def _batching(port: int, key: str) -> Client:

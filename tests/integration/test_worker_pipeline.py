@@ -22,14 +22,16 @@ from llmstream_tools.testing.worker import (
     prompt_text,
     read_all,
     reference_text,
-    start_model_server,
     start_worker,
     submit_event,
     wait_assigned,
-    wait_model_server,
     wait_progress,
 )
-from llmstream_tools.testing.worker_fixtures import worker_procs, worker_topics
+from llmstream_tools.testing.worker_fixtures import (
+    synthetic_model_server,
+    worker_procs,
+    worker_topics,
+)
 
 pytestmark = pytest.mark.integration
 # Fixtures of llmstream_tools.testing.worker_fixtures, under the names the tests use.
@@ -39,14 +41,8 @@ procs = worker_procs
 
 @pytest.fixture(scope="module")
 def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    proc = start_model_server(tmp_path_factory.mktemp("ms"), port, itl_ms=5, ttft_ms=5)
-    addr = f"127.0.0.1:{port}"
-    try:
-        asyncio.run(wait_model_server(addr))
+    with synthetic_model_server(tmp_path_factory.mktemp("ms"), itl_ms=5, ttft_ms=5) as addr:
         yield addr
-    finally:
-        proc.kill()
 
 
 def rid() -> str:

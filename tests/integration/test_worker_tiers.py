@@ -26,13 +26,15 @@ from llmstream_tools.testing.worker import (
     collect,
     produce,
     read_all,
-    start_model_server,
     start_worker,
     submit_event,
     wait_assigned,
-    wait_model_server,
 )
-from llmstream_tools.testing.worker_fixtures import worker_procs, worker_topics
+from llmstream_tools.testing.worker_fixtures import (
+    synthetic_model_server,
+    worker_procs,
+    worker_topics,
+)
 
 pytestmark = pytest.mark.integration
 topics = worker_topics
@@ -41,14 +43,8 @@ procs = worker_procs
 
 @pytest.fixture(scope="module")
 def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    proc = start_model_server(tmp_path_factory.mktemp("ms"), port, itl_ms=1, ttft_ms=1)
-    addr = f"127.0.0.1:{port}"
-    try:
-        asyncio.run(wait_model_server(addr))
+    with synthetic_model_server(tmp_path_factory.mktemp("ms"), itl_ms=1, ttft_ms=1) as addr:
         yield addr
-    finally:
-        proc.kill()
 
 
 def forged(
