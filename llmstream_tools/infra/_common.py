@@ -336,6 +336,22 @@ def wait_dead(pid: int, timeout: float) -> bool:
     return True
 
 
+def stop_recorded(name: str, pid: int | None, pid_file: Path, kill: bool, timeout: float) -> bool:
+    """Stop the server whose pid `pid_file` records (SIGTERM, waiting up to `timeout`; `kill`:
+    SIGKILL now) and forget the file. False when nothing was running."""
+    if pid is None:
+        return False
+    if kill:
+        kill_hard(pid)
+        wait_dead(pid, 10.0)
+    else:
+        terminate(pid, timeout)
+    with contextlib.suppress(FileNotFoundError):
+        pid_file.unlink()
+    log.info("%s: stopped pid %d", name, pid)
+    return True
+
+
 def tail(path: Path, lines: int = 200) -> list[str]:
     try:
         with open(path, "rb") as f:

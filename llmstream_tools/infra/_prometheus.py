@@ -15,7 +15,6 @@ aggregator), which the rules' `up{job=...}` terms rely on.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -37,7 +36,6 @@ from ._common import (
     InfraError,
     apt_install,
     component_dir,
-    kill_hard,
     log_hint,
     owned_pid,
     pick_port,
@@ -47,8 +45,8 @@ from ._common import (
     rotate_log,
     running_state,
     startup_timeout,
+    stop_recorded,
     terminate,
-    wait_dead,
     write_text,
 )
 
@@ -282,15 +280,4 @@ def up() -> ComponentStatus:
 
 
 def stop(kill: bool = False) -> bool:
-    server = pid()
-    if server is None:
-        return False
-    if kill:
-        kill_hard(server)
-        wait_dead(server, 10.0)
-    else:
-        terminate(server, STOP_TIMEOUT_S)
-    with contextlib.suppress(FileNotFoundError):
-        pid_file().unlink()
-    log.info("prometheus: stopped pid %d", server)
-    return True
+    return stop_recorded("prometheus", pid(), pid_file(), kill, STOP_TIMEOUT_S)

@@ -16,7 +16,6 @@ before authentication (no users.json when it was started) is reused as it is, wi
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -34,7 +33,6 @@ from ._common import (
     InfraError,
     apt_install,
     component_dir,
-    kill_hard,
     last_error_line,
     log_hint,
     one_line,
@@ -48,8 +46,7 @@ from ._common import (
     run,
     running_state,
     startup_timeout,
-    terminate,
-    wait_dead,
+    stop_recorded,
     write_text,
 )
 
@@ -276,15 +273,4 @@ def up() -> ComponentStatus:
 
 
 def stop(kill: bool = False) -> bool:
-    server = pid()
-    if server is None:
-        return False
-    if kill:
-        kill_hard(server)
-        wait_dead(server, 10.0)
-    else:
-        terminate(server, STOP_TIMEOUT_S)
-    with contextlib.suppress(FileNotFoundError):
-        pid_file().unlink()
-    log.info("redis: stopped pid %d", server)
-    return True
+    return stop_recorded("redis", pid(), pid_file(), kill, STOP_TIMEOUT_S)
