@@ -126,22 +126,32 @@ def database_url() -> str:
     return url
 
 
+def _principal_entry(key: str, who: str | None, what: str, instead: str) -> tuple[str, str] | None:
+    """(principal, secret) from the infra record's `key` map for `who` (default: this process's
+    principal); None when the record keeps no such map; an error naming the known users when it
+    keeps one without this principal."""
+    entries = _infra_record().get(key)
+    if not (isinstance(entries, dict) and entries):
+        return None
+    name = who or principal()
+    found = entries.get(name)
+    if not isinstance(found, str):
+        raise ConfigError(
+            f"{what} has no user for principal {name!r} (users: "
+            f"{', '.join(sorted(entries))}): set {PREFIX}PRINCIPAL or {instead}"
+        )
+    return name, found
+
+
 def redis_url(who: str | None = None) -> str:
     """`LLMSTREAM_REDIS_URL`, else the URL (with user and password) the infra record keeps for
     `who` (default: this process's principal)."""
     url = get("REDIS_URL")
     if url:
         return url
-    urls = _infra_record().get("redis_urls")
-    if isinstance(urls, dict) and urls:
-        name = who or principal()
-        found = urls.get(name)
-        if not isinstance(found, str):
-            raise ConfigError(
-                f"the local Redis has no user for principal {name!r} (users: "
-                f"{', '.join(sorted(urls))}): set {PREFIX}PRINCIPAL or {PREFIX}REDIS_URL"
-            )
-        return found
+    entry = _principal_entry("redis_urls", who, "the local Redis", f"{PREFIX}REDIS_URL")
+    if entry is not None:
+        return entry[1]
     url = _record_str("redis_url")
     if not url:
         raise ConfigError(f"no Redis: set {PREFIX}REDIS_URL or run `llmstream infra up` first")
@@ -174,17 +184,14 @@ def kafka_auth(who: str | None = None) -> KafkaAuth:
                 f"{PREFIX}KAFKA_USERNAME={username} is set but no {PREFIX}KAFKA_PASSWORD"
             )
     else:
-        users = _infra_record().get("kafka_users")
-        if isinstance(users, dict) and users:
-            name = who or principal()
-            found = users.get(name)
-            if not isinstance(found, str):
-                raise ConfigError(
-                    f"the local Kafka requires authentication and has no user for principal "
-                    f"{name!r} (users: {', '.join(sorted(users))}): set {PREFIX}PRINCIPAL or "
-                    f"{PREFIX}KAFKA_USERNAME/PASSWORD"
-                )
-            username, password = name, found
+        entry = _principal_entry(
+            "kafka_users",
+            who,
+            "the local Kafka requires authentication and",
+            f"{PREFIX}KAFKA_USERNAME/PASSWORD",
+        )
+        if entry is not None:
+            username, password = entry
             mechanism = _record_str("kafka_sasl_mechanism") or mechanism
     protocol = get("KAFKA_SECURITY_PROTOCOL").strip().upper()
     protocol = protocol or ("SASL_PLAINTEXT" if username else "PLAINTEXT")
